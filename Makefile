@@ -1,0 +1,47 @@
+# hrseg — two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+FAKE8   := --xla_force_host_platform_device_count=8
+XVFB    := $(shell command -v xvfb-run 2>/dev/null)
+
+.PHONY: install run test test-core test-multidevice test-napari lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	rm -f $(VENV)/.installed-*; touch $@
+
+# The main job: phantom data -> the five notebooks (papermill) -> results table, on CPU.
+run: install
+	$(BIN)/hrseg run --params-dir params/default
+
+# Unit tests (1 CPU device), multi-device tests (8 fake CPU devices, own process), napari (xvfb).
+test: install test-core test-multidevice test-napari
+
+test-core: install
+	JAX_PLATFORMS=cpu $(BIN)/pytest -q tests --ignore=tests/multidevice --ignore=tests/napari
+
+test-multidevice: install
+	JAX_PLATFORMS=cpu XLA_FLAGS=$(FAKE8) $(BIN)/pytest -q tests/multidevice
+
+test-napari: install
+ifeq ($(XVFB),)
+	@echo "SKIPPED napari tests: xvfb-run not found (apt-get install xvfb libgl1-mesa-dri; see .ci/run)"
+else
+	JAX_PLATFORMS=cpu xvfb-run -a -s "-screen 0 1280x1024x24" $(BIN)/pytest -q tests/napari
+endif
+
+lint: install
+	$(BIN)/ruff check hrseg tests benchmarks
+
+bench: install
+	JAX_PLATFORMS=cpu $(BIN)/python benchmarks/halo_vs_gspmd.py --json
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

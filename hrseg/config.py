@@ -1,0 +1,200 @@
+"""Typed, frozen run configuration: ``load(yaml) -> Config``; an unknown key is an error.
+
+One section per concern. Each module reads only its own section:
+data.py <- DataConfig, augment.py <- AugmentConfig, unet.py <- ModelConfig,
+partition.py <- MeshConfig, train.py <- TrainConfig.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/phantom"          # dataset directory (LiTS or MSD layout)
+    layout: str = "auto"                # "lits" | "msd" | "auto" (detected from the files)
+    resolution: tuple[int, ...] = (64, 64, 64)  # network input size R³ (2D: (512, 512))
+    resample: str = "stretch"           # "stretch" to the cube (the paper) | "spacing" pad/crop
+    hu_window: tuple[float, float] = (-512.0, 512.0)  # HU mapped to [0, 1] (Mesh-TF default)
+    n_val: int = 0                      # validation cases; 0 = the paper's ratio 32/131
+    split_seed: int = 0                 # seed of the deterministic train/validation split
+    slices_2d: int = 5                  # adjacent slices as channels for the 2D network
+    cache_dir: str = "data/cache"       # preprocessed arrays, one file per case and resolution
+    max_cases: int = 0                  # use only the first N cases (0 = all)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    tumour_synthesis_p: float = 0.5     # probability of replacing tumours by synthetic ones
+    tumour_fraction: tuple[float, float] = (0.05, 0.25)  # synthetic tumour share of the liver
+    flip: bool = True                   # random flips on each axis
+    rotate180: bool = True              # random 180° in-plane rotation
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "mtf"                 # "mtf" | "paper" | "paper2d" | "wang_baseline" | "wang_compact" | "tiny" | "custom"
+    dims: int = 3                       # 3 = UNet3D, 2 = UNet2D
+    levels: int = 4                     # resolution levels (poolings = levels - 1)
+    base: int = 32                      # filters at the first level, doubling per level
+    convs_per_block: int = 2            # conv layers per encoder/decoder block
+    block: str = "plain"                # "plain" | "compact" (Wang's Compact ConvBlock)
+    norm: str = "batch"                 # "batch" | "group" | "instance" | "inplace_abn" | "none"
+    activation: str = "leaky_relu"      # "leaky_relu" (slope 0.1) | "relu"
+    dropout: float = 0.0                # dropout rate before the head
+    classes: int = 3                    # background, liver, tumour
+    precision: str = "fp32"             # "fp32" | "bf16" | "fp16"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    backend: str = "halo"               # "halo" (shard_map + ppermute) | "gspmd" | "none"
+    spatial: tuple[int, int, int] = (1, 1, 1)  # devices along x, y, z
+    data: int = 1                       # data-parallel replicas
+    distributed: bool = False           # call jax.distributed.initialize() (multi-host)
+    coordinator: str = ""               # host:port of process 0 ("" = from the environment)
+    num_processes: int = 0              # 0 = from the environment
+    process_id: int = -1                # -1 = from the environment
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "train"                 # run name: runs/<name>/
+    out_dir: str = "runs"               # parent of run directories
+    seed: int = 0                       # model init, data order and augmentation seed
+    steps: int = 200                    # optimizer steps
+    batch: int = 1                      # global batch (volumes per step)
+    optimizer: str = "adafactor"        # "adafactor" (the paper) | "adam"
+    lr: float = 3e-3                    # peak learning rate (the paper: 3e-3)
+    lr_decay: float = 0.3               # step decay factor (released Mesh-TF code)
+    lr_decay_every: int = 0             # steps between decays (0 = never)
+    grad_clip: float = 1.0              # global-norm clipping (0 = off)
+    loss: str = "dice_ce"               # "gdice" | "wce" | "dice_ce" (0.2 Dice + 0.8 CE)
+    ce_weights: tuple[float, ...] = (1.0, 8.0, 16.0)  # per-class CE weights (released code)
+    eval_every: int = 50                # steps between validation passes (0 = only at the end)
+    ckpt_every: int = 50                # steps between checkpoints
+    keep_ckpts: int = 3                 # newest checkpoints kept
+    resume: bool = True                 # continue from the newest checkpoint in the run dir
+    empty_dice: float = 1.0             # Dice when prediction and label are both empty
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(tp, value, where: str):
+    """Convert a YAML value to the field's declared type, or fail naming the key."""
+    origin = typing.get_origin(tp)
+    try:
+        if origin is tuple:
+            args = typing.get_args(tp)
+            if not isinstance(value, (list, tuple)):
+                value = [value] * (3 if args[-1] is not Ellipsis and len(args) == 3 else 1)
+            elem = args[0]
+            if args[-1] is not Ellipsis and len(args) != len(value):
+                raise ValueError(f"expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(elem, v, where) for v in value)
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes"):
+                    return True
+                if value.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError(f"not a boolean: {value!r}")
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"not an integer: {value!r}")
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config key '{where}': {e}") from None
+    return value
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ValueError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
+                         f"got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ValueError(f"unknown config key '{prefix}{key}' "
+                             f"(known in {prefix.rstrip('.') or 'top level'}: "
+                             f"{', '.join(sorted(names))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(tp, value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict) -> Config:
+    return _build(Config, raw or {}, "")
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["train.steps=10", "mesh.spatial=[2,2,2]"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set '{item}': expected key=value, e.g. train.steps=10")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged.get(k) or {}, v) if isinstance(v, dict) else v
+    return merged
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML run config (missing keys keep their defaults) and apply ``--set`` items."""
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+    raw = _merge(raw, parse_overrides(overrides))
+    try:
+        return from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path or '<overrides>'}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def dump(cfg, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

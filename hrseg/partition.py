@@ -1,0 +1,153 @@
+"""Meshes and shardings — the only module that knows how devices are arranged.
+
+A volume is an array ``(B, X, Y, Z, C)`` (2D: ``(B, X, Y, C)``); spatial array axis 1 is split
+over mesh axis ``"x"``, axis 2 over ``"y"``, axis 3 over ``"z"``, and the batch over ``"data"``.
+Arrays keep nibabel's (x, y, z) voxel order so the mesh axis names mean what they say.
+
+Three backends run the same network code (see :func:`spmd`):
+  * ``"halo"``  — explicit ``jax.shard_map``; halo.py exchanges patch margins with ppermute;
+  * ``"gspmd"`` — plain jit with NamedSharding on the spatial dims; XLA inserts halos itself;
+  * ``"none"``  — one device, no partitioning.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "x", "y", "z")
+SPATIAL = ("x", "y", "z")
+BACKENDS = ("halo", "gspmd", "none")
+
+
+def make_mesh(spatial: Sequence[int] = (1, 1, 1), data: int = 1, devices=None) -> Mesh:
+    """A ``("data", "x", "y", "z")`` mesh of ``data × sx × sy × sz`` devices (Auto axis types).
+
+    ``devices`` defaults to all of ``jax.devices()`` when their number matches, else the first
+    ``data × sx × sy × sz`` of them (so a 1-device mesh works on an 8-device host).
+    """
+    spatial = tuple(int(s) for s in spatial)
+    if len(spatial) == 2:  # 2D networks: no z split
+        spatial = spatial + (1,)
+    if len(spatial) != 3 or any(s < 1 for s in spatial) or int(data) < 1:
+        raise ValueError(f"make_mesh: spatial must be 2 or 3 positive ints and data >= 1, "
+                         f"got spatial={spatial}, data={data}")
+    shape = (int(data),) + spatial
+    need = math.prod(shape)
+    if devices is None:
+        avail = jax.devices()
+        if need > len(avail):
+            raise ValueError(f"make_mesh: data×sx×sy×sz = {'×'.join(map(str, shape))} = {need} "
+                             f"devices, but only {len(avail)} are available "
+                             f"({avail[0].platform}); on CPU set XLA_FLAGS="
+                             f"--xla_force_host_platform_device_count={need} before importing jax")
+        devices = avail[:need]
+    devices = list(devices)
+    if len(devices) != need:
+        raise ValueError(f"make_mesh: data×sx×sy×sz = {'×'.join(map(str, shape))} = {need} "
+                         f"≠ {len(devices)} devices given")
+    if need == len(jax.devices()) and devices == list(jax.devices()):
+        # Let jax order the devices for the physical topology (TPU ICI rings, GPU NVLink).
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 4)
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), AXES,
+                axis_types=(AxisType.Auto,) * 4)
+
+
+def spatial_shape(mesh: Mesh) -> tuple[int, int, int]:
+    """Devices along ``("x", "y", "z")``."""
+    return tuple(int(mesh.shape[a]) for a in SPATIAL)
+
+
+def volume_spec(ndim: int = 3) -> P:
+    """PartitionSpec of an image/activation ``(B, X, Y, Z, C)`` (2D: ``(B, X, Y, C)``)."""
+    return P("data", *SPATIAL[:ndim], None)
+
+
+def label_spec(ndim: int = 3) -> P:
+    """PartitionSpec of an integer label volume ``(B, X, Y, Z)`` (2D: ``(B, X, Y)``)."""
+    return P("data", *SPATIAL[:ndim])
+
+
+def replicated() -> P:
+    return P()
+
+
+def sharding(mesh: Mesh, spec: P) -> NamedSharding:
+    return NamedSharding(mesh, spec)
+
+
+def _spec_for(array_ndim: int, spatial_ndim: int) -> P:
+    if array_ndim == spatial_ndim + 2:
+        return volume_spec(spatial_ndim)
+    if array_ndim == spatial_ndim + 1:
+        return label_spec(spatial_ndim)
+    raise ValueError(f"shard: cannot infer a spec for a rank-{array_ndim} array with "
+                     f"{spatial_ndim} spatial dims; expected (B, *spatial[, C])")
+
+
+def shard(mesh: Mesh, array, spec: P | None = None, spatial_ndim: int = 3) -> jax.Array:
+    """Put a host (or single-device) array onto the mesh; infers volume/label spec by rank."""
+    spec = _spec_for(np.ndim(array), spatial_ndim) if spec is None else spec
+    check_divisible(np.shape(array), mesh, levels=0, spec=spec)
+    return jax.device_put(array, NamedSharding(mesh, spec))
+
+
+def _nearest_ok(size: int, multiple: int) -> str:
+    lo = (size // multiple) * multiple
+    hi = lo + multiple
+    return " or ".join(str(s) for s in (lo, hi) if s > 0)
+
+
+def check_divisible(shape: Sequence[int], mesh: Mesh, levels: int, spec: P | None = None) -> None:
+    """Every split axis must be a multiple of (devices on that axis) × 2**levels.
+
+    ``levels`` is the number of 2× poolings: each shard must pool evenly on its own, since a
+    pooling window never straddles two devices.
+    """
+    shape = tuple(int(s) for s in shape)
+    if spec is None:
+        if len(shape) not in (4, 5):
+            raise ValueError(f"check_divisible: expected a volume shape (B, X, Y[, Z], C), "
+                             f"got {shape}")
+        spec = volume_spec(len(shape) - 2)
+    if len(spec) > len(shape):
+        raise ValueError(f"check_divisible: shape {shape} has rank {len(shape)}, "
+                         f"but the partition spec {spec} names {len(spec)} axes")
+    for dim, (size, name) in enumerate(zip(shape, spec)):
+        if name is None:
+            continue
+        n = int(mesh.shape[name])
+        mult = n * (2 ** levels if name in SPATIAL else 1)
+        if size % mult:
+            what = (f"{n} device(s) × 2^{levels} poolings" if name in SPATIAL
+                    else f"{n} device(s)")
+            raise ValueError(f"shape {shape}: axis {dim} (mesh axis '{name}') has size {size}, "
+                             f"not a multiple of {mult} ({what}); nearest sizes that work: "
+                             f"{_nearest_ok(size, mult)}")
+
+
+def spmd(fn: Callable, mesh: Mesh, backend: str, in_specs, out_specs) -> Callable:
+    """Wrap a per-shard function for a backend.
+
+    ``"halo"``: ``jax.shard_map`` over the mesh — inside, halo.py's ops see the mesh axes bound
+    and exchange margins. ``"gspmd"`` / ``"none"``: the function is returned unchanged and runs
+    on global arrays (halo.py's ops are then the plain ops); for gspmd the caller places inputs
+    with :func:`shard` and XLA partitions, for none everything lives on one device.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend '{backend}' is not one of {BACKENDS}")
+    if backend == "halo":
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+    return fn
+
+
+def backend_mesh(mesh: Mesh, backend: str) -> Mesh:
+    """The mesh a backend really uses: ``"none"`` collapses to the first device."""
+    if backend == "none":
+        return make_mesh((1, 1, 1), 1, devices=[mesh.devices.flat[0]])
+    return mesh

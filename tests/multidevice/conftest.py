@@ -1,0 +1,25 @@
+"""Multi-device tests: run in their own process with 8 fake CPU devices.
+
+`make test-multidevice` sets XLA_FLAGS before jax is imported. Run alone, this conftest sets it
+too; collected after another test already imported jax, the tests are skipped with the reason.
+"""
+import os
+import sys
+
+if "jax" not in sys.modules:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.device_count() >= 8:
+        return
+    skip = pytest.mark.skip(reason=f"needs 8 devices, found {jax.device_count()}: run "
+                                   "`make test-multidevice` (its own process, fake CPU devices)")
+    for item in items:
+        if "multidevice" in str(item.fspath):
+            item.add_marker(skip)
