@@ -35,8 +35,11 @@ def bound(names: Sequence[str]) -> tuple[str, ...]:
 
 
 def psum(x, names: Sequence[str] = ALL):
-    """Sum over the bound mesh axes among ``names``; identity outside shard_map."""
-    names = bound(names)
+    """Sum over the bound mesh axes among ``names``; identity outside shard_map.
+
+    Size-1 axes are included (free) so shard_map can prove the result replicated.
+    """
+    names = tuple(n for n in names if axis_size(n) is not None)
     return lax.psum(x, names) if names else x
 
 
@@ -180,9 +183,9 @@ def conv_transpose(x, w, precision=None):
                          f"{tuple(w.shape)} expects {w.shape[-2]}")
     w = w.astype(x.dtype)
     if nsp == 3:
-        y = jnp.einsum("bxyzi,abcio->bxaybzco", x, w, precision=precision)
+        y = jnp.einsum("nxyzi,abcio->nxaybzco", x, w, precision=precision)
     else:
-        y = jnp.einsum("bxyi,abio->bxaybo", x, w, precision=precision)
+        y = jnp.einsum("nxyi,abio->nxaybo", x, w, precision=precision)
     B, *S, _ = x.shape
     return y.reshape(B, *(2 * s for s in S), w.shape[-1])
 

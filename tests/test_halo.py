@@ -1,0 +1,82 @@
+"""halo.py on one device: the plain ops, and clear errors on bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from hrseg import halo
+
+DN = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def test_unbound_conv_is_plain_same_conv_odd_shape():
+    x = jax.random.normal(jax.random.key(0), (1, 33, 34, 35, 2))
+    for k in [(1, 1, 1), (3, 3, 3), (5, 3, 1)]:
+        w = jax.random.normal(jax.random.key(1), k + (2, 3))
+        ref = lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=DN)
+        np.testing.assert_array_equal(halo.conv(x, w), ref)
+
+
+def test_strided_conv_matches_xla_same():
+    x = jax.random.normal(jax.random.key(0), (1, 8, 12, 16, 2))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 3))
+    ref = lax.conv_general_dilated(x, w, (2, 2, 2), "SAME", dimension_numbers=DN)
+    np.testing.assert_allclose(halo.conv(x, w, strides=2), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_conv_transpose_matches_lax_conv_transpose():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5, 3))
+    w = jax.random.normal(jax.random.key(1), (2, 2, 2, 3, 4))
+    # lax (and flax's ConvTranspose) apply the kernel unflipped in the dilated-input frame,
+    # i.e. our kernel mirrored in space
+    ref = lax.conv_transpose(x, w[::-1, ::-1, ::-1], (2, 2, 2), "VALID", dimension_numbers=DN)
+    np.testing.assert_allclose(halo.conv_transpose(x, w), ref, rtol=1e-5, atol=1e-5)
+    # by hand: output voxel (2i+a, 2j+b, 2k+c) = x[i, j, k] @ w[a, b, c]
+    y = halo.conv_transpose(x, w)
+    np.testing.assert_allclose(y[1, 3, 4, 9], x[1, 1, 2, 4] @ w[1, 0, 1], rtol=1e-5)
+
+
+def test_max_pool_and_2d_ops():
+    x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+    # 2D pooling of a ramp: the max of each 2×2 block is its bottom-right element
+    np.testing.assert_array_equal(halo.max_pool(x)[0, :, :, 0], [[5, 7], [13, 15]])
+    w = jax.random.normal(jax.random.key(1), (3, 3, 1, 2))
+    ref = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(halo.conv(x, w), ref, rtol=1e-6)
+
+
+def test_moments_are_float32_and_exact():
+    x = jnp.asarray([[1.0, 2.0], [3.0, 6.0]], jnp.bfloat16).reshape(1, 2, 2, 1, 1)
+    mean, var = halo.moments(x)
+    assert mean.dtype == jnp.float32
+    np.testing.assert_allclose(mean.ravel(), [3.0])           # (1+2+3+6)/4
+    np.testing.assert_allclose(var.ravel(), [3.5])            # (4+1+0+9)/4
+
+
+def test_halo_exchange_without_mesh_is_zero_padding():
+    x = jnp.ones((1, 2, 3, 4, 1))
+    y = halo.halo_exchange(x, [(1, 0), 2, (0, 3)])
+    assert y.shape == (1, 3, 7, 7, 1)
+    assert float(y.sum()) == 24.0 and float(y[0, 0].sum()) == 0.0
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs,match", [
+    ((1, 8, 8, 8, 2), (2, 2, 2, 2, 3), {}, "even size"),
+    ((8, 8, 2), (3, 3, 3, 2, 3), {}, "rank 4 or 5"),
+    ((1, 8, 8, 8, 2), (3, 3, 2, 3), {}, "does not fit"),
+    ((1, 8, 8, 8, 2), (3, 3, 3, 4, 3), {}, "channels"),
+    ((1, 9, 8, 8, 2), (3, 3, 3, 2, 3), {"strides": 2}, "not divisible by stride 2"),
+])
+def test_conv_bad_input_errors(x_shape, w_shape, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        halo.conv(jnp.zeros(x_shape), jnp.zeros(w_shape), **kwargs)
+
+
+def test_pool_and_transpose_bad_input():
+    with pytest.raises(ValueError, match="not divisible by the window"):
+        halo.max_pool(jnp.zeros((1, 5, 4, 4, 1)))
+    with pytest.raises(ValueError, match=r"must be \(2,\)\*3"):
+        halo.conv_transpose(jnp.zeros((1, 4, 4, 4, 2)), jnp.zeros((3, 3, 3, 2, 2)))
+    with pytest.raises(ValueError, match="non-negative"):
+        halo.halo_exchange(jnp.zeros((1, 4, 4, 4, 1)), [(1, -1), 1, 1])

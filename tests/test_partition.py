@@ -1,0 +1,49 @@
+"""partition.py on one device: specs, divisibility errors, mesh errors."""
+import jax
+import numpy as np
+import pytest
+
+from hrseg import partition
+
+
+def test_single_device_mesh_and_specs():
+    mesh = partition.make_mesh()
+    assert mesh.axis_names == ("data", "x", "y", "z")
+    assert partition.spatial_shape(mesh) == (1, 1, 1)
+    assert tuple(partition.volume_spec()) == ("data", "x", "y", "z", None)
+    assert tuple(partition.label_spec(2)) == ("data", "x", "y")
+    arr = partition.shard(mesh, np.zeros((1, 8, 8, 8, 1), np.float32))
+    assert arr.shape == (1, 8, 8, 8, 1)
+
+
+def test_make_mesh_errors_name_the_counts():
+    with pytest.raises(ValueError, match=r"2×2×2×2 = 16 devices, but only"):
+        partition.make_mesh((2, 2, 2), data=2)
+    with pytest.raises(ValueError, match=r"= 2 ≠ 1 devices given"):
+        partition.make_mesh((2, 1, 1), devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="positive"):
+        partition.make_mesh((0, 1, 1))
+
+
+class FakeMesh:  # check_divisible reads only mesh.shape
+    shape = {"data": 2, "x": 4, "y": 2, "z": 1}
+
+
+def test_check_divisible_names_axis_size_and_nearest():
+    partition.check_divisible((2, 64, 32, 16, 1), FakeMesh, levels=3)
+    # an unsplit axis still has to pool evenly
+    with pytest.raises(ValueError, match=r"axis 3 \(mesh axis 'z'\) has size 17, not a multiple "
+                                         r"of 8 \(1 device\(s\) × 2\^3 poolings\)"):
+        partition.check_divisible((2, 64, 32, 17, 1), FakeMesh, levels=3)
+    with pytest.raises(ValueError, match=r"axis 1 \(mesh axis 'x'\) has size 48.*multiple of 32"
+                                         r".*nearest sizes that work: 32 or 64"):
+        partition.check_divisible((2, 48, 32, 16, 1), FakeMesh, levels=3)
+    with pytest.raises(ValueError, match=r"mesh axis 'data'\) has size 3"):
+        partition.check_divisible((3, 64, 32, 16, 1), FakeMesh, levels=0)
+    with pytest.raises(ValueError, match="expected a volume shape"):
+        partition.check_divisible((64, 64), FakeMesh, levels=1)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend 'mpi'"):
+        partition.spmd(lambda x: x, partition.make_mesh(), "mpi", None, None)
