@@ -1,0 +1,113 @@
+"""Augmentation invariants: synthesis stays in the liver, flips keep alignment, jit == eager."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hrseg import augment
+from hrseg.config import AugmentConfig
+
+
+def _case(shape=(24, 28, 20), tumour=True, seed=0):
+    """Windowed image: noisy background, liver 0.55, tumour 0.50 (difference 0.05)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    liver = ((grid / np.array([0.7, 0.6, 0.8])[:, None, None, None]) ** 2).sum(0) < 1
+    label = liver.astype(np.int32)
+    if tumour:
+        label[((grid - np.array([0.2, 0.1, 0.0])[:, None, None, None]) ** 2).sum(0) < 0.06] = 2
+    image = rng.uniform(0.0, 1.0, shape).astype(np.float32)
+    image[label == 1] = 0.55
+    image[label == 2] = 0.50
+    return jnp.asarray(image), jnp.asarray(label)
+
+
+def test_synthesis_invariants():
+    image, label = _case()
+    key = jax.random.key(0)
+    new_img, new_lab = augment.synthesize_tumours(key, image, label, fraction=(0.1, 0.2))
+    liver = np.asarray(label) >= 1
+    ni, nl = np.asarray(new_img), np.asarray(new_lab)
+    np.testing.assert_array_equal(ni[~liver], np.asarray(image)[~liver])   # bit-identical
+    np.testing.assert_array_equal(nl[~liver], 0)
+    assert set(np.unique(nl)) <= {0, 1, 2} and nl.dtype == np.int32
+    assert (nl[liver] >= 1).all()                                           # liver stays liver
+    share = (nl == 2).sum() / liver.sum()
+    assert 0.09 <= share <= 0.21                                            # 10-20 % of liver
+    # new tumours darker than the liver: d = 1.15 * 0.05 times the blurred blob mask (~d
+    # inside a blob, d/2 on its edge)
+    d = 1.15 * (0.55 - 0.50)
+    assert float(augment.liver_tumour_difference(image, label)) == pytest.approx(d, rel=1e-5)
+    core = (nl == 2) & (np.asarray(label) == 1)
+    assert ni[core].min() < 0.55 - 0.75 * d and ni[core].mean() < 0.55 - 0.3 * d
+    assert (np.abs(ni - np.asarray(image))[liver] <= d + 1e-6).all()      # |change| <= d
+    # removed tumours (old tumour voxels now liver) brightened back towards liver values
+    healed = (np.asarray(label) == 2) & (nl == 1)
+    assert healed.any() and ni[healed].mean() > 0.50 + 0.4 * d
+    assert ni[healed].max() > 0.50 + 0.8 * d
+
+
+def test_no_tumour_uses_the_default_difference_and_no_liver_changes_nothing():
+    image, label = _case(tumour=False)
+    d = augment.liver_tumour_difference(image, label)
+    assert float(d) == pytest.approx(augment.DEFAULT_DIFFERENCE)
+    assert augment.DEFAULT_DIFFERENCE == pytest.approx(0.0449, abs=1e-4)
+    new_img, new_lab = augment.synthesize_tumours(jax.random.key(1), image, label)
+    assert np.isfinite(np.asarray(new_img)).all() and (np.asarray(new_lab) == 2).any()
+    empty = jnp.zeros_like(label)
+    same_img, same_lab = augment.synthesize_tumours(jax.random.key(1), image, empty)
+    np.testing.assert_array_equal(np.asarray(same_img), np.asarray(image))
+    np.testing.assert_array_equal(np.asarray(same_lab), 0)
+
+
+def test_channels_and_2d_stacks():
+    image, label = _case()
+    img4 = image[..., None]                                   # (X, Y, Z, 1) as in batches
+    out, lab = augment.synthesize_tumours(jax.random.key(2), img4, label)
+    ref, ref_lab = augment.synthesize_tumours(jax.random.key(2), image, label)
+    np.testing.assert_allclose(np.asarray(out)[..., 0], np.asarray(ref), atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(lab), np.asarray(ref_lab))
+    stack, lab2d = image[:, :, 8:13], label[:, :, 10]         # 2D: (X, Y, slices), (X, Y)
+    out, lab = augment.augment(jax.random.key(3), stack, lab2d, AugmentConfig(tumour_synthesis_p=1))
+    assert out.shape == stack.shape and lab.shape == lab2d.shape
+    with pytest.raises(ValueError, match="trailing channels"):
+        augment.synthesize_tumours(jax.random.key(0), image[:-1], label)
+
+
+def test_flip_twice_is_identity_and_keeps_alignment():
+    image, label = _case()
+    image = label.astype(jnp.float32) / 2 + 0.1 * jnp.arange(label.size).reshape(label.shape)
+    flipped = set()
+    for s in range(8):
+        key = jax.random.key(s)
+        fi, fl = augment.flip_rotate(key, image, label)
+        back_i, back_l = augment.flip_rotate(key, fi, fl)
+        np.testing.assert_array_equal(np.asarray(back_i), np.asarray(image))
+        np.testing.assert_array_equal(np.asarray(back_l), np.asarray(label))
+        flipped.add(np.asarray(fi).tobytes())
+        # aligned: the flipped image minus the flipped label's part is a flipped ramp, i.e.
+        # the image's label-derived part still sits on the label voxel by voxel
+        ramp = (np.asarray(fi) - np.asarray(fl) / 2) / 0.1
+        assert np.allclose(ramp, np.rint(ramp), atol=1e-2)
+    assert len(flipped) > 2
+    # rotation alone: either identity or x and y reversed together
+    fi, _ = augment.flip_rotate(jax.random.key(5), image, label, flips=False, rotate180=True)
+    assert (np.array_equal(fi, image) or np.array_equal(fi, np.asarray(image)[::-1, ::-1]))
+
+
+def test_jit_equals_eager_and_config_switches():
+    image, label = _case((12, 14, 10))
+    key = jax.random.key(11)
+    for fn in (lambda k, i, lb: augment.synthesize_tumours(k, i, lb), augment.flip_rotate):
+        eager = fn(key, image, label)
+        jitted = jax.jit(fn)(key, image, label)
+        for a, b in zip(eager, jitted):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    off = AugmentConfig(tumour_synthesis_p=0.0, flip=False, rotate180=False)
+    same = augment.augment(key, image, label, off)
+    np.testing.assert_array_equal(np.asarray(same[0]), np.asarray(image))
+    always = AugmentConfig(tumour_synthesis_p=1.0, flip=False, rotate180=False)
+    _, lab = augment.augment(key, image, label, always)
+    assert not np.array_equal(np.asarray(lab), np.asarray(label))
+    # raw uint32 keys (jax.random.PRNGKey, as the napari widget uses) work too
+    augment.flip_rotate(jax.random.PRNGKey(0), image, label)

@@ -1,0 +1,91 @@
+"""Losses against hand/numpy computations (the sharded equality is in tests/multidevice)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hrseg import losses
+
+
+def _np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _inputs(shape=(2, 5, 4, 3), k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 1.5, shape + (k,)).astype(np.float32), rng.integers(0, k, shape)
+
+
+def test_generalized_dice_matches_formula():
+    logits, labels = _inputs()
+    p = _np_softmax(logits.astype(np.float64)).reshape(-1, 3)
+    r = np.eye(3)[labels.reshape(-1)]
+    w = 1 / r.sum(0) ** 2
+    want = 1 - 2 * (w * (r * p).sum(0)).sum() / (w * (r + p).sum(0)).sum()
+    got = losses.generalized_dice(jnp.asarray(logits), jnp.asarray(labels))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_generalized_dice_hand_case():
+    # 2 voxels, classes 0 and 1, one-hot predictions equal to the labels -> loss 0
+    logits = jnp.array([[[50.0, -50.0], [-50.0, 50.0]]])
+    labels = jnp.array([[0, 1]])
+    assert float(losses.generalized_dice(logits, labels)) == pytest.approx(0.0, abs=1e-6)
+    # uniform p = 1/2: each class volume 1, w = 1, Σ r p = 1/2 per class, Σ (r + p) = 2
+    # -> 1 - 2 * (0.5 + 0.5) / (2 + 2) = 0.5
+    assert float(losses.generalized_dice(jnp.zeros((1, 2, 2)), labels)) == pytest.approx(0.5)
+
+
+def test_absent_class_gets_the_largest_weight_and_stays_finite():
+    logits, labels = _inputs()
+    labels = np.where(labels == 2, 1, labels)          # no tumour in the batch
+    v, g = jax.value_and_grad(losses.generalized_dice)(jnp.asarray(logits), jnp.asarray(labels))
+    assert np.isfinite(float(v)) and np.isfinite(np.asarray(g)).all()
+    p = _np_softmax(logits.astype(np.float64)).reshape(-1, 3)
+    r = np.eye(3)[labels.reshape(-1)]
+    vol = r.sum(0)
+    w = np.where(vol > 0, 1 / np.maximum(vol, 1) ** 2, 0)
+    w[vol == 0] = w.max()
+    want = 1 - 2 * (w * (r * p).sum(0)).sum() / (w * (r + p).sum(0)).sum()
+    assert float(v) == pytest.approx(want, rel=1e-5)
+
+
+def test_weighted_ce_matches_formula_and_uniform_logits_give_log_k():
+    logits, labels = _inputs()
+    weights = (1.0, 8.0, 16.0)
+    logp = np.log(_np_softmax(logits.astype(np.float64)))
+    nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    wv = np.asarray(weights)[labels]
+    want = (wv * nll).sum() / wv.sum()
+    got = losses.weighted_ce(jnp.asarray(logits), jnp.asarray(labels), weights)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # uniform logits: -log(1/3) per voxel whatever the weights -> log 3 = 1.0986
+    uniform = losses.weighted_ce(jnp.zeros(logits.shape), jnp.asarray(labels), weights)
+    assert float(uniform) == pytest.approx(np.log(3), rel=1e-6)
+
+
+def test_combined_and_get():
+    logits, labels = jnp.asarray(_inputs()[0]), jnp.asarray(_inputs()[1])
+    g = losses.generalized_dice(logits, labels)
+    w = losses.weighted_ce(logits, labels, (1, 8, 16))
+    assert float(losses.combined(logits, labels)) == pytest.approx(float(0.2 * g + 0.8 * w))
+    assert float(losses.get("gdice", (1, 8, 16))(logits, labels)) == pytest.approx(float(g))
+    assert float(losses.get("wce", (1, 8, 16))(logits, labels)) == pytest.approx(float(w))
+    assert float(losses.get("dice_ce", (1, 8, 16))(logits, labels)) == pytest.approx(
+        float(0.2 * g + 0.8 * w))
+    with pytest.raises(ValueError, match="not one of gdice, wce, dice_ce"):
+        losses.get("focal", (1, 8, 16))
+    with pytest.raises(ValueError, match="2 class weights for 3"):
+        losses.weighted_ce(logits, labels, (1, 8))
+
+
+def test_low_precision_logits_2d_and_jit():
+    logits, labels = _inputs(shape=(2, 6, 6))             # 2D: (B, X, Y, K)
+    fn = jax.jit(losses.get("dice_ce", (1, 8, 16)))
+    out16 = fn(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(labels))
+    out32 = fn(jnp.asarray(logits), jnp.asarray(labels))
+    assert out16.dtype == jnp.float32
+    assert float(out16) == pytest.approx(float(out32), rel=2e-2)
+    with pytest.raises(ValueError, match="without the class axis"):
+        losses.weighted_ce(jnp.asarray(logits), jnp.asarray(labels)[:, :3])
