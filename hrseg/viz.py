@@ -19,7 +19,6 @@ and a notebook cell that returns one shows it once.
 """
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -289,116 +288,9 @@ def save(fig, path, dpi: int = 120) -> Path:
     return path
 
 
-# --- the ipywidgets slice viewer --------------------------------------------------------------
-
-def upsample(rgb: np.ndarray, pixel_mm=(1.0, 1.0), min_size: int = 384) -> np.ndarray:
-    """Nearest-neighbour resize of a rendered slice: true aspect ratio from the (row, column)
-    pixel size, the longer side at least ``min_size`` so small volumes stay readable."""
-    h, w = rgb.shape[:2]
-    r, c = (float(p) for p in pixel_mm)
-    ph, pw = h * r / min(r, c), w * c / min(r, c)
-    k = max(1.0, min_size / max(ph, pw))
-    out_h, out_w = max(1, round(ph * k)), max(1, round(pw * k))
-    rows = np.minimum((np.arange(out_h) * h) // out_h, h - 1)
-    cols = np.minimum((np.arange(out_w) * w) // out_w, w - 1)
-    return rgb[rows][:, cols]
-
-
-def to_png(rgb: np.ndarray) -> bytes:
-    """Lossless PNG bytes of an (H, W, 3) uint8 image."""
-    from matplotlib.image import imsave
-    buf = io.BytesIO()
-    imsave(buf, np.ascontiguousarray(rgb), format="png")
-    return buf.getvalue()
-
-
-class SliceViewer:
-    """Axis choice, slice slider, label/prediction toggles and window/level sliders around
-    :func:`render_slice`; the picture is a PNG in an ``ipywidgets.Image``.
-
-    Display it as the last expression of a cell. Its display bundle carries the live widget and
-    a PNG of the current slice, so an executed notebook (papermill, nbconvert) keeps a picture
-    where no widget can run. ``rgb`` is the slice currently shown, at voxel resolution.
-    """
-
-    def __init__(self, volume, labels=None, prediction=None, axis: int = 2, window=None,
-                 spacing=None, min_size: int = 384):
-        import ipywidgets as W
-        self.volume = np.asarray(volume)
-        if self.volume.ndim != 3:
-            raise ValueError(f"expected a 3D (X, Y, Z) volume, got shape {self.volume.shape}")
-        self.labels = None if labels is None else np.asarray(labels)
-        self.prediction = None if prediction is None else np.asarray(prediction)
-        self.spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
-        self.min_size = min_size
-        width, level = window_to_level(default_window(self.volume) if window is None else window)
-        vmin, vmax = float(np.nanmin(self.volume)), float(np.nanmax(self.volume))
-        span = max(vmax - vmin, width, 1e-6)
-        step = float(10.0 ** np.floor(np.log10(span / 1000)))   # 1 HU for CT, 0.001 for [0, 1]
-
-        self.axis = W.ToggleButtons(
-            options=[(f"{AXIS_NAMES[a]} ({AXIS_LETTERS[a]})", a) for a in range(3)],
-            value=int(axis), description="axis")
-        self.index = W.IntSlider(min=0, max=self.volume.shape[axis] - 1,
-                                 value=interesting_index(self.labels, axis, self.volume.shape),
-                                 description="slice", continuous_update=True)
-        self.show_labels = W.Checkbox(value=self.labels is not None, description="labels",
-                                      disabled=self.labels is None, indent=False)
-        self.show_prediction = W.Checkbox(value=self.prediction is not None,
-                                          description="prediction (outline)",
-                                          disabled=self.prediction is None, indent=False)
-        self.window = W.FloatSlider(min=step, max=span, step=step, value=width,
-                                    description="window", readout_format=".4g")
-        self.level = W.FloatSlider(min=min(vmin, level), max=max(vmax, level), step=step,
-                                   value=level, description="level", readout_format=".4g")
-        self.image = W.Image(format="png")
-        self.caption = W.HTML()
-        self.widget = W.VBox([
-            self.axis,
-            W.HBox([self.index, self.show_labels, self.show_prediction]),
-            W.HBox([self.window, self.level]),
-            self.image, self.caption])
-        self.rgb = None
-        self.axis.observe(self._on_axis, names="value")
-        for w in (self.index, self.show_labels, self.show_prediction, self.window, self.level):
-            w.observe(lambda _change: self.render(), names="value")
-        self.render()
-
-    def _on_axis(self, change):
-        a = change["new"]
-        index = interesting_index(self.labels, a, self.volume.shape)
-        with self.index.hold_trait_notifications():
-            # Lower the value before the max so the slider never clamps to a stale range.
-            self.index.value = min(self.index.value, self.volume.shape[a] - 1)
-            self.index.max = self.volume.shape[a] - 1
-            self.index.value = index
-        self.render()
-
-    def render(self) -> np.ndarray:
-        """Redraw from the current control values; returns the voxel-resolution RGB slice."""
-        a = self.axis.value
-        self.rgb = render_slice(self.volume, self.labels, self.prediction, a, self.index.value,
-                                self.window.value, self.level.value, self.show_labels.value,
-                                self.show_prediction.value)
-        self.png = to_png(upsample(self.rgb, display_spacing(self.spacing, a), self.min_size))
-        self.image.value = self.png
-        self.caption.value = (f"{AXIS_NAMES[a]} {AXIS_LETTERS[a]}={self.index.value}"
-                              f"/{self.volume.shape[a] - 1} · window {self.window.value:.4g}"
-                              f" · level {self.level.value:.4g}")
-        return self.rgb
-
-    def _repr_mimebundle_(self, **kwargs):
-        bundle = self.widget._repr_mimebundle_(**kwargs) or {}
-        bundle["image/png"] = self.png
-        bundle["text/plain"] = f"<SliceViewer {self.caption.value}>"
-        return bundle
-
-
 def slice_viewer(volume, labels=None, prediction=None, axis: int = 2, window=None, *,
-                 spacing=None) -> SliceViewer:
-    """An ipywidgets slice viewer for JupyterLab (static PNG fallback in executed notebooks).
-
-    ``window`` is the initial grey window ``(lo, hi)``; ``spacing`` (sx, sy, sz) in mm sets the
-    pixel aspect ratio. Needs ``ipywidgets`` (the ``notebooks`` extra).
-    """
+                 spacing=None):
+    """An ipywidgets slice viewer for JupyterLab (static PNG fallback in executed notebooks);
+    see :class:`hrseg.slice_viewer.SliceViewer`. Needs ``ipywidgets`` (``notebooks`` extra)."""
+    from hrseg.slice_viewer import SliceViewer
     return SliceViewer(volume, labels, prediction, axis=axis, window=window, spacing=spacing)
