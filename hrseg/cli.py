@@ -28,6 +28,77 @@ def _verify(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from hrseg import config, train
+    cfg = config.load(args.file, args.set)
+    try:
+        result = train.train(cfg, progress=not args.quiet)
+    except FloatingPointError as e:  # NaN/Inf: the message names the step and the checkpoint
+        print(f"hrseg train: {e}", file=sys.stderr)
+        return 1
+    print(f"run {result.run_dir}: {result.steps} steps; {train.describe(result)}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from hrseg import inference, train
+    result = train.evaluate(args.run_dir, step=args.step)
+    print(f"{args.run_dir} step {result['step']}: {inference.summary_line(result)}")
+    return 0
+
+
+def _predict(args) -> int:
+    from hrseg import train
+    out = train.predict(args.run_dir, args.volume, args.out)
+    print(f"prediction written to {out}")
+    return 0
+
+
+def _run(args) -> int:
+    from hrseg import pipeline
+    try:
+        pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet)
+    except pipeline.PipelineError as e:
+        print(f"hrseg run: {e}", file=sys.stderr)
+        return 1
+    table = pipeline.results_table(args.out)
+    if table is not None:
+        print("\n" + table.read_text().strip() + "\n")
+        print(f"results table: {table} (also {table.with_suffix('.csv').name}, "
+              f"{table.with_suffix('.png').name}; figures in {table.parent}/)")
+    else:
+        print(f"executed notebooks in {args.out}/ (no results table: run 05_results_table)")
+    return 0
+
+
+def _view(args) -> int:
+    import importlib.util
+
+    from hrseg.napari import _view as napari_view
+    from hrseg.napari._case import find_case
+    find_case(args.path, args.case, args.data)      # a wrong path fails here, before Qt starts
+    if importlib.util.find_spec("napari") is None:
+        print("hrseg view: error: napari is not installed: pip install -e '.[viewer]'",
+              file=sys.stderr)
+        return 2
+    if not napari_view.has_display():
+        print("hrseg view: error: no display (DISPLAY is not set): run it on a desktop, or "
+              "headless as `xvfb-run -a hrseg view ... --screenshot out.png`", file=sys.stderr)
+        return 2
+    return napari_view.view(args.path, case=args.case, data=args.data,
+                            screenshot=args.screenshot, widget=not args.no_widget)
+
+
+def _memory(args) -> int:
+    from hrseg import memory
+    budget = memory.parse_bytes(args.budget)
+    res = args.resolution[0] if len(args.resolution) == 1 else tuple(args.resolution)
+    plan = memory.plan(budget, args.devices, res, batch=args.batch, preset=args.preset,
+                       optimizer=args.optimizer)
+    print(plan.explain())
+    return 0 if plan.mesh is not None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hrseg", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -42,6 +113,56 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="check a LiTS/MSD dataset before training")
     s.add_argument("dir")
     s.set_defaults(func=_verify)
+
+    s = sub.add_parser("train", help="train (or resume) a run from a YAML config")
+    s.add_argument("-f", "--file", help="run config, e.g. params/train_64.yaml")
+    s.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.steps=10 mesh.spatial=[2,2,2]")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("evaluate", help="Dice of a run's checkpoint on its validation cases")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+    s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser("predict", help="segment a CT volume (NIfTI) with a trained run")
+    s.add_argument("run_dir", metavar="RUN_DIR")
+    s.add_argument("volume", help="CT volume, .nii or .nii.gz")
+    s.add_argument("-o", "--out", help="output NIfTI (default: RUN_DIR/predictions/, named "
+                                       "prediction-N for LiTS volume-N)")
+    s.set_defaults(func=_predict)
+
+    s = sub.add_parser("run", help="execute the notebooks in order with papermill (the study)")
+    s.add_argument("--params-dir", default="params/default",
+                   help="one YAML of notebook parameters per run (default: params/default)")
+    s.add_argument("--only", nargs="+", metavar="NAME",
+                   help="runs or notebooks to execute, e.g. 02 04_train_64 (default: all)")
+    s.add_argument("--out", default="runs", help="executed notebooks, figures and tables")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_run)
+
+    s = sub.add_parser("memory", help="plan a mesh + memory techniques for a per-device budget")
+    s.add_argument("--resolution", type=int, nargs="+", default=[512],
+                   help="cube size (and the paper preset's schedule), or X Y Z")
+    s.add_argument("--devices", type=int, default=8)
+    s.add_argument("--budget", default="16GiB", help="per device, e.g. 16GiB, 24GB, 800MiB")
+    s.add_argument("--batch", type=int, default=1, help="global batch (volumes per step)")
+    s.add_argument("--preset", default="paper", help="model preset (paper, mtf, wang_baseline…)")
+    s.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adam"])
+    s.set_defaults(func=_memory)
+
+    s = sub.add_parser("view", help="open a case (CT, labels, prediction) in napari")
+    s.add_argument("path", metavar="CASE_OR_RUN",
+                   help="volume-N.nii[.gz], imagesTr/X.nii.gz, a dataset folder, or a run "
+                        "folder with predictions/")
+    s.add_argument("--case", help="case number or name inside a folder (default: the first)")
+    s.add_argument("--data", help="dataset folder of a run's CT volumes (default: data.root "
+                                  "from the run's config.yaml)")
+    s.add_argument("--screenshot", metavar="PNG",
+                   help="save the rendered canvas to PNG and exit instead of opening the GUI")
+    s.add_argument("--no-widget", action="store_true", help="without the synthesis dock widget")
+    s.set_defaults(func=_view)
     return p
 
 

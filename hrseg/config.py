@@ -21,6 +21,8 @@ class DataConfig:
     layout: str = "auto"                # "lits" | "msd" | "auto" (detected from the files)
     resolution: tuple[int, ...] = (64, 64, 64)  # network input size R³ (2D: (512, 512))
     resample: str = "stretch"           # "stretch" to the cube (the paper) | "spacing" pad/crop
+    spacing_mm: float = 0.0             # "spacing": isotropic voxel size (0 = fit the whole volume)
+    antialias: bool = True              # average 2×+ shrinking axes in blocks before trilinear
     hu_window: tuple[float, float] = (-512.0, 512.0)  # HU mapped to [0, 1] (Mesh-TF default)
     n_val: int = 0                      # validation cases; 0 = the paper's ratio 32/131
     split_seed: int = 0                 # seed of the deterministic train/validation split
@@ -44,10 +46,15 @@ class ModelConfig:
     levels: int = 4                     # resolution levels (poolings = levels - 1)
     base: int = 32                      # filters at the first level, doubling per level
     convs_per_block: int = 2            # conv layers per encoder/decoder block
-    block: str = "plain"                # "plain" | "compact" (Wang's Compact ConvBlock)
+    block: str = "plain"                # "plain" | "bottleneck" | "separable" | "compact" (Wang's Compact ConvBlock)
+    reduction: int = 4                  # bottleneck factor K of bottleneck/compact blocks (C -> C/K)
     norm: str = "batch"                 # "batch" | "group" | "instance" | "inplace_abn" | "none"
-    activation: str = "leaky_relu"      # "leaky_relu" (slope 0.1) | "relu"
+    norm_groups: int = 8                # groups of group norm
+    bn_momentum: float = 0.9            # running-statistics decay (Mesh-TF: 0.9)
+    bn_eps: float = 1e-6                # normalization epsilon (Mesh-TF: 1e-6)
+    activation: str = "leaky_relu"      # "leaky_relu" (slope 0.1) | "relu" | "elu"
     dropout: float = 0.0                # dropout rate before the head
+    head_bias: bool = False             # bias of the 1×1×1 head (Mesh-TF: none)
     classes: int = 3                    # background, liver, tumour
     precision: str = "fp32"             # "fp32" | "bf16" | "fp16"
 
@@ -77,8 +84,8 @@ class TrainConfig:
     grad_clip: float = 1.0              # global-norm clipping (0 = off)
     loss: str = "dice_ce"               # "gdice" | "wce" | "dice_ce" (0.2 Dice + 0.8 CE)
     ce_weights: tuple[float, ...] = (1.0, 8.0, 16.0)  # per-class CE weights (released code)
-    eval_every: int = 50                # steps between validation passes (0 = only at the end)
-    ckpt_every: int = 50                # steps between checkpoints
+    eval_every: int = 50                # steps between validation passes (0 = only at the end, -1 = never)
+    ckpt_every: int = 50                # steps between checkpoints (0 = only at the end)
     keep_ckpts: int = 3                 # newest checkpoints kept
     resume: bool = True                 # continue from the newest checkpoint in the run dir
     empty_dice: float = 1.0             # Dice when prediction and label are both empty

@@ -1,0 +1,123 @@
+"""Per-device memory of a U-Net training step: explicit halos vs GSPMD vs ideal; 8-way wall time.
+
+    python benchmarks/halo_vs_gspmd.py --json [--size 128] [--levels 3] [--base 8]
+
+Memory is the compiled step's ``memory_analysis()`` (arguments + outputs + temps per device) on
+ShapeDtypeStructs: nothing is allocated, so P = 64 fake devices compile on a laptop. Wall time is
+real: the same step on 1 device and on 8 fake CPU devices (same host cores) at --wall-size.
+Prints one JSON object; the summary keys come first.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if "jax" not in sys.modules:  # fake devices must be requested before jax is imported
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=64").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from hrseg import losses, partition, step, unet  # noqa: E402
+from hrseg.config import ModelConfig  # noqa: E402
+
+MESHES = {1: (1, 1, 1), 8: (2, 2, 2), 64: (4, 4, 4)}
+
+
+def _setup(args, n_devices):
+    cfg = ModelConfig(preset="custom", levels=args.levels, base=args.base, norm="batch")
+    model = unet.build(cfg, in_channels=1, rngs=nnx.Rngs(0))
+    opt = optax.adam(1e-3)
+    graphdef, state = step.init_state(model, opt)
+    mesh = partition.make_mesh(MESHES[n_devices], devices=jax.devices()[:n_devices])
+    loss_fn = losses.get("dice_ce", (1.0, 8.0, 16.0))
+    return graphdef, state, opt, mesh, loss_fn
+
+
+def step_bytes(args, n_devices: int, backend: str) -> dict:
+    graphdef, state, opt, mesh, loss_fn = _setup(args, n_devices)
+    fn = step.make_train_step(graphdef, opt, loss_fn, mesh, backend)
+    shape = (1, args.size, args.size, args.size, 1)
+    compiled = fn.lower(*step.abstract_inputs(state, mesh, backend, shape)).compile()
+    m = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    return {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
+            "temp": int(m.temp_size_in_bytes), "alias": int(m.alias_size_in_bytes),
+            "total": int(m.argument_size_in_bytes + m.output_size_in_bytes
+                         + m.temp_size_in_bytes - m.alias_size_in_bytes),
+            "all_gathers": hlo.count("all-gather-start") + hlo.count(" all-gather("),
+            "collective_permutes": hlo.count("collective-permute-start")
+            + hlo.count(" collective-permute(")}
+
+
+def step_seconds(args, n_devices: int, backend: str, repeats: int) -> float:
+    graphdef, state, opt, mesh, loss_fn = _setup(args, n_devices)
+    fn = step.make_train_step(graphdef, opt, loss_fn, mesh, backend)
+    rng = np.random.default_rng(0)
+    s = args.wall_size
+    x = rng.normal(size=(1, s, s, s, 1)).astype(np.float32)
+    y = rng.integers(0, 3, size=(1, s, s, s)).astype(np.int32)
+    xs, ys = step.place_batch(mesh, backend, x, y)
+    state = step.replicate(partition.backend_mesh(mesh, backend), state)
+    state, m = fn(state, xs, ys)  # compile + warm up
+    jax.block_until_ready(m["loss"])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m = fn(state, xs, ys)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object (default)")
+    p.add_argument("--size", type=int, default=128, help="volume edge for the memory figures")
+    p.add_argument("--wall-size", type=int, default=64, help="volume edge for the wall time")
+    p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--base", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-wall", action="store_true")
+    args = p.parse_args(argv)
+    if jax.device_count() < 64:
+        sys.exit(f"needs 64 devices, found {jax.device_count()}: run it as a script "
+                 "(it sets XLA_FLAGS before importing jax)")
+
+    raw = {"config": {"size": args.size, "levels": args.levels, "base": args.base,
+                      "wall_size": args.wall_size, "platform": jax.devices()[0].platform,
+                      "host_cores": os.cpu_count()}}
+    ref = step_bytes(args, 1, "none")
+    raw["bytes"] = {"p1": ref}
+    for P in (8, 64):
+        for backend in ("halo", "gspmd"):
+            raw["bytes"][f"{backend}_p{P}"] = step_bytes(args, P, backend)
+    ideal = {P: ref["total"] / P for P in (8, 64)}
+    out = {
+        "halo_over_ideal_p8": raw["bytes"]["halo_p8"]["total"] / ideal[8],
+        "halo_over_ideal_p64": raw["bytes"]["halo_p64"]["total"] / ideal[64],
+        "gspmd_over_halo_p64": raw["bytes"]["gspmd_p64"]["total"]
+        / raw["bytes"]["halo_p64"]["total"],
+    }
+    if not args.skip_wall:
+        t1 = step_seconds(args, 1, "none", args.repeats)
+        t8 = step_seconds(args, 8, "halo", args.repeats)
+        out["wall_ratio_p8"] = t8 / t1
+        raw["seconds"] = {"p1_none": t1, "p8_halo": t8}
+    out["targets"] = {"halo_over_ideal_p8": "<= 1.10", "halo_over_ideal_p64": "<= 1.10",
+                      "gspmd_over_halo_p64": ">= 5", "wall_ratio_p8": "<= 1.05"}
+    out.update(raw)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

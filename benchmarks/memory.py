@@ -1,0 +1,176 @@
+"""Per-device memory of training steps: the PM1–PM4 figures of issue 3, as one JSON object.
+
+    python benchmarks/memory.py --json                 # every part (a few minutes)
+    python benchmarks/memory.py --json --part pm3      # one part: pm1 | pm2 | pm3 | pm4
+
+Memory is the compiled step's ``memory_analysis()`` per device (argument + output − alias +
+temp) on ShapeDtypeStructs: nothing is allocated, so 512 fake CPU devices compile on a laptop.
+Each part runs in its own process with the fake-device count it needs (PM3: 512).
+
+* PM1  mtf() 3D U-Net at 128³, batch 1: P ∈ {1, 8, 64} spatial devices (halo backend), and
+       a plain single-device flax U-Net (nnx.Conv / nnx.BatchNorm / nnx.ConvTranspose) of the
+       same architecture. Ratios use the step's temp bytes (activations, gradients, workspace),
+       which partitioning divides; arguments (replicated parameters and optimizer state) are
+       listed beside them. Target: ratio ≤ 1.10 at P = 8 and 64; P = 1 ≤ 1.05 × plain flax.
+* PM2  gspmd backend / halo backend per-device total at P = 64. Target ≥ 5.
+* PM3  paper(512) bf16, batch 8, 2 (data) × 4×8×8 (spatial) = 512 devices: per-device total
+       (target ≤ 16 GiB) and |estimate − measured| / measured (target ≤ 10 %).
+* PM4  Wang ablation (wang_baseline, single device, batch 1, Adam) at 96³ and 256×256×152:
+       params and memory per row; all techniques ≤ 35 % of baseline memory, params ≤ 30 %.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+DEVICES = {"pm1": 64, "pm2": 64, "pm3": 512, "pm4": 1}
+
+if __name__ == "__main__" and "--child" in sys.argv and "jax" not in sys.modules:
+    part = sys.argv[sys.argv.index("--part") + 1]
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={DEVICES[part]}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse
+import json
+
+GiB = 2 ** 30
+
+
+def _plain_flax_unet(cfg, in_channels=1):
+    """The mtf() architecture written with stock flax layers (PM1's single-device reference)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen, nnx
+
+    class PlainUNet(nnx.Module):
+        def __init__(self, rngs):
+            f = [cfg.base * 2 ** i for i in range(cfg.levels)]
+            conv = lambda a, b, k=3: nnx.Conv(a, b, (k,) * 3, padding="SAME", use_bias=False,
+                                              rngs=rngs)
+            bn = lambda c: nnx.BatchNorm(c, momentum=cfg.bn_momentum, epsilon=cfg.bn_eps,
+                                         rngs=rngs)
+            block = lambda a, b: nnx.List([nnx.List([conv(a if i == 0 else b, b), bn(b)])
+                                           for i in range(cfg.convs_per_block)])
+            self.down = nnx.List([block(in_channels if i == 0 else f[i - 1], f[i])
+                                  for i in range(cfg.levels)])
+            self.ups = nnx.List([nnx.ConvTranspose(f[i + 1], f[i], (2, 2, 2), strides=(2, 2, 2),
+                                                   use_bias=False, rngs=rngs)
+                                 for i in range(cfg.levels - 1)])
+            self.up = nnx.List([block(2 * f[i], f[i]) for i in range(cfg.levels - 1)])
+            self.head = conv(f[0], cfg.classes, 1)
+
+        def _block(self, blk, x, train):
+            for c, b in blk:
+                x = jax.nn.leaky_relu(b(c(x), use_running_average=not train), 0.1)
+            return x
+
+        def __call__(self, x, train=False):
+            skips = []
+            for i, blk in enumerate(self.down):
+                x = self._block(blk, x, train)
+                if i < cfg.levels - 1:
+                    skips.append(x)
+                    x = linen.max_pool(x, (2, 2, 2), (2, 2, 2))
+            for i in reversed(range(cfg.levels - 1)):
+                x = jnp.concatenate([self.ups[i](x), skips[i]], -1)
+                x = self._block(self.up[i], x, train)
+            return self.head(x).astype(jnp.float32)
+
+    return PlainUNet(nnx.Rngs(0))
+
+
+def pm1(args) -> dict:
+    from hrseg import memory, unet
+    cfg = unet.preset("mtf")
+    s = args.pm1_size
+    shape = (1, s, s, s, 1)
+    out = {"size": s}
+    for p, mesh, backend in [(1, (1, 1, 1), "none"), (8, (2, 2, 2), "halo"),
+                             (64, (4, 4, 4), "halo")]:
+        out[f"p{p}"] = memory.measure(cfg, shape, mesh, backend=backend)
+    out["plain_flax_p1"] = memory.measure(cfg, shape, (1, 1, 1), backend="none",
+                                          model_fn=lambda: _plain_flax_unet(cfg))
+    for p in (8, 64):
+        out[f"ratio_p{p}"] = round(out[f"p{p}"]["temp"] * p / out["p1"]["temp"], 3)
+        out[f"total_ratio_p{p}"] = round(out[f"p{p}"]["total"] * p / out["p1"]["total"], 3)
+    out["p1_vs_plain"] = round(out["p1"]["total"] / out["plain_flax_p1"]["total"], 3)
+    return out
+
+
+def pm2(args) -> dict:
+    from hrseg import memory, unet
+    cfg = unet.preset("mtf")
+    s = args.pm1_size
+    out = {b: memory.measure(cfg, (1, s, s, s, 1), (4, 4, 4), backend=b)
+           for b in ("halo", "gspmd")}
+    out["gspmd_over_halo_p64"] = round(out["gspmd"]["total"] / out["halo"]["total"], 3)
+    return out
+
+
+def pm3(args) -> dict:
+    from hrseg import memory, planner, unet
+    cfg = unet.preset("paper", 512)
+    split = planner.spatial_splits(256, (512,) * 3, unet.levels_of(cfg))[0]
+    mesh = (2,) + split
+    est = memory.estimate(cfg, (512,) * 3, mesh, batch=8)
+    meas = memory.measure(cfg, (512,) * 3, mesh, batch=8)
+    est.pop("layers")
+    return {"mesh": mesh, "params": est["params"], "estimate": est, "measured": meas,
+            "bytes_per_device": meas["total"],
+            "estimate_error": round(abs(est["total"] - meas["total"]) / meas["total"], 3)}
+
+
+def pm4(args) -> dict:
+    from hrseg import memory
+    out = {}
+    for shape in [(96, 96, 96), (256, 256, 152)]:
+        rows = memory.ablation(shape, batch=1, compiled=True)
+        out["×".join(map(str, shape))] = rows
+        print(memory.format_table(rows), file=sys.stderr)
+    last = out["256×256×152"][-1]
+    out["memory_fraction"] = last["measured_fraction"]
+    out["estimate_fraction"] = last["estimate_fraction"]
+    out["param_fraction"] = last["params_fraction"]
+    return out
+
+
+SUMMARY = {  # summary key -> (part, key in the part's result)
+    "pm1_ratio_p8": ("pm1", "ratio_p8"), "pm1_ratio_p64": ("pm1", "ratio_p64"),
+    "pm1_p1_vs_plain": ("pm1", "p1_vs_plain"),
+    "pm2_gspmd_over_halo_p64": ("pm2", "gspmd_over_halo_p64"),
+    "pm3_bytes_per_device": ("pm3", "bytes_per_device"),
+    "pm3_estimate_error": ("pm3", "estimate_error"),
+    "pm4_memory_fraction": ("pm4", "memory_fraction"),
+    "pm4_param_fraction": ("pm4", "param_fraction"),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object (the default)")
+    ap.add_argument("--part", choices=["all", *DEVICES], default="all")
+    ap.add_argument("--pm1-size", type=int, default=128, help="cube size of PM1/PM2")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(globals()[args.part](args)))
+        return 0
+    parts = list(DEVICES) if args.part == "all" else [args.part]
+    results = {}
+    for part in parts:  # each in its own process: the fake-device count is fixed at import
+        cmd = [sys.executable, __file__, "--child", "--part", part,
+               "--pm1-size", str(args.pm1_size)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+        if proc.returncode:
+            results[part] = {"error": f"exit {proc.returncode}"}
+            continue
+        results[part] = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = {k: results[p].get(key) for k, (p, key) in SUMMARY.items() if p in results}
+    print(json.dumps({**summary, **results}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

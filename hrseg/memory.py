@@ -1,0 +1,348 @@
+"""Per-device memory of a training step: analytic estimate, compiled measurement.
+
+``estimate`` counts, for the local shard of every tensor of the network, what the backward pass
+keeps (the model code decides this, see layers.py / norm.py):
+
+* every unit output ``y`` (compute dtype) — the next conv, pool, up-sampling or head keeps it;
+* per normalization other than in-place ABN: its input (compute dtype) and the activation's
+  mask (1 byte); in-place ABN keeps nothing beyond ``y``;
+* depthwise outputs, pooled tensors and skip concatenations (inputs of the next conv);
+* the float32 logits and log-probabilities of the loss;
+
+plus float32 parameters, their gradients, the optimizer state (``optimizer.init`` on shapes),
+BatchNorm statistics, the input shard, and the backward pass's working set (the two largest
+gradients in flight, and the staged halo gradients of the largest conv input). ``measure`` compiles
+the real step (step.make_train_step) on ShapeDtypeStructs: nothing is allocated, so a 512³
+step on 512 fake CPU devices compiles on a laptop.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from hrseg import halo, partition, precision, step, unet
+from hrseg.config import ModelConfig
+
+GiB = 2 ** 30
+MASK_BYTES = 1  # the activation's backward keeps a boolean mask
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    shape: tuple[int, ...]   # per-device (local shard)
+    itemsize: int            # every Tensor listed is kept for the backward pass
+
+    @property
+    def bytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text) -> int:
+    """``"16GiB"``, ``"24 GB"``, ``"800MiB"``, ``"1e9"`` -> bytes."""
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        return int(float(num) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"cannot read '{text}' as a size: use e.g. 16GiB, 24GB, 800MiB") from None
+
+
+def activation_bytes(shape, channels: int, dtype) -> int:
+    """Bytes of one activation ``(B, *S, channels)``: the paper's 8·512³·64·2 B = 137.4 GB."""
+    return math.prod(shape) * channels * jnp.dtype(dtype).itemsize
+
+
+def mesh_shape(mesh) -> tuple[int, int, int, int]:
+    """``(data, sx, sy, sz)`` of a Mesh, ``(sx, sy, sz)``, ``(data, sx, sy, sz)`` or an int
+    (that many devices along x)."""
+    if hasattr(mesh, "shape") and not isinstance(mesh, tuple):
+        return (int(mesh.shape["data"]),) + partition.spatial_shape(mesh)
+    if isinstance(mesh, int):
+        return (1, mesh, 1, 1)
+    mesh = tuple(int(m) for m in mesh)
+    if len(mesh) == 3:
+        return (1,) + mesh
+    if len(mesh) == 4:
+        return mesh
+    raise ValueError(f"mesh {mesh}: give a Mesh, (sx, sy, sz) or (data, sx, sy, sz)")
+
+
+def _batch_shape(model_cfg, input_shape, batch, in_channels):
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == model_cfg.dims:
+        return (batch or 1,) + shape + (in_channels,)
+    if len(shape) == model_cfg.dims + 2:
+        return shape
+    raise ValueError(f"input_shape {shape}: give the {model_cfg.dims} spatial sizes or "
+                     f"(B, *spatial, C)")
+
+
+def _local(shape, ms, ndim, poolings):
+    data, *sp = ms
+    B, *S, _ = shape
+    if B % data:
+        raise ValueError(f"batch {B} is not divisible by {data} data-parallel replicas")
+    for s, n in zip(S, sp[:ndim]):
+        if s % (n * 2 ** poolings):
+            raise ValueError(f"spatial size {s} is not divisible by {n} devices × 2^{poolings} "
+                             f"poolings (shape {tuple(S)}, mesh {ms})")
+    return (B // data,) + tuple(s // n for s, n in zip(S, sp[:ndim]))
+
+
+# --- the tensors of one training step --------------------------------------------------------
+
+def _norm_act(name, na, dt, out):
+    """Saved tensors of a NormAct whose output has shape ``out``."""
+    if na.norm == "inplace_abn":
+        return [Tensor(name, out, dt)]
+    extra = [Tensor(name + ".mask", out, MASK_BYTES)]
+    if na.norm != "none":
+        extra.append(Tensor(name + ".input", out, dt))  # normalize keeps its input
+    return extra + [Tensor(name, out, dt)]
+
+
+def _unit(unit, name, lead, dt):
+    """Saved tensors of one layers.Unit whose input has leading dims ``lead = (B, *S)``."""
+    out = []
+    if unit.depthwise is not None:  # the pointwise conv keeps the depthwise output
+        out.append(Tensor(f"{name}.depthwise", lead + (unit.depthwise.kernel.shape[-1],), dt))
+    return out + _norm_act(name, unit.act, dt, lead + (unit.conv.kernel.shape[-1],))
+
+
+def _block(block, name, lead, dt):
+    return [t for i, u in enumerate(block.units) for t in _unit(u, f"{name}.{i}", lead, dt)]
+
+
+def tensors(model, model_cfg: ModelConfig, local_batch_shape, dt) -> list[Tensor]:
+    """The activations one device keeps for the backward pass, in data-flow order."""
+    B, *S, cin = local_batch_shape
+    lead = (B,) + tuple(S)
+    out = [Tensor("input", lead + (cin,), dt)]
+    skips = []
+    for i in range(model_cfg.levels - 1):
+        out += _block(getattr(model, f"down_{i + 1}"), f"down_{i + 1}", lead, dt)
+        skips.append((lead, out[-1].shape[-1]))
+        lead = (B,) + tuple(s // 2 for s in lead[1:])
+        out.append(Tensor(f"down_{i + 1}.pool", lead + (skips[-1][1],), dt))
+    out += _block(model.bottom, "bottom", lead, dt)
+    for i in reversed(range(model_cfg.levels - 1)):
+        lead, c = skips[i]
+        out.append(Tensor(f"up_{i + 1}.concat", lead + (2 * c,), dt))
+        out += _block(getattr(model, f"up_{i + 1}").block, f"up_{i + 1}", lead, dt)
+    k = model_cfg.classes
+    out += [Tensor("logits", lead + (k,), 4), Tensor("log_probs", lead + (k,), 4)]
+    return out
+
+
+def _halo_staging(acts, ms) -> int:
+    """Backward of the largest halo exchange: halo.py pads one split dim after the other, and
+    each stage's gradient (the padded slab and the sum with the neighbours' margins) is a
+    full-size buffer — two per stage."""
+    big = max((t for t in acts if not t.name.endswith(".mask")), key=lambda t: t.bytes)
+    B, *S, C = big.shape
+    total, size = 0, list(S)
+    for d, n in enumerate(ms[1:len(S) + 1]):
+        if n > 1:
+            size[d] += 2  # one voxel from each neighbour (3³ kernels)
+            total += 2 * math.prod(size) * B * C * big.itemsize
+    return total
+
+
+def _tree_bytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def make_optimizer(name: str) -> optax.GradientTransformation:
+    if name == "adafactor":
+        return optax.adafactor(1e-3)
+    if name == "adam":
+        return optax.adam(1e-3)
+    raise ValueError(f"optimizer '{name}' is not 'adafactor' or 'adam'")
+
+
+def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
+             optimizer: str = "adafactor", batch: int | None = None, in_channels: int = 1,
+             backend: str = "halo") -> dict:
+    """Analytic bytes per device of one training step (see the module docstring).
+
+    ``input_shape``: spatial ``(X, Y, Z)`` (with ``batch``) or ``(B, X, Y, Z, C)``; ``mesh``: a
+    Mesh, ``(sx, sy, sz)`` or ``(data, sx, sy, sz)``; ``policy``: name or Policy (default: the
+    config's). With ``backend="none"`` everything is on one device whatever the mesh.
+    """
+    pol = precision.policy(policy or model_cfg.precision)
+    model_cfg = _with_precision(model_cfg, pol.name)
+    shape = _batch_shape(model_cfg, input_shape, batch, in_channels)
+    ms = (1, 1, 1, 1) if backend == "none" else mesh_shape(mesh)
+    lead = _local(shape, ms, model_cfg.dims, unet.levels_of(model_cfg))
+    model = nnx.eval_shape(lambda: unet.build(model_cfg, shape[-1]))
+    params = nnx.state(model, nnx.Param)
+    opt_state = jax.eval_shape(make_optimizer(optimizer).init, params)
+    dt = pol.compute_bytes
+    acts = tensors(model, model_cfg, lead + (shape[-1],), dt)
+    saved = sum(t.bytes for t in acts)
+    largest = max(t.bytes for t in acts if t.name not in ("logits", "log_probs"))
+    halo_bytes = _halo_staging(acts, ms) if backend == "halo" else 0
+    p = _tree_bytes(params)
+    out = {
+        "mesh": ms, "local_shape": lead + (shape[-1],), "policy": pol.name,
+        "params": unet.param_count(model), "param_bytes": p,
+        "gradient_bytes": p,
+        "optimizer_bytes": _tree_bytes(opt_state),
+        "state_bytes": _tree_bytes(nnx.state(model, nnx.Not(nnx.Param))),
+        "input_bytes": math.prod(lead) * (shape[-1] * 4 + 4),  # float32 image + int32 labels
+        "activation_bytes": saved,
+        "workspace_bytes": 2 * largest,
+        "halo_bytes": halo_bytes,
+        "layers": [t.__dict__ | {"bytes": t.bytes} for t in acts],
+    }
+    out["total"] = sum(out[k] for k in ("param_bytes", "gradient_bytes", "optimizer_bytes",
+                                        "state_bytes", "input_bytes", "activation_bytes",
+                                        "workspace_bytes", "halo_bytes"))
+    return out
+
+
+def _with_precision(cfg: ModelConfig, name: str) -> ModelConfig:
+    import dataclasses
+    return cfg if cfg.precision == name else dataclasses.replace(cfg, precision=name)
+
+
+# --- compiled measurement --------------------------------------------------------------------
+
+def cross_entropy(logits, labels):
+    """Mean cross-entropy over every voxel of every shard (the loss of the measured step)."""
+    logp = jax.nn.log_softmax(logits)
+    picked = jnp.sum(logp * jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype), -1)
+    return -halo.psum(jnp.sum(picked)) / halo.psum(jnp.float32(labels.size))
+
+
+def abstract_step(model_cfg: ModelConfig, batch_shape, mesh, backend: str = "halo",
+                  optimizer: str = "adafactor", loss_fn=None, model_fn=None):
+    """(jitted train_step, abstract args) for ``.lower(*args)``, without allocating."""
+    pol = precision.policy(model_cfg.precision)
+    build = model_fn or (lambda: unet.build(model_cfg, batch_shape[-1]))
+    opt = make_optimizer(optimizer)
+    graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, ...)[0]
+    state = jax.eval_shape(lambda: step.init_state(build(), opt, pol.loss_scaling)[1])
+    fn = step.make_train_step(graphdef, opt, loss_fn or cross_entropy, mesh, backend,
+                              ndim=model_cfg.dims, loss_scaling=pol.loss_scaling)
+    return fn, step.abstract_inputs(state, mesh, backend, batch_shape, ndim=model_cfg.dims)
+
+
+def make_mesh(mesh):
+    """A partition.make_mesh mesh from :func:`mesh_shape`'s forms (first devices of the host)."""
+    if hasattr(mesh, "devices"):
+        return mesh
+    data, *spatial = mesh_shape(mesh)
+    n = data * math.prod(spatial)
+    return partition.make_mesh(spatial, data, devices=jax.devices()[:n])
+
+
+def measure(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
+            optimizer: str = "adafactor", batch: int | None = None, in_channels: int = 1,
+            backend: str = "halo", model_fn=None, hlo: bool = False) -> dict:
+    """Compile the real training step on ShapeDtypeStructs; per-device bytes from XLA.
+
+    ``total = argument + output − alias + temp`` (the state is donated, so outputs alias).
+    """
+    pol = precision.policy(policy or model_cfg.precision)
+    model_cfg = _with_precision(model_cfg, pol.name)
+    shape = _batch_shape(model_cfg, input_shape, batch, in_channels)
+    m = make_mesh((1, 1, 1) if backend == "none" else mesh)
+    fn, args = abstract_step(model_cfg, shape, m, backend, optimizer, model_fn=model_fn)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    ma = compiled.memory_analysis()
+    out = {"argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
+           "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes),
+           "compile_s": round(time.perf_counter() - t0, 2), "mesh": mesh_shape(m),
+           "backend": backend, "policy": pol.name}
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    if hlo:
+        out["hlo"] = compiled.as_text()
+    return out
+
+
+def peak_bytes_on_device(model_cfg: ModelConfig, input_shape, batch: int = 1,
+                         in_channels: int = 1, optimizer: str = "adafactor") -> int:
+    """Allocator peak of one real step on the first accelerator (run once per process, with
+    ``XLA_PYTHON_CLIENT_PREALLOCATE=false``; CPU devices report no memory stats)."""
+    import numpy as np
+    shape = _batch_shape(model_cfg, input_shape, batch, in_channels)
+    mesh = make_mesh((1, 1, 1))
+    pol = precision.policy(model_cfg.precision)
+    opt = make_optimizer(optimizer)
+    graphdef, state = step.init_state(unet.build(model_cfg, shape[-1]), opt, pol.loss_scaling)
+    fn = step.make_train_step(graphdef, opt, cross_entropy, mesh, "none", ndim=model_cfg.dims,
+                              loss_scaling=pol.loss_scaling)
+    x = np.zeros(shape, np.float32)
+    y = np.zeros(shape[:-1], np.int32)
+    state, metrics = fn(step.replicate(mesh, state), *step.place_batch(mesh, "none", x, y,
+                                                                       model_cfg.dims))
+    jax.block_until_ready(metrics["loss"])
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get("peak_bytes_in_use", -1))
+
+
+# --- Wang et al.'s ablation (their Table 1) ---------------------------------------------------
+
+ABLATION = (  # (row, changes to wang_baseline), as in Wang, Oda & Mori (2020), Table 1
+    ("baseline", {}),
+    ("+bottleneck", {"block": "bottleneck"}),
+    ("+SepConv", {"block": "separable"}),
+    ("+CCBlock", {"block": "compact"}),
+    ("+InPlaceABN", {"block": "compact", "norm": "inplace_abn"}),
+    ("+mixed precision", {"block": "compact", "norm": "inplace_abn", "precision": "bf16"}),
+)
+
+
+def ablation(input_shape, batch: int = 1, compiled: bool = False, base: ModelConfig | None = None,
+             optimizer: str = "adam") -> list[dict]:
+    """One row per technique: parameters, estimated (and, with ``compiled``, measured) bytes
+    of a single-device training step, and their fractions of the baseline."""
+    import dataclasses
+    base = base or unet.preset("wang_baseline")
+    rows = []
+    for name, changes in ABLATION:
+        cfg = dataclasses.replace(base, **changes)
+        row = {"row": name, "params": unet.param_count(cfg),
+               "estimate": estimate(cfg, input_shape, (1, 1, 1), optimizer=optimizer,
+                                    batch=batch, backend="none")["total"]}
+        if compiled:
+            row["measured"] = measure(cfg, input_shape, (1, 1, 1), optimizer=optimizer,
+                                      batch=batch, backend="none")["total"]
+        rows.append(row)
+    for row in rows:
+        for k in ("params", "estimate", "measured"):
+            if k in row:
+                row[k + "_fraction"] = round(row[k] / rows[0][k], 3)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The ablation rows as a text table (GiB, and % of the baseline)."""
+    measured = "measured" in rows[0]
+    head = f"{'':18s} {'params':>10s} {'':>5s} {'estimate':>10s} {'':>5s}"
+    head += f" {'compiled':>10s} {'':>5s}" if measured else ""
+    lines = [head]
+    for r in rows:
+        line = (f"{r['row']:18s} {r['params'] / 1e6:9.2f}M {r['params_fraction']:5.0%} "
+                f"{r['estimate'] / GiB:7.2f}GiB {r['estimate_fraction']:5.0%}")
+        if measured:
+            line += f" {r['measured'] / GiB:7.2f}GiB {r['measured_fraction']:5.0%}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+from hrseg.planner import Plan, plan  # noqa: F401  (re-exported: hrseg.memory.plan)

@@ -1,0 +1,160 @@
+"""Training-mode normalization with hand-written backward passes (``jax.custom_vjp``).
+
+Two reasons not to let autodiff differentiate ``(x - mean) * rsqrt(var + eps) * γ + β``:
+
+* memory: autodiff keeps float32 copies of ``x - mean`` and of the normalized tensor. Here
+  :func:`normalize` keeps only ``x`` in the compute dtype, and :func:`inplace_abn` (in-place
+  activated batch norm, Rota Bulò et al. 2018) keeps only its *output* ``y`` — which the next
+  convolution keeps anyway — and recovers the normalized input in the backward pass:
+
+      x̂ = (φ⁻¹(y) − β) / (|γ| + ε)
+
+  (the forward scales by ``|γ| + ε`` so that the map is always invertible);
+* precision: in bf16/fp16 the batch-norm gradient is a small difference of large terms; it is
+  formed here in float32 and rounded once.
+
+Statistics are those of the *global* tensor: halo.moments psums them over the bound mesh axes
+(``"data"`` and the spatial axes for batch norm, spatial only for group/instance norm), and the
+two reductions of the backward pass, Σ dẑ and Σ dẑ·x̂, are psum'd over the same axes. Parameter
+gradients are returned per shard: shard_map's transpose sums them for replicated parameters.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from hrseg import halo
+
+GAMMA_EPS = 1e-5  # in-place ABN scales by |γ| + GAMMA_EPS: never zero, always invertible
+INVERTIBLE = ("leaky_relu", "elu", "identity")
+
+
+def forward_act(z, name: str, slope: float):
+    if name == "leaky_relu":
+        return jnp.where(z >= 0, z, slope * z)
+    if name == "elu":
+        return jnp.where(z > 0, z, jnp.expm1(jnp.minimum(z, 0.0)))
+    if name == "identity":
+        return z
+    raise ValueError(f"in-place ABN needs an invertible activation {INVERTIBLE}, got '{name}'")
+
+
+def _invert_act(y, name: str, slope: float):
+    """φ⁻¹(y) and φ'(φ⁻¹(y)), both from the output alone."""
+    if name == "leaky_relu":
+        neg = y < 0
+        return jnp.where(neg, y / slope, y), jnp.where(neg, slope, 1.0)
+    if name == "elu":  # y = e^z − 1 for z ≤ 0, so φ' = y + 1 there
+        neg = y <= 0
+        z = jnp.log1p(jnp.maximum(y, -1.0 + 1e-7))
+        return jnp.where(neg, z, y), jnp.where(neg, y + 1.0, 1.0)
+    return y, jnp.ones_like(y)
+
+
+def effective_scale(gamma):
+    return jnp.abs(gamma) + GAMMA_EPS
+
+
+def _count(x, axes, mesh_axes):
+    n = 1
+    for a in axes:
+        n *= x.shape[a]
+    return halo.psum(jnp.float32(n), mesh_axes)
+
+
+def _stats(x, axes, mesh_axes, eps):
+    mean, var = halo.moments(x, axes, mesh_axes)
+    return mean, var, jax.lax.rsqrt(var + eps)
+
+
+def _backward(xhat, dxhat, inv, axes, mesh_axes, count):
+    """dL/dx of x̂ = (x − mean)·inv with global statistics, given dL/dx̂ (all float32)."""
+    mean_d = halo.psum(jnp.sum(dxhat, axes, keepdims=True), mesh_axes) / count
+    mean_dx = halo.psum(jnp.sum(dxhat * xhat, axes, keepdims=True), mesh_axes) / count
+    return inv * (dxhat - mean_d - xhat * mean_dx)
+
+
+def _param_grads(dz, xhat, gamma):
+    """Per-shard Σ dz·x̂ and Σ dz over every axis that ``gamma`` broadcasts over."""
+    lead = tuple(range(dz.ndim - gamma.ndim))
+    return jnp.sum(dz * xhat, lead), jnp.sum(dz, lead)
+
+
+# --- normalization that keeps its input -----------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def normalize(x, gamma, beta, axes: tuple[int, ...], mesh_axes: tuple[str, ...], eps: float):
+    """``γ·(x − mean)/√(var + eps) + β`` with statistics over ``axes`` of the global tensor.
+
+    ``gamma``/``beta`` broadcast against the trailing dims of ``x`` (``(C,)`` for batch norm,
+    ``(G, C/G)`` for group norm on ``x`` reshaped to ``(B, *S, G, C/G)``). Returns ``(z, mean,
+    var)``: ``z`` in ``x.dtype``, float32 statistics (keepdims) without gradient.
+    """
+    return _normalize_fwd(x, gamma, beta, axes, mesh_axes, eps)[0]
+
+
+def _normalize_fwd(x, gamma, beta, axes, mesh_axes, eps):
+    mean, var, inv = _stats(x, axes, mesh_axes, eps)
+    z = ((x.astype(jnp.float32) - mean) * inv * gamma + beta).astype(x.dtype)
+    return (z, mean, var), (x, gamma, mean, inv)
+
+
+def _normalize_bwd(axes, mesh_axes, eps, res, cts):
+    x, gamma, mean, inv = res
+    dz = cts[0].astype(jnp.float32)  # statistics only feed running averages: no cotangent
+    xhat = (x.astype(jnp.float32) - mean) * inv
+    dx = _backward(xhat, dz * gamma, inv, axes, mesh_axes, _count(x, axes, mesh_axes))
+    dgamma, dbeta = _param_grads(dz, xhat, gamma)
+    return dx.astype(x.dtype), dgamma, dbeta
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+# --- in-place activated batch norm: keeps only its output -----------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def inplace_abn(x, gamma, beta, eps: float, act: str, slope: float,
+                mesh_axes: tuple[str, ...] = halo.ALL):
+    """``φ((|γ| + ε)·x̂ + β)`` with batch statistics; returns ``(y, mean, var)``.
+
+    ``x (B, *S, C)``; statistics over batch and space of the global tensor; ``y`` in
+    ``x.dtype``; ``mean``/``var`` float32 ``(C,)``, for the running averages only.
+    """
+    return _abn_fwd(x, gamma, beta, eps, act, slope, mesh_axes)[0]
+
+
+def _abn_fwd(x, gamma, beta, eps, act, slope, mesh_axes):
+    axes = tuple(range(x.ndim - 1))
+    mean, var, inv = _stats(x, axes, mesh_axes, eps)
+    z = (x.astype(jnp.float32) - mean) * (inv * effective_scale(gamma)) + beta
+    y = forward_act(z, act, slope).astype(x.dtype)
+    # Saved: y (shared with the next conv, which keeps its input anyway) + O(C) numbers.
+    return (y, mean.reshape(-1), var.reshape(-1)), (y, gamma, beta, inv)
+
+
+def _abn_bwd(eps, act, slope, mesh_axes, res, cts):
+    y, gamma, beta, inv = res
+    axes = tuple(range(y.ndim - 1))
+    z, dphi = _invert_act(y.astype(jnp.float32), act, slope)
+    g = effective_scale(gamma)
+    xhat = (z - beta) / g
+    dz = cts[0].astype(jnp.float32) * dphi
+    dx = _backward(xhat, dz * g, inv, axes, mesh_axes, _count(y, axes, mesh_axes))
+    dg, dbeta = _param_grads(dz, xhat, gamma)
+    return dx.astype(y.dtype), dg * jnp.sign(gamma), dbeta
+
+
+inplace_abn.defvjp(_abn_fwd, _abn_bwd)
+
+
+def inplace_abn_reference(x, gamma, beta, eps: float, act: str, slope: float,
+                          mesh_axes: tuple[str, ...] = halo.ALL):
+    """The same function through plain autodiff (for tests and memory comparisons)."""
+    axes = tuple(range(x.ndim - 1))
+    mean, var = halo.moments(x, axes, mesh_axes)
+    z = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + eps) * effective_scale(gamma))
+    y = forward_act(z + beta, act, slope).astype(x.dtype)
+    return y, jax.lax.stop_gradient(mean.reshape(-1)), jax.lax.stop_gradient(var.reshape(-1))

@@ -1,0 +1,208 @@
+"""``hrseg run``: execute the study's notebooks in order with papermill.
+
+A *run* is one YAML in the params directory named after a notebook: ``02_halo_correctness.yaml``
+runs ``notebooks/02_halo_correctness.ipynb`` once, ``04_train_32.yaml`` and ``04_train_64.yaml``
+run ``04_train`` twice. The YAML's top-level keys are the papermill parameters; the pipeline adds
+``out_dir`` (the ``--out`` folder) so every figure and table lands there, next to the executed
+notebook ``<out>/<run>.ipynb``. Other YAMLs in the folder (training configs such as
+``train_64.yaml``) are not runs: notebooks refer to them by path.
+
+Nothing is skipped silently: a notebook without a params file is an error, and the first failing
+notebook stops the pipeline with its cell and error named in one line.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+NOTEBOOKS = ("01_memory_estimation", "02_halo_correctness", "03_augmentation", "04_train",
+             "05_results_table")
+KERNEL = "python3"  # the Makefile registers the venv's kernel under this name
+RESULTS_TABLE = Path("results") / "results.md"  # written by notebook 05 under --out
+
+
+def notebooks_dir() -> Path:
+    """``notebooks/`` of the source tree (hrseg is installed editable, `pip install -e .`)."""
+    return Path(__file__).resolve().parent.parent / "notebooks"
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str          # output stem: <out>/<name>.ipynb
+    notebook: str      # one of NOTEBOOKS
+    params_file: Path  # its papermill parameters
+
+
+class PipelineError(RuntimeError):
+    """A run failed or cannot start; ``str(e)`` is the one line shown to the user."""
+
+
+def _notebook_of(stem: str) -> str | None:
+    for nb in NOTEBOOKS:
+        if stem == nb or stem.startswith(nb + "_"):
+            return nb
+    return None
+
+
+def discover(params_dir: str | Path, only: list[str] | None = None) -> list[Run]:
+    """The runs of a params directory in notebook order (then by file name).
+
+    ``only`` selects runs by run name, notebook name or number prefix (``"02"``, ``"04_train"``,
+    ``"04_train_64"``); a selector that matches nothing is an error. Every selected notebook
+    must have at least one params file.
+    """
+    params_dir = Path(params_dir)
+    if not params_dir.is_dir():
+        raise PipelineError(f"params directory not found: {params_dir}")
+    runs = []
+    for f in sorted(params_dir.glob("*.yaml")):
+        nb = _notebook_of(f.stem)
+        if nb is not None:
+            runs.append(Run(f.stem, nb, f))
+    runs.sort(key=lambda r: (NOTEBOOKS.index(r.notebook), r.name))
+
+    def matches(sel: str, r: Run) -> bool:
+        return sel in (r.name, r.notebook) or (sel.isdigit() and r.notebook.startswith(sel + "_"))
+
+    if only:
+        sels = [s.strip() for item in only for s in item.split(",") if s.strip()]
+        for s in sels:
+            if not any(matches(s, r) for r in runs) and not any(
+                    s == nb or (s.isdigit() and nb.startswith(s + "_")) for nb in NOTEBOOKS):
+                raise PipelineError(f"--only {s}: no such notebook or run (notebooks: "
+                                    f"{', '.join(NOTEBOOKS)}; runs in {params_dir}: "
+                                    f"{', '.join(r.name for r in runs) or 'none'})")
+        wanted_nbs = [nb for nb in NOTEBOOKS
+                      if any(s == nb or (s.isdigit() and nb.startswith(s + "_")) for s in sels)]
+        runs = [r for r in runs if any(matches(s, r) for s in sels)]
+    else:
+        wanted_nbs = list(NOTEBOOKS)
+    missing = [nb for nb in wanted_nbs if not any(r.notebook == nb for r in runs)]
+    if missing:
+        raise PipelineError(f"no params for notebook(s) {', '.join(missing)} in {params_dir} "
+                            f"(expected e.g. {params_dir / (missing[0] + '.yaml')})")
+    return runs
+
+
+def load_params(path: str | Path) -> dict:
+    """The papermill parameters of one run: the YAML's top-level mapping."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: the top level must be a mapping of notebook parameters")
+    return raw
+
+
+def check_params(notebook: Path, params: dict, params_file: Path) -> None:
+    """A key the notebook's ``parameters`` cell does not define is a typo: refuse it."""
+    import papermill as pm
+    known = pm.inspect_notebook(str(notebook))
+    if not known:
+        raise PipelineError(f"{notebook}: no cell tagged 'parameters'")
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise PipelineError(f"{params_file}: unknown parameter(s) {', '.join(unknown)} for "
+                            f"{notebook.name} (known: {', '.join(known)})")
+
+
+def _first_line(source: str) -> str:
+    for line in (source or "").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return line.strip()[:80]
+    return ""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def describe_failure(run: Run, output: Path, err: BaseException) -> str:
+    """One line: which notebook, which cell, which error, where the executed notebook is."""
+    from papermill.exceptions import PapermillExecutionError
+    if isinstance(err, PapermillExecutionError):
+        evalue = _ANSI.sub("", str(err.evalue)).strip().splitlines()
+        evalue = evalue[-1] if evalue else ""
+        code = _first_line(err.source)
+        return (f"{run.name} failed in cell In [{err.exec_count}] (`{code}`): "
+                f"{err.ename}: {evalue} — see {output}")
+    what = _ANSI.sub("", str(err)).strip().splitlines()
+    return (f"{run.name} failed: {type(err).__name__}: {what[-1] if what else ''} "
+            f"— see {output}")
+
+
+def execute(run: Run, out_dir: Path, progress: bool = True, kernel: str = KERNEL,
+            extra: dict | None = None, position: str = "") -> Path:
+    """Execute one run with papermill into ``<out_dir>/<run.name>.ipynb``; raises PipelineError."""
+    import papermill as pm
+    source = notebooks_dir() / f"{run.notebook}.ipynb"
+    if not source.is_file():
+        raise PipelineError(f"{run.name}: notebook not found: {source}")
+    params = load_params(run.params_file)
+    params["out_dir"] = str(out_dir)
+    check_params(source, params, run.params_file)
+    known = pm.inspect_notebook(str(source))
+    params.update({k: v for k, v in (extra or {}).items() if k in known})
+    output = out_dir / f"{run.name}.ipynb"
+    bar = {"desc": f"{position}{run.name}", "leave": True, "file": sys.stdout} if progress else False
+    try:
+        pm.execute_notebook(str(source), str(output), parameters=params, kernel_name=kernel,
+                            progress_bar=bar, log_output=False, cwd=str(Path.cwd()),
+                            # the kernel's own warnings (e.g. unencrypted local TCP) are noise here
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # every failure becomes the one line
+        raise PipelineError(describe_failure(run, output, e)) from e
+    return output
+
+
+def run(params_dir: str | Path = "params/default", only: list[str] | None = None,
+        out: str | Path = "runs", progress: bool = True, kernel: str = KERNEL,
+        extra: dict | None = None) -> list[Path]:
+    """Execute every run of ``params_dir`` in order; stop at the first failure (PipelineError).
+
+    ``extra``: parameters set after the YAML in every run whose notebook defines them (tests
+    use it to redirect data paths).
+    Returns the executed notebooks.
+    """
+    runs = discover(params_dir, only)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    done = []
+    t0 = time.perf_counter()
+    for i, r in enumerate(runs, 1):
+        done.append(execute(r, out, progress, kernel, extra, position=f"[{i}/{len(runs)}] "))
+    if progress:
+        print(f"{len(done)} notebook(s) executed in {time.perf_counter() - t0:.0f} s -> {out}/")
+    return done
+
+
+def ensure_phantom(root: str | Path, cases: int, seed: int = 0, shape=None,
+                   progress: bool = True) -> str:
+    """Make sure ``root`` holds a dataset before a notebook reads it; returns what was done.
+
+    A missing or empty folder gets a phantom (hrseg.phantom.write_dataset); a folder holding
+    our own phantom is brought up to date with these arguments (a no-op when it matches); a
+    folder with any other data (LiTS, MSD) is used as it is and never written to.
+    """
+    from hrseg import phantom
+    root = Path(root)
+    ours = (root / phantom.MANIFEST).is_file()
+    if root.is_dir() and any(root.iterdir()) and not ours:
+        return f"{root}: using the dataset there (not a phantom: left untouched)"
+    phantom.write_dataset(root, cases=cases, seed=seed,
+                          shape=tuple(shape) if shape else None, progress=progress)
+    return f"{root}: phantom dataset, {cases} cases, seed {seed}, shape {shape or 'full size'}"
+
+
+def results_table(out: str | Path = "runs") -> Path | None:
+    """The markdown results table notebook 05 wrote under ``out``, if any."""
+    path = Path(out) / RESULTS_TABLE
+    return path if path.is_file() else None

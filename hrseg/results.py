@@ -1,0 +1,288 @@
+"""The paper-style results table from the training runs in ``runs/``.
+
+A run is a directory with ``config.yaml`` and ``checkpoints/eval_<step>.json`` (hrseg.train).
+Runs are grouped by network input — ``32³``, ``64³`` … (3D) or ``512² 2D`` — one table row
+each, as in Hou et al. (2019): tumour and liver Dice per case and Dice global, each
+``mean ± std`` over the runs of the row (seeds) × their last ``last`` evaluations
+(checkpoints). Next to them: the per-device memory of the row's training step
+(hrseg.memory.estimate) and its median step time.
+
+    rows = results.collect("runs")                  # numbers
+    paths = results.write_table(rows, "runs/results")   # results.md / .csv / .png
+
+NaN Dice values (no such class in prediction nor label with ``empty_dice`` None) are left
+out of the mean; a row with none left shows "–".
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("tumour_dice_per_case", "tumour_dice_global", "liver_dice_per_case",
+           "liver_dice_global")
+HEADERS = {"tumour_dice_per_case": "Tumour Dice per case",
+           "tumour_dice_global": "Tumour Dice global",
+           "liver_dice_per_case": "Liver Dice per case",
+           "liver_dice_global": "Liver Dice global"}
+
+
+# --- small table helpers (also used by the notebooks) -----------------------------------------
+
+def _fmt(value, floatfmt: str) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "–" if math.isnan(value) else format(float(value), floatfmt)
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[dict], floatfmt: str = ".3f",
+                   columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of ``rows`` (dicts; columns in first-seen order); NaN -> "–"."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c), floatfmt) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: Sequence[dict], path: str | Path,
+              columns: Sequence[str] | None = None) -> Path:
+    """Write ``rows`` (dicts) as CSV with a header; floats at full precision."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in columns})
+    return path
+
+
+def mean_std(values) -> tuple[float, float, int]:
+    """hrseg.metrics.mean_std (ddof 1; 0 for one value) of the finite values, and their count."""
+    from hrseg import metrics
+    v = [float(x) for x in values if x is not None and math.isfinite(x)]
+    return (*metrics.mean_std(v), len(v))
+
+
+def format_mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
+    """``"0.712 ± 0.021"``; a single value without ``±``; ``"–"`` for none."""
+    if n == 0 or math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    cfg: object                 # hrseg.config.Config
+    evals: dict[int, dict]      # step -> evaluation metrics (metrics.evaluate_cases)
+    result: dict | None         # result.json of train.train, if the run finished
+
+
+def find_runs(root: str | Path = "runs") -> list[Run]:
+    """Every run directory under ``root`` (any depth) with a config and ≥ 1 evaluation."""
+    from hrseg import config
+    runs = []
+    for cfg_path in sorted(Path(root).rglob("config.yaml")):
+        d = cfg_path.parent
+        evals = {}
+        for p in sorted((d / "checkpoints").glob("eval_*.json")):
+            try:
+                rec = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                continue   # a run being written right now; its other evaluations still count
+            if rec.get("metrics"):
+                evals[int(rec.get("step", p.stem.split("_")[1]))] = rec["metrics"]
+        if not evals:
+            continue
+        res = d / "result.json"
+        runs.append(Run(d.name, d, config.load(cfg_path), evals,
+                        json.loads(res.read_text()) if res.is_file() else None))
+    return runs
+
+
+def row_key(cfg) -> tuple[int, int, str]:
+    """Sort key and label of a run's table row: ``(dims order, voxels, "64³")``."""
+    res = tuple(int(r) for r in cfg.data.resolution)
+    if cfg.model.dims == 2:
+        return (1, math.prod(res), f"{res[0]}² 2D" if len(set(res)) == 1
+                else f"{'×'.join(map(str, res))} 2D")
+    label = f"{res[0]}³" if len(set(res)) == 1 else "×".join(map(str, res))
+    return (0, math.prod(res), label)
+
+
+def step_memory(cfg) -> float:
+    """Analytic per-device bytes of the run's training step (hrseg.memory.estimate)."""
+    from hrseg import memory, train
+    m = cfg.mesh
+    est = memory.estimate(cfg.model, tuple(cfg.data.resolution),
+                          mesh=(m.data, *m.spatial), policy=cfg.model.precision,
+                          optimizer=cfg.train.optimizer, batch=cfg.train.batch,
+                          in_channels=train.in_channels(cfg), backend=m.backend)
+    return float(est["total"])
+
+
+def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> list[dict]:
+    """One dict per table row (resolution), sorted 3D by size then 2D.
+
+    Keys: ``resolution`` (label), ``runs`` (names), ``n`` (evaluations averaged), for each of
+    METRICS ``<metric>`` (mean), ``<metric>_std``, ``<metric>_n``; ``devices``,
+    ``memory_bytes`` (per device, NaN when ``memory`` is off) and ``step_time_s``.
+    """
+    if last < 1:
+        raise ValueError(f"last must be >= 1 evaluations per run, got {last}")
+    groups: dict[tuple, list[Run]] = {}
+    for run in find_runs(root):
+        groups.setdefault(row_key(run.cfg), []).append(run)
+    rows = []
+    for key in sorted(groups):
+        runs = groups[key]
+        evals = [run.evals[s] for run in runs for s in sorted(run.evals)[-last:]]
+        row = {"resolution": key[2], "runs": [r.name for r in runs], "n": len(evals)}
+        for m in METRICS:
+            mean, std, n = mean_std(e.get(m) for e in evals)
+            row.update({m: mean, f"{m}_std": std, f"{m}_n": n})
+        cfg = runs[0].cfg
+        row["devices"] = int(cfg.mesh.data * math.prod(cfg.mesh.spatial))
+        row["memory_bytes"] = step_memory(cfg) if memory else math.nan
+        times = [r.result.get("step_time_s") for r in runs if r.result]
+        row["step_time_s"] = mean_std(t for t in times if t is not None)[0]
+        rows.append(row)
+    return rows
+
+
+def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
+    """The display form of :func:`collect`'s rows: ``mean ± std`` strings per metric."""
+    out = []
+    for r in rows:
+        d = {"Resolution": r["resolution"]}
+        for m in METRICS:
+            d[HEADERS[m]] = format_mean_std(r[m], r[f"{m}_std"], r[f"{m}_n"], digits)
+        d["Runs × ckpts"] = f"{len(r['runs'])} × {r['n'] // max(len(r['runs']), 1)}" \
+            if r["n"] % max(len(r["runs"]), 1) == 0 else str(r["n"])
+        mem = r.get("memory_bytes", math.nan)
+        d["Memory / device"] = "–" if math.isnan(mem) else _bytes(mem)
+        t = r.get("step_time_s", math.nan)
+        d["Step time"] = "–" if t is None or math.isnan(t) else f"{t:.2f} s"
+        out.append(d)
+    return out
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+def table_figure(rows: Sequence[dict], title: str | None = None):
+    """The display table as a matplotlib Figure (for the PNG)."""
+    from matplotlib.figure import Figure
+    shown = table(rows)
+    cols = list(shown[0]) if shown else ["Resolution"]
+    cells = [[r[c] for c in cols] for r in shown] or [["no runs"] + [""] * (len(cols) - 1)]
+    fig = Figure(figsize=(1.55 * len(cols), 0.45 * (len(cells) + 1) + 0.6))
+    ax = fig.add_subplot()
+    ax.set_axis_off()
+    t = ax.table(cellText=cells, colLabels=[c.replace(" Dice ", "\nDice ") for c in cols],
+                 loc="center", cellLoc="center")
+    t.auto_set_font_size(False)
+    t.set_fontsize(9)
+    t.scale(1.0, 1.9)
+    for (r, _), cell in t.get_celld().items():
+        if r == 0:
+            cell.set_facecolor("#e8e8e8")
+            cell.set_text_props(weight="bold")
+    if title:
+        ax.set_title(title, fontsize=11)
+    return fig
+
+
+def write_table(rows: Sequence[dict], out_dir: str | Path, title: str | None = None) -> dict:
+    """``results.md`` (display table), ``results.csv`` (every number of :func:`collect`) and
+    ``results.png`` under ``out_dir``; returns their paths."""
+    from hrseg import viz
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown_table(table(rows))
+    if title:
+        md = f"# {title}\n\n{md}"
+    (out / "results.md").write_text(md)
+    csv_rows = [{**r, "runs": " ".join(r["runs"])} for r in rows]
+    columns = ["resolution", "runs", "n"] + [k for m in METRICS
+                                             for k in (m, f"{m}_std", f"{m}_n")] + [
+        "devices", "memory_bytes", "step_time_s"]
+    write_csv(csv_rows, out / "results.csv", columns)
+    viz.save(table_figure(rows, title), out / "results.png")
+    return {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
+
+
+def dice_figure(rows: Sequence[dict]):
+    """Dice (mean ± std) against the network's input resolution, tumour and liver."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    labels = [r["resolution"] for r in rows]
+    x = np.arange(len(rows))
+    for ax, organ in zip(fig.subplots(1, 2, sharey=True), ("tumour", "liver")):
+        for kind, marker in (("per_case", "o"), ("global", "s")):
+            m = f"{organ}_dice_{kind}"
+            ax.errorbar(x, [r[m] for r in rows], yerr=[r[f"{m}_std"] for r in rows],
+                        marker=marker, capsize=3, label=f"Dice {kind.replace('_', ' ')}")
+        ax.set(title=organ, xticks=x, xticklabels=labels, xlabel="network input",
+               ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    fig.axes[0].set_ylabel("Dice (mean ± std)")
+    fig.axes[0].legend(fontsize=8)
+    return fig
+
+
+def memory_figure(rows: Sequence[dict], reference: Sequence[dict] = ()):
+    """Per-device memory of each row's training step against the input's voxel count;
+    ``reference``: extra points ``{"resolution", "voxels", "memory_bytes", "label"}`` (e.g.
+    the paper's schedule on one device) drawn as a dashed line."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    vox = [_voxels(r["resolution"]) for r in rows]
+    ax.plot(vox, [r["memory_bytes"] / 2 ** 30 for r in rows], "o-",
+            label="this study's runs (per device)")
+    for r, v in zip(rows, vox):
+        ax.annotate(r["resolution"], (v, r["memory_bytes"] / 2 ** 30), fontsize=8,
+                    textcoords="offset points", xytext=(4, 4))
+    groups: dict[str, list] = {}
+    for p in reference:
+        groups.setdefault(p["label"], []).append(p)
+    for label, pts in groups.items():
+        ax.plot([p["voxels"] for p in pts], [p["memory_bytes"] / 2 ** 30 for p in pts], "s--",
+                label=label)
+        for p in pts:
+            ax.annotate(p["resolution"], (p["voxels"], p["memory_bytes"] / 2 ** 30), fontsize=8,
+                        textcoords="offset points", xytext=(4, -10))
+    ax.set(xscale="log", yscale="log", xlabel="voxels per input volume",
+           ylabel="GiB per device (analytic)", title="training-step memory vs resolution")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _voxels(label: str) -> int:
+    head = label.split()[0]
+    if head.endswith("³"):
+        return int(head[:-1]) ** 3
+    if head.endswith("²"):
+        return int(head[:-1]) ** 2
+    return math.prod(int(v) for v in head.split("×"))

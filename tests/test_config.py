@@ -1,0 +1,82 @@
+"""config.py: typed loading, --set overrides, unknown keys named; every params file loads."""
+from pathlib import Path
+
+import pytest
+
+from hrseg import config
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAMS = sorted((ROOT / "params").glob("**/train*.yaml"))
+
+
+def test_defaults_are_the_papers_optimizer():
+    t = config.Config().train
+    assert (t.optimizer, t.lr, t.lr_decay) == ("adafactor", 3e-3, 0.3)
+
+
+def test_overrides_are_typed():
+    cfg = config.load(None, ["train.steps=10", "mesh.spatial=[2,2,1]", "train.lr=1e-2",
+                             "data.resolution=[32,32,32]", "mesh.distributed=true"])
+    assert cfg.train.steps == 10 and isinstance(cfg.train.steps, int)
+    assert cfg.mesh.spatial == (2, 2, 1)
+    assert cfg.train.lr == 0.01
+    assert cfg.data.resolution == (32, 32, 32)
+    assert config.load(None, ["mesh.spatial=2"]).mesh.spatial == (2, 2, 2)   # fills x, y, z
+    assert cfg.mesh.distributed is True
+
+
+@pytest.mark.parametrize("item, where", [("train.stepz=3", "train.stepz"),
+                                         ("mesh.spacial=[2,2,2]", "mesh.spacial"),
+                                         ("trian.steps=3", "trian")])
+def test_unknown_key_is_an_error_naming_it(item, where):
+    with pytest.raises(ValueError, match=f"unknown config key '{where}'"):
+        config.load(None, [item])
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(ValueError, match="train.steps"):
+        config.load(None, ["train.steps=2.5"])
+    with pytest.raises(ValueError, match="mesh.spatial"):
+        config.load(None, ["mesh.spatial=[2,2]"])
+    with pytest.raises(ValueError, match="key=value"):
+        config.load(None, ["train.steps"])
+
+
+def test_yaml_then_overrides_and_dump_roundtrip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 7\n  name: a\nmesh:\n  spatial: [1, 2, 2]\n")
+    cfg = config.load(path, ["train.name=b"])
+    assert (cfg.train.steps, cfg.train.name, cfg.mesh.spatial) == (7, "b", (1, 2, 2))
+    config.dump(cfg, tmp_path / "out.yaml")
+    assert config.load(tmp_path / "out.yaml") == cfg
+
+
+def test_missing_file_and_bad_top_level(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        config.load(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="mapping"):
+        config.load(tmp_path / "list.yaml")
+
+
+def test_params_files_exist_for_the_resolution_study():
+    names = {p.name for p in PARAMS}
+    for want in ("train_2d.yaml", "train_32.yaml", "train_64.yaml", "train_96.yaml",
+                 "train_256.yaml", "train_512.yaml", "train_smoke.yaml"):
+        assert want in names, f"params/**/{want} is missing"
+
+
+@pytest.mark.parametrize("path", PARAMS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_params_file_loads_and_divides(path):
+    from hrseg import partition, unet
+    cfg = config.load(path)
+    assert cfg.model.dims == len(cfg.data.resolution)
+    assert cfg.train.batch % cfg.mesh.data == 0
+    # a pooling window never straddles two devices: each shard must pool evenly
+    shape = (cfg.train.batch, *cfg.data.resolution, 1)
+    partition.check_divisible(shape, _FakeMesh(cfg.mesh), unet.levels_of(cfg.model))
+
+
+class _FakeMesh:  # check_divisible reads only mesh.shape: no devices needed for a 512³ plan
+    def __init__(self, m):
+        self.shape = {"data": m.data, "x": m.spatial[0], "y": m.spatial[1], "z": m.spatial[2]}

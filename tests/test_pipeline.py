@@ -1,0 +1,118 @@
+"""pipeline.py / `hrseg run`: run discovery, parameter checks, and the one-line failure report.
+
+The execution tests use throw-away notebooks of two cells (a real kernel, ~2 s each); the real
+notebooks run in tests/test_notebooks.py.
+"""
+import nbformat
+import pytest
+
+from hrseg import cli, pipeline
+from hrseg.pipeline import NOTEBOOKS, PipelineError
+
+
+def _params_dir(tmp_path, names, extra=("train_64",)):
+    d = tmp_path / "params"
+    d.mkdir()
+    for n in list(names) + list(extra):
+        (d / f"{n}.yaml").write_text("x: 1\n")
+    return d
+
+
+def test_discover_orders_runs_by_notebook_and_skips_configs(tmp_path):
+    d = _params_dir(tmp_path, ["05_results_table", "04_train_64", "04_train_32",
+                               "01_memory_estimation", "02_halo_correctness", "03_augmentation"])
+    runs = pipeline.discover(d)
+    assert [r.name for r in runs] == ["01_memory_estimation", "02_halo_correctness",
+                                      "03_augmentation", "04_train_32", "04_train_64",
+                                      "05_results_table"]   # train_64.yaml is a config, not a run
+    assert {r.notebook for r in runs if r.name.startswith("04")} == {"04_train"}
+
+
+def test_discover_selects_and_refuses_what_matches_nothing(tmp_path):
+    d = _params_dir(tmp_path, [*NOTEBOOKS[:3], "04_train_32", "04_train_64", NOTEBOOKS[4]])
+    assert [r.name for r in pipeline.discover(d, ["02", "04_train_64"])] == [
+        "02_halo_correctness", "04_train_64"]
+    assert [r.name for r in pipeline.discover(d, ["04_train,05"])] == [
+        "04_train_32", "04_train_64", "05_results_table"]
+    with pytest.raises(PipelineError, match="--only 07: no such notebook"):
+        pipeline.discover(d, ["07"])
+
+
+def test_a_notebook_without_params_is_an_error_not_a_skip(tmp_path):
+    d = _params_dir(tmp_path, [n for n in NOTEBOOKS if n != "03_augmentation"])
+    with pytest.raises(PipelineError, match="no params for notebook.*03_augmentation"):
+        pipeline.discover(d)
+    assert len(pipeline.discover(d, ["01", "02"])) == 2     # not needed when not selected
+
+
+def _notebook(path, *sources, params="x = 0"):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell] + [nbformat.v4.new_code_cell(s) for s in sources]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def fake_notebooks(tmp_path, monkeypatch):
+    """Five two-cell notebooks; 02 fails in its second code cell."""
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    for name in NOTEBOOKS:
+        body = ["from pathlib import Path",
+                f"Path(out_dir, 'ran_{name}').write_text(str(x))"]
+        if name == "02_halo_correctness":
+            body = ["y = x + 1", "raise ValueError(f'boom {y}')"]
+        _notebook(nbdir / f"{name}.ipynb", *body, params="x = 0\nout_dir = 'runs'")
+    monkeypatch.setattr(pipeline, "notebooks_dir", lambda: nbdir)
+    return nbdir
+
+
+def test_failure_stops_the_pipeline_naming_notebook_cell_and_error(tmp_path, fake_notebooks,
+                                                                   capsys):
+    params = _params_dir(tmp_path, NOTEBOOKS)
+    out = tmp_path / "runs"
+    rc = cli.main(["run", "--params-dir", str(params), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1, err
+    # the injected-parameters cell is In [2], so the failing cell is In [4]
+    assert err[0].startswith("hrseg run: 02_halo_correctness failed in cell In [4]")
+    assert "raise ValueError" in err[0] and "ValueError: boom 2" in err[0]
+    assert str(out / "02_halo_correctness.ipynb") in err[0]
+    assert (out / "ran_01_memory_estimation").read_text() == "1"   # params reached the kernel
+    assert (out / "02_halo_correctness.ipynb").is_file()           # kept for inspection
+    assert not (out / "ran_03_augmentation").exists()              # nothing after the failure
+
+
+def test_success_runs_every_notebook_into_out(tmp_path, fake_notebooks, capsys):
+    params = _params_dir(tmp_path, [n for n in NOTEBOOKS if n != "02_halo_correctness"])
+    out = tmp_path / "runs"
+    (out / "results").mkdir(parents=True)
+    (out / "results" / "results.md").write_text("| a |\n")
+    rc = cli.main(["run", "--params-dir", str(params), "--out", str(out), "--only",
+                   "01", "03", "04", "05"])
+    assert rc == 0
+    for name in ("01_memory_estimation", "03_augmentation", "04_train", "05_results_table"):
+        assert (out / f"{name}.ipynb").is_file() and (out / f"ran_{name}").is_file()
+    stdout = capsys.readouterr().out
+    assert "[4/4] 05_results_table" in stdout.replace("\r", "\n")       # progress bars
+    assert f"results table: {out / 'results' / 'results.md'}" in stdout
+
+
+def test_unknown_parameter_is_refused_before_running(tmp_path, fake_notebooks):
+    params = _params_dir(tmp_path, NOTEBOOKS)
+    (params / "01_memory_estimation.yaml").write_text("x: 1\nbatchsize: 3\n")
+    with pytest.raises(PipelineError, match=r"01_memory_estimation.yaml: unknown parameter\(s\) "
+                                            r"batchsize"):
+        pipeline.run(params, out=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs" / "01_memory_estimation.ipynb").exists()
+
+
+def test_params_yaml_must_be_a_mapping(tmp_path):
+    f = tmp_path / "01_memory_estimation.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(PipelineError, match="must be a mapping"):
+        pipeline.load_params(f)

@@ -1,0 +1,110 @@
+"""results.py: runs/ -> the paper-style table, with hand-computed means and deviations."""
+import csv
+import dataclasses
+import json
+import math
+
+import pytest
+
+from hrseg import config, results, unet
+
+
+def make_run(root, name, resolution, evals, seed=0, dims=3, result=None):
+    """A run directory as train.train leaves it: config.yaml + checkpoints/eval_<step>.json."""
+    d = root / name
+    (d / "checkpoints").mkdir(parents=True)
+    cfg = config.Config()
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, resolution=tuple(resolution)),
+        model=dataclasses.replace(unet.preset("tiny"), dims=dims),
+        train=dataclasses.replace(cfg.train, name=name, seed=seed))
+    config.dump(cfg, d / "config.yaml")
+    for step, (tumour, liver) in evals.items():
+        metrics = {"tumour_dice_per_case": tumour, "tumour_dice_global": tumour + 0.1,
+                   "liver_dice_per_case": liver, "liver_dice_global": liver, "cases": 2}
+        (d / "checkpoints" / f"eval_{step:08d}.json").write_text(
+            json.dumps({"step": step, "metrics": metrics}))
+    if result is not None:
+        (d / "result.json").write_text(json.dumps(result))
+    return d
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    # 64³: two seeds; the last 2 evaluations of each count -> tumour 0.5, 0.7, 0.6, 0.8
+    make_run(root, "r64_s0", (64, 64, 64), {10: (0.0, 0.1), 20: (0.5, 0.9), 30: (0.7, 0.9)},
+             result={"step_time_s": 2.0})
+    make_run(root, "r64_s1", (64, 64, 64), {20: (0.6, 0.8), 30: (0.8, 1.0)}, seed=1,
+             result={"step_time_s": 4.0})
+    # 32³: one run, one evaluation -> no ± ; a NaN (no tumour anywhere) is left out
+    make_run(root, "r32", (32, 32, 32), {5: (0.25, 0.5)})
+    make_run(root, "r32_nan", (32, 32, 32), {5: (math.nan, 0.7)})
+    # a 2D run sorts after every 3D row; a run with no evaluation is no row
+    make_run(root, "r2d", (64, 64), {5: (0.4, 0.6)}, dims=2)
+    make_run(root, "unfinished", (128, 128, 128), {})
+    (root / "02_halo_correctness").mkdir()   # notebook figure folders are not runs
+    return root
+
+
+def test_collect_groups_by_resolution_and_averages_last_checkpoints(runs):
+    rows = results.collect(runs, last=2, memory=False)
+    assert [r["resolution"] for r in rows] == ["32³", "64³", "64² 2D"]
+    r64 = rows[1]
+    assert r64["runs"] == ["r64_s0", "r64_s1"] and r64["n"] == 4
+    # tumour per case: mean(0.5, 0.7, 0.6, 0.8) = 0.65; sample std = sqrt(0.05 / 3) = 0.1291
+    assert r64["tumour_dice_per_case"] == pytest.approx(0.65)
+    assert r64["tumour_dice_per_case_std"] == pytest.approx(math.sqrt(0.05 / 3))
+    assert r64["tumour_dice_global"] == pytest.approx(0.75)
+    # liver per case: mean(0.9, 0.9, 0.8, 1.0) = 0.9; std = sqrt(0.02 / 3)
+    assert r64["liver_dice_per_case_std"] == pytest.approx(math.sqrt(0.02 / 3))
+    assert r64["step_time_s"] == pytest.approx(3.0)
+    r32 = rows[0]
+    assert r32["tumour_dice_per_case"] == pytest.approx(0.25)     # NaN left out ...
+    assert r32["tumour_dice_per_case_n"] == 1                      # ... and not counted
+    assert r32["liver_dice_per_case"] == pytest.approx(0.6)       # (0.5 + 0.7) / 2
+    assert math.isnan(r32["step_time_s"])                          # no result.json
+
+
+def test_display_table_and_files(runs, tmp_path):
+    rows = results.collect(runs, last=2, memory=False)
+    shown = results.table(rows)
+    assert shown[1]["Tumour Dice per case"] == "0.650 ± 0.129"
+    assert shown[0]["Tumour Dice per case"] == "0.250"              # one value: no ±
+    assert shown[1]["Runs × ckpts"] == "2 × 2"
+    assert shown[0]["Memory / device"] == "–"
+    paths = results.write_table(rows, tmp_path / "out", title="test")
+    md = paths["md"].read_text()
+    assert "| 64³ | 0.650 ± 0.129 | 0.750 ± 0.129 |" in md
+    rows_csv = list(csv.DictReader(paths["csv"].open()))
+    assert list(rows_csv[0])[:4] == ["resolution", "runs", "n", "tumour_dice_per_case"]
+    assert rows_csv[1]["runs"] == "r64_s0 r64_s1" and rows_csv[1]["n"] == "4"
+    assert float(rows_csv[1]["tumour_dice_per_case"]) == pytest.approx(0.65)
+    assert paths["png"].stat().st_size > 5_000
+
+
+def test_memory_column_is_the_analytic_estimate(runs):
+    from hrseg import memory
+    rows = results.collect(runs, last=1)
+    cfg = config.load(runs / "r64_s0" / "config.yaml")
+    want = memory.estimate(cfg.model, (64, 64, 64), batch=1, optimizer="adafactor")["total"]
+    assert rows[1]["memory_bytes"] == pytest.approx(want)
+    assert rows[0]["memory_bytes"] < rows[1]["memory_bytes"]         # 32³ < 64³
+
+
+def test_figures_render(runs):
+    rows = results.collect(runs, last=2, memory=True)
+    assert len(results.dice_figure(rows).axes) == 2
+    ref = [{"resolution": "128³", "voxels": 128 ** 3, "memory_bytes": 2 ** 31, "label": "paper"}]
+    assert results.memory_figure(rows, ref).axes[0].get_yscale() == "log"
+
+
+def test_no_runs_gives_an_empty_table(tmp_path):
+    assert results.collect(tmp_path, memory=False) == []
+    with pytest.raises(ValueError, match="last must be >= 1"):
+        results.collect(tmp_path, last=0)
+
+
+def test_markdown_table_formats_nan_and_floats():
+    md = results.markdown_table([{"a": 1.23456, "b": math.nan, "c": "x"}], floatfmt=".2f")
+    assert md.splitlines()[2] == "| 1.23 | – | x |"

@@ -1,0 +1,229 @@
+"""train.py on one CPU device at 16³: the loop's files, resume after SIGKILL (bit-identical),
+the NaN guard, evaluate/predict of a run directory and the CLI."""
+import json
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from hrseg import checkpoint, cli, config, data, distributed, phantom, train
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    phantom.write_dataset(root, cases=4, seed=0, shape=(40, 40, 24))
+    return root
+
+
+def smoke(dataset, out, *overrides):
+    """The smoke config on the test dataset, runs under ``out``."""
+    return config.load(SMOKE, [f"data.root={dataset}", f"data.cache_dir={dataset}/cache",
+                               f"train.out_dir={out}", *overrides])
+
+
+def same_json(a, b):  # NaN-tolerant equality of result dicts
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def test_step_decay_schedule_and_optimizers():
+    t = config.TrainConfig(lr=3e-3, lr_decay=0.3, lr_decay_every=10)
+    s = train.make_schedule(t)
+    assert math.isclose(float(s(9)), 3e-3, rel_tol=1e-6)
+    assert math.isclose(float(s(10)), 9e-4, rel_tol=1e-6)         # 3e-3 × 0.3
+    assert math.isclose(float(s(25)), 3e-3 * 0.09, rel_tol=1e-6)  # two decays
+    assert float(train.make_schedule(config.TrainConfig(lr_decay_every=0))(10 ** 6)) == \
+        pytest.approx(3e-3)
+    for name in ("adafactor", "adam"):
+        train.make_optimizer(config.TrainConfig(optimizer=name))
+    with pytest.raises(ValueError, match="train.optimizer 'sgd'"):
+        train.make_optimizer(config.TrainConfig(optimizer="sgd"))
+
+
+def test_dice_from_counts():
+    # rows: class k -> (intersection, predicted, true) voxels
+    counts = [[90, 100, 100], [30, 40, 50], [0, 0, 0]]
+    d = train.dice_from_counts(counts)
+    assert d["background"] == pytest.approx(0.9)      # 2·90 / 200
+    assert d["liver"] == pytest.approx(60 / 90)       # 2·30 / (40 + 50)
+    assert math.isnan(d["tumour"])                    # neither predicted nor present
+
+
+def test_local_rows_on_one_process():
+    from hrseg import partition
+    mesh = partition.make_mesh()
+    sh = partition.sharding(mesh, partition.volume_spec(3))
+    assert distributed.local_rows(sh, (4, 8, 8, 8, 1)) == (0, 1)
+
+
+def test_write_json_is_atomic(tmp_path):
+    path = tmp_path / "a" / "eval.json"
+    checkpoint.write_json(path, {"x": np.float32(0.5), "v": np.arange(3)})
+    assert json.loads(path.read_text()) == {"x": 0.5, "v": [0, 1, 2]}
+    with pytest.raises(TypeError):
+        checkpoint.write_json(path, {"x": object()})
+    assert json.loads(path.read_text())["x"] == 0.5          # the old file survives a failure
+    assert [p.name for p in path.parent.iterdir()] == ["eval.json"]   # no temp files left
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = smoke(dataset, out, "train.name=smoke")
+    return cfg, train.train(cfg, progress=False)
+
+
+def test_train_writes_the_run_directory(trained):
+    cfg, result = trained
+    run = result.run_dir
+    assert config.load(run / "config.yaml") == cfg
+    lines = read_jsonl(run / "metrics.jsonl")
+    steps = [r for r in lines if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, cfg.train.steps + 1))
+    assert all(math.isfinite(r["loss"]) and r["voxels_per_s"] > 0 for r in steps)
+    assert any("eval" in r for r in lines)
+    ckpts = checkpoint.Checkpoints(run / "checkpoints")
+    assert ckpts.latest() == cfg.train.steps
+    assert len(ckpts.steps()) <= cfg.train.keep_ckpts
+    evals = ckpts.evals()
+    assert cfg.train.steps in evals
+    saved = evals[cfg.train.steps]
+    assert saved["config"] == config.to_dict(cfg)         # the config that produced it
+    assert same_json(saved["metrics"], result.eval)
+    summary = json.loads((run / "result.json").read_text())
+    assert summary["steps"] == cfg.train.steps
+    assert summary["step_time_s"] > 0 and summary["voxels_per_s"] > 0
+    ckpts.close()
+
+
+def test_resume_of_a_finished_run_trains_nothing(trained):
+    cfg, first = trained
+    again = train.train(cfg, progress=False)
+    assert again.resumed_from == cfg.train.steps and again.final_loss is None
+    assert again.eval == first.eval
+
+
+CHILD = """
+import os, signal, sys
+from hrseg import config, train
+kill_at = int(sys.argv[1])
+def hook(step, record):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.train(config.load(sys.argv[2], sys.argv[3:]), progress=False, on_step=hook)
+"""
+
+
+def _final_state(run_dir):
+    _, _, state, _, step = train.load_run(run_dir)
+    return step, jax.device_get(state)
+
+
+def test_resume_after_sigkill_is_bit_identical(dataset, tmp_path):
+    over = ["train.steps=7", "train.ckpt_every=2", "train.eval_every=-1"]
+    killed = smoke(dataset, tmp_path, "train.name=killed", *over)
+    args = [f"data.root={dataset}", f"data.cache_dir={dataset}/cache",
+            f"train.out_dir={tmp_path}", "train.name=killed", *over]
+    proc = subprocess.run([sys.executable, "-c", CHILD, "5", str(SMOKE), *args],
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ckpts = checkpoint.Checkpoints(tmp_path / "killed" / "checkpoints")
+    newest = ckpts.latest()
+    ckpts.close()
+    assert newest in (2, 4)                   # step 4's async save may not have finished
+    resumed = train.train(killed, progress=False)
+    assert resumed.resumed_from == newest
+    steps = [r["step"] for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 8))         # lines past the checkpoint were replaced
+
+    train.train(smoke(dataset, tmp_path, "train.name=straight", *over), progress=False)
+    step_a, a = _final_state(tmp_path / "killed")
+    step_b, b = _final_state(tmp_path / "straight")
+    assert step_a == step_b == 7
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(dataset, tmp_path, monkeypatch):
+    real = data.batch_for_step
+
+    def poisoned(ds, step, *args, **kw):
+        images, labels = real(ds, step, *args, **kw)
+        if step == 2:                         # the third step (step number 3)
+            images = np.full_like(images, np.nan)
+        return images, labels
+
+    monkeypatch.setattr(data, "batch_for_step", poisoned)
+    cfg = smoke(dataset, tmp_path, "train.name=nan", "train.steps=6", "train.ckpt_every=2",
+                "train.eval_every=-1")
+    with pytest.raises(FloatingPointError, match=r"step 3: the loss is nan.*checkpoint is step 2"):
+        train.train(cfg, progress=False)
+    ckpts = checkpoint.Checkpoints(tmp_path / "nan" / "checkpoints")
+    assert ckpts.latest() == 2
+    ckpts.close()
+
+
+def test_evaluate_run_dir(trained):
+    cfg, result = trained
+    again = train.evaluate(result.run_dir)
+    assert again["step"] == cfg.train.steps
+    assert same_json(again, result.eval)                      # same weights, same Dice
+
+
+def test_predict_keeps_the_input_geometry(trained, dataset, tmp_path):
+    _, result = trained
+    src = min(Path(dataset).glob("volume-*.nii*"))
+    img = nib.load(src)
+    vol = np.asarray(img.dataobj)[:37, 3:34, :19]             # odd shape
+    affine = img.affine.copy()
+    affine[:3, 3] += 12.5                                     # moved origin
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "volume-7.nii.gz")
+    out = train.predict(result.run_dir, tmp_path / "volume-7.nii.gz", tmp_path / "pred.nii.gz")
+    pred = nib.load(out)
+    assert pred.shape == vol.shape
+    np.testing.assert_allclose(pred.affine, affine, atol=1e-5)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+    # no -o: the viewer's convention <run>/predictions/prediction-N.nii.gz
+    default = train.predict(result.run_dir, tmp_path / "volume-7.nii.gz")
+    assert default == result.run_dir / "predictions" / "prediction-7.nii.gz" and default.exists()
+
+
+def test_cli_evaluate_and_predict(trained, tmp_path, dataset, capsys):
+    _, result = trained
+    assert cli.main(["evaluate", str(result.run_dir)]) == 0
+    assert "step" in capsys.readouterr().out
+    src = min(Path(dataset).glob("volume-*.nii*"))
+    assert cli.main(["predict", str(result.run_dir), str(src), "-o",
+                     str(tmp_path / "p.nii.gz")]) == 0
+    assert nib.load(tmp_path / "p.nii.gz").shape == nib.load(src).shape
+
+
+def test_cli_train_unknown_key_is_an_error(capsys):
+    assert cli.main(["train", "-f", str(SMOKE), "--set", "train.stepz=3"]) == 2
+    assert "unknown config key 'train.stepz'" in capsys.readouterr().err
+
+
+def test_2d_network_trains_on_slices_and_evaluates_whole_volumes(dataset, tmp_path):
+    cfg = smoke(dataset, tmp_path, "train.name=2d", "model.dims=2", "data.resolution=[16,16]",
+                "train.steps=2", "train.batch=4", "train.ckpt_every=0")
+    result = train.train(cfg, progress=False)
+    assert result.steps == 2 and math.isfinite(result.final_loss)
+    assert result.eval["cases"] == 1 and "tumour_dice_global" in result.eval
+    _, graphdef, state, mesh, _ = train.load_run(result.run_dir)
+    from hrseg import inference
+    vol = np.random.default_rng(0).random((16, 16, 7), np.float32)
+    [labels] = inference.Predictor(cfg, graphdef, mesh)(state, [vol])
+    assert labels.shape == (16, 16, 7) and labels.dtype == np.int32
