@@ -174,12 +174,41 @@ def _conv_fwd(x, w, pads, axes, strides, groups, precision):
     return _conv(x, w, pads, axes, strides, groups, precision), (x, w)
 
 
+def _return_margins(g, dim: int, name: str | None, lo: int, hi: int):
+    """Transpose of one dim's exchange: keep the interior of the padded gradient and send the
+    margins' gradient back to the neighbours they came from, added onto their edge rows.
+
+    Autodiff of the exchange builds the same sum from slices and padded full-size buffers;
+    six of those are alive at the peak of the backward pass. Single-hop halos only.
+    """
+    n = axis_size(name) if name is not None else None
+    L = g.shape[dim] - lo - hi
+    interior = lax.slice_in_dim(g, lo, lo + L, axis=dim)
+    if not n or n == 1:
+        return interior  # the margins were zero padding: their gradient goes nowhere
+    for width, start, perm, at in (
+            (lo, 0, [(i + 1, i) for i in range(n - 1)], L - lo),  # lower margin -> below
+            (hi, lo + L, [(i, i + 1) for i in range(n - 1)], 0)):  # upper margin -> above
+        if not width:
+            continue
+        back = lax.ppermute(lax.slice_in_dim(g, start, start + width, axis=dim), name, perm)
+        idx = [0] * g.ndim
+        idx[dim] = at
+        interior = lax.dynamic_update_slice(
+            interior, lax.dynamic_slice(interior, idx, back.shape) + back, idx)
+    return interior
+
+
 def _conv_bwd(pads, axes, strides, groups, precision, res, g):
     x, w = res
     xp, exchange_vjp = jax.vjp(lambda x: halo_exchange(x, pads, axes), x)
     _, conv_vjp = jax.vjp(lambda xp, w: _valid_conv(xp, w, strides, groups, precision), xp, w)
     dxp, dw = conv_vjp(g)
-    (dx,) = exchange_vjp(dxp)
+    if all(max(p) <= x.shape[d + 1] for d, p in enumerate(pads)):
+        for d in reversed(range(len(axes))):  # exchanged x, y, z in order: undo z, y, x
+            dxp = _return_margins(dxp, d + 1, axes[d], *pads[d])
+        return dxp, dw
+    (dx,) = exchange_vjp(dxp)  # multi-hop halos: let autodiff transpose the exchange
     return dx, dw
 
 

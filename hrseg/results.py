@@ -1,10 +1,12 @@
 """The paper-style results table from the training runs in ``runs/``.
 
-A run is a directory with ``config.yaml`` and ``checkpoints/eval_<step>.json`` (hrseg.train).
-Runs are grouped by network input — ``32³``, ``64³`` … (3D) or ``512² 2D`` — one table row
-each, as in Hou et al. (2019): tumour and liver Dice per case and Dice global, each
-``mean ± std`` over the runs of the row (seeds) × their last ``last`` evaluations
-(checkpoints). Next to them: the per-device memory of the row's training step
+A run is a directory directly under the runs folder with ``config.yaml`` and
+``checkpoints/eval_<step>.json`` (hrseg.train). Runs are grouped by network input — ``32³``,
+``64³`` … (3D) or ``512² 2D`` — one table row each, as in Hou et al. (2019): tumour and liver
+Dice per case and Dice global, each ``mean ± std`` over the runs of the row (seeds) × their
+last ``last`` evaluations (checkpoints). Runs of one resolution whose recipes differ (in
+anything but name, seed, output folder and mesh, which do not change the result) are separate
+rows, labelled with their first run's name. Next to them: the per-device memory of the row's training step
 (hrseg.memory.estimate) and its median step time.
 
     rows = results.collect("runs")                  # numbers
@@ -92,10 +94,10 @@ class Run:
 
 
 def find_runs(root: str | Path = "runs") -> list[Run]:
-    """Every run directory under ``root`` (any depth) with a config and ≥ 1 evaluation."""
+    """Every run directory directly under ``root`` with a config and ≥ 1 evaluation."""
     from hrseg import config
     runs = []
-    for cfg_path in sorted(Path(root).rglob("config.yaml")):
+    for cfg_path in sorted(Path(root).glob("*/config.yaml")):
         d = cfg_path.parent
         evals = {}
         for p in sorted((d / "checkpoints").glob("eval_*.json")):
@@ -123,6 +125,18 @@ def row_key(cfg) -> tuple[int, int, str]:
     return (0, math.prod(res), label)
 
 
+def recipe(cfg) -> str:
+    """What must match for two runs to be seeds of one experiment (JSON of the config without
+    the run's name, seed, output folder, resume flag, cache folder and mesh)."""
+    from hrseg import config
+    d = config.to_dict(cfg)
+    for key in ("name", "seed", "out_dir", "resume"):
+        d["train"].pop(key, None)
+    d["data"].pop("cache_dir", None)
+    d.pop("mesh", None)
+    return json.dumps(d, sort_keys=True)
+
+
 def step_memory(cfg) -> float:
     """Analytic per-device bytes of the run's training step (hrseg.memory.estimate)."""
     from hrseg import memory, train
@@ -145,12 +159,16 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
         raise ValueError(f"last must be >= 1 evaluations per run, got {last}")
     groups: dict[tuple, list[Run]] = {}
     for run in find_runs(root):
-        groups.setdefault(row_key(run.cfg), []).append(run)
+        groups.setdefault(row_key(run.cfg) + (recipe(run.cfg),), []).append(run)
+    shared = {}
+    for key in groups:
+        shared[key[:3]] = shared.get(key[:3], 0) + 1
     rows = []
-    for key in sorted(groups):
+    for key in sorted(groups, key=lambda k: (k[:2], groups[k][0].name)):
         runs = groups[key]
+        label = key[2] if shared[key[:3]] == 1 else f"{key[2]} ({runs[0].name})"
         evals = [run.evals[s] for run in runs for s in sorted(run.evals)[-last:]]
-        row = {"resolution": key[2], "runs": [r.name for r in runs], "n": len(evals)}
+        row = {"resolution": label, "runs": [r.name for r in runs], "n": len(evals)}
         for m in METRICS:
             mean, std, n = mean_std(e.get(m) for e in evals)
             row.update({m: mean, f"{m}_std": std, f"{m}_n": n})

@@ -202,11 +202,6 @@ def train(cfg: Config, *, progress: bool = True,
     t = cfg.train
     main = distributed.is_main()
     run_dir = _run_dir(cfg)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.dump(cfg, run_dir / "config.yaml")
-    distributed.barrier("run_dir")
-
     mesh = partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data)
     run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
     partition.check_divisible(batch_shape(cfg), run_mesh, unet.levels_of(cfg.model))
@@ -217,6 +212,10 @@ def train(cfg: Config, *, progress: bool = True,
         ckpts.close()
         raise ValueError(f"{run_dir} already has checkpoints (newest: step {resumed_from}); "
                          f"set train.resume=true to continue it, or choose another train.name")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.dump(cfg, run_dir / "config.yaml")
+    distributed.barrier("config")
     if resumed_from is not None:
         state = ckpts.restore(state, resumed_from)
     start = int(state.step)

@@ -748,14 +748,15 @@ NB05 = [
     md("""
 # 05 · Results table
 
-Every training run under `runs_dir` (default: `out_dir`) becomes part of the paper-style table
-(Hou et al. 2019, Table 2): one row per network input resolution, tumour and liver Dice per
-case and Dice global, each mean ± std over the row's runs (seeds) × their last `last`
+Every training run directly under `runs_dir` (default: `out_dir`) becomes part of the
+paper-style table (Hou et al. 2019): one row per network input resolution, tumour and liver
+Dice per case and Dice global, each mean ± std over the row's runs (seeds) × their last `last`
 evaluations (checkpoints); with the per-device memory of the step (analytic,
-`hrseg.memory.estimate`) and the median step time.
+`hrseg.memory.estimate`) and the median step time. Runs of one resolution with different
+recipes (not just another seed) get a row each.
 """),
     params("""
-runs_dir = ""                  # empty: out_dir (every run directory below it)
+runs_dir = ""                  # empty: out_dir (the run directories directly in it)
 last = 3                       # evaluations (checkpoints) averaged per run
 paper_resolutions = [64, 128, 256, 512]  # reference: the paper's U-Net schedule on one device
 out_dir = "runs"               # the table goes to <out_dir>/results/

@@ -43,8 +43,18 @@ def runs(tmp_path):
     # a 2D run sorts after every 3D row; a run with no evaluation is no row
     make_run(root, "r2d", (64, 64), {5: (0.4, 0.6)}, dims=2)
     make_run(root, "unfinished", (128, 128, 128), {})
+    make_run(root / "study", "nested", (64, 64, 64), {5: (0.0, 0.0)})   # not directly under root
     (root / "02_halo_correctness").mkdir()   # notebook figure folders are not runs
     return root
+
+
+def test_runs_of_one_resolution_with_different_recipes_are_separate_rows(runs):
+    d = make_run(runs, "r64_adam", (64, 64, 64), {5: (0.1, 0.2)})
+    cfg = config.load(d / "config.yaml")
+    config.dump(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer="adam")),
+                d / "config.yaml")
+    labels = [r["resolution"] for r in results.collect(runs, last=2, memory=False)]
+    assert labels == ["32³", "64³ (r64_adam)", "64³ (r64_s0)", "64² 2D"]
 
 
 def test_collect_groups_by_resolution_and_averages_last_checkpoints(runs):

@@ -113,7 +113,11 @@ def test_resume_of_a_finished_run_trains_nothing(trained):
     cfg, first = trained
     again = train.train(cfg, progress=False)
     assert again.resumed_from == cfg.train.steps and again.final_loss is None
-    assert again.eval == first.eval
+    assert same_json(again.eval, first.eval)
+    fresh = config.load(first.run_dir / "config.yaml", ["train.resume=false"])
+    with pytest.raises(ValueError, match="already has checkpoints.*train.resume=true"):
+        train.train(fresh, progress=False)
+    assert config.load(first.run_dir / "config.yaml") == cfg      # left as it was
 
 
 CHILD = """
