@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from hrseg import losses, partition, step, unet  # noqa: E402
+from hrseg import halo, losses, memory, partition, step, unet  # noqa: E402
 from hrseg.config import ModelConfig  # noqa: E402
 
 MESHES = {1: (1, 1, 1), 8: (2, 2, 2), 64: (4, 4, 4)}
@@ -43,19 +43,33 @@ def _setup(args, n_devices):
 
 
 def step_bytes(args, n_devices: int, backend: str) -> dict:
-    graphdef, state, opt, mesh, loss_fn = _setup(args, n_devices)
-    fn = step.make_train_step(graphdef, opt, loss_fn, mesh, backend)
-    shape = (1, args.size, args.size, args.size, 1)
-    compiled = fn.lower(*step.abstract_inputs(state, mesh, backend, shape)).compile()
-    m = compiled.memory_analysis()
-    hlo = compiled.as_text()
-    return {"argument": int(m.argument_size_in_bytes), "output": int(m.output_size_in_bytes),
-            "temp": int(m.temp_size_in_bytes), "alias": int(m.alias_size_in_bytes),
-            "total": int(m.argument_size_in_bytes + m.output_size_in_bytes
-                         + m.temp_size_in_bytes - m.alias_size_in_bytes),
-            "all_gathers": hlo.count("all-gather-start") + hlo.count(" all-gather("),
-            "collective_permutes": hlo.count("collective-permute-start")
-            + hlo.count(" collective-permute(")}
+    cfg = ModelConfig(preset="custom", levels=args.levels, base=args.base, norm="batch")
+    out = memory.measure(cfg, (args.size,) * 3, mesh=MESHES[n_devices], backend=backend,
+                         optimizer="adam", batch=1, hlo=True)
+    hlo = out.pop("hlo")
+    out["all_gathers"] = hlo.count("all-gather-start") + hlo.count(" all-gather(")
+    out["collective_permutes"] = (hlo.count("collective-permute-start")
+                                  + hlo.count(" collective-permute("))
+    return out
+
+
+def _xla_conv_transpose(x, w, precision=None):
+    """What a plain Flax U-Net uses (nnx.ConvTranspose -> lax.conv_transpose). Under GSPMD its
+    weight gradient all-gathers whole activations; halo.conv_transpose is einsum + reshape."""
+    nsp = x.ndim - 2
+    dn = ("NDHWC", "DHWIO", "NDHWC") if nsp == 3 else ("NHWC", "HWIO", "NHWC")
+    flipped = w[(slice(None, None, -1),) * nsp]
+    return jax.lax.conv_transpose(x, flipped.astype(x.dtype), (2,) * nsp, "VALID",
+                                  dimension_numbers=dn, precision=precision)
+
+
+def gspmd_with_xla_upconv_bytes(args, n_devices: int) -> dict:
+    original = halo.conv_transpose
+    halo.conv_transpose = _xla_conv_transpose
+    try:
+        return step_bytes(args, n_devices, "gspmd")
+    finally:
+        halo.conv_transpose = original
 
 
 def step_seconds(args, n_devices: int, backend: str, repeats: int) -> float:
@@ -100,11 +114,15 @@ def main(argv=None) -> dict:
     for P in (8, 64):
         for backend in ("halo", "gspmd"):
             raw["bytes"][f"{backend}_p{P}"] = step_bytes(args, P, backend)
+    raw["bytes"]["gspmd_xla_upconv_p64"] = gspmd_with_xla_upconv_bytes(args, 64)
     ideal = {P: ref["total"] / P for P in (8, 64)}
     out = {
         "halo_over_ideal_p8": raw["bytes"]["halo_p8"]["total"] / ideal[8],
         "halo_over_ideal_p64": raw["bytes"]["halo_p64"]["total"] / ideal[64],
         "gspmd_over_halo_p64": raw["bytes"]["gspmd_p64"]["total"]
+        / raw["bytes"]["halo_p64"]["total"],
+        # the same comparison when the gspmd network uses XLA's transposed conv (plain Flax)
+        "gspmd_xla_upconv_over_halo_p64": raw["bytes"]["gspmd_xla_upconv_p64"]["total"]
         / raw["bytes"]["halo_p64"]["total"],
     }
     if not args.skip_wall:

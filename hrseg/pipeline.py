@@ -12,6 +12,7 @@ notebook stops the pipeline with its cell and error named in one line.
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -121,6 +122,7 @@ def _first_line(source: str) -> str:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CELL_LINE = re.compile(r"Cell In ?\[\d*\], line (\d+)")
 
 
 def describe_failure(run: Run, output: Path, err: BaseException) -> str:
@@ -129,8 +131,13 @@ def describe_failure(run: Run, output: Path, err: BaseException) -> str:
     if isinstance(err, PapermillExecutionError):
         evalue = _ANSI.sub("", str(err.evalue)).strip().splitlines()
         evalue = evalue[-1] if evalue else ""
-        code = _first_line(err.source)
-        return (f"{run.name} failed in cell In [{err.exec_count}] (`{code}`): "
+        where, code = "", _first_line(err.source)
+        # IPython names the failing line of the cell in the first frame: "Cell In[7], line 3"
+        m = _CELL_LINE.search(_ANSI.sub("", "\n".join(err.traceback or [])))
+        lines = (err.source or "").splitlines()
+        if m and 0 < int(m.group(1)) <= len(lines):
+            where, code = f", line {m.group(1)}", lines[int(m.group(1)) - 1].strip()[:80]
+        return (f"{run.name} failed in cell In [{err.exec_count}]{where} (`{code}`): "
                 f"{err.ename}: {evalue} — see {output}")
     what = _ANSI.sub("", str(err)).strip().splitlines()
     return (f"{run.name} failed: {type(err).__name__}: {what[-1] if what else ''} "
@@ -188,18 +195,22 @@ def ensure_phantom(root: str | Path, cases: int, seed: int = 0, shape=None,
                    progress: bool = True) -> str:
     """Make sure ``root`` holds a dataset before a notebook reads it; returns what was done.
 
-    A missing or empty folder gets a phantom (hrseg.phantom.write_dataset); a folder holding
-    our own phantom is brought up to date with these arguments (a no-op when it matches); a
-    folder with any other data (LiTS, MSD) is used as it is and never written to.
+    Only a missing or empty folder gets a phantom (hrseg.phantom.write_dataset). A folder that
+    already holds data — a phantom written with other arguments (e.g. `hrseg phantom --cases
+    24`), LiTS or MSD — is used as it is and never rewritten.
     """
     from hrseg import phantom
     root = Path(root)
-    ours = (root / phantom.MANIFEST).is_file()
-    if root.is_dir() and any(root.iterdir()) and not ours:
+    if root.is_dir() and any(root.iterdir()):
+        manifest = root / phantom.MANIFEST
+        if manifest.is_file():
+            m = json.loads(manifest.read_text())
+            return (f"{root}: using the phantom there ({m.get('cases')} cases, seed "
+                    f"{m.get('seed')}, shape {m.get('shape') or 'full size'})")
         return f"{root}: using the dataset there (not a phantom: left untouched)"
     phantom.write_dataset(root, cases=cases, seed=seed,
                           shape=tuple(shape) if shape else None, progress=progress)
-    return f"{root}: phantom dataset, {cases} cases, seed {seed}, shape {shape or 'full size'}"
+    return f"{root}: phantom written, {cases} cases, seed {seed}, shape {shape or 'full size'}"
 
 
 def results_table(out: str | Path = "runs") -> Path | None:

@@ -90,7 +90,6 @@ class Run:
     path: Path
     cfg: object                 # hrseg.config.Config
     evals: dict[int, dict]      # step -> evaluation metrics (metrics.evaluate_cases)
-    result: dict | None         # result.json of train.train, if the run finished
 
 
 def find_runs(root: str | Path = "runs") -> list[Run]:
@@ -109,9 +108,7 @@ def find_runs(root: str | Path = "runs") -> list[Run]:
                 evals[int(rec.get("step", p.stem.split("_")[1]))] = rec["metrics"]
         if not evals:
             continue
-        res = d / "result.json"
-        runs.append(Run(d.name, d, config.load(cfg_path), evals,
-                        json.loads(res.read_text()) if res.is_file() else None))
+        runs.append(Run(d.name, d, config.load(cfg_path), evals))
     return runs
 
 
@@ -123,6 +120,23 @@ def row_key(cfg) -> tuple[int, int, str]:
                 else f"{'×'.join(map(str, res))} 2D")
     label = f"{res[0]}³" if len(set(res)) == 1 else "×".join(map(str, res))
     return (0, math.prod(res), label)
+
+
+def step_time(run_dir: str | Path) -> float:
+    """Median wall time of the training steps logged in ``metrics.jsonl`` (robust to the
+    compiling first step of each invocation); NaN without a log."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return math.nan
+    times = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue   # a line being written
+        if isinstance(rec.get("step_time_s"), (int, float)):
+            times.append(rec["step_time_s"])
+    return float(np.median(times)) if times else math.nan
 
 
 def recipe(cfg) -> str:
@@ -175,8 +189,7 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
         cfg = runs[0].cfg
         row["devices"] = int(cfg.mesh.data * math.prod(cfg.mesh.spatial))
         row["memory_bytes"] = step_memory(cfg) if memory else math.nan
-        times = [r.result.get("step_time_s") for r in runs if r.result]
-        row["step_time_s"] = mean_std(t for t in times if t is not None)[0]
+        row["step_time_s"] = mean_std(step_time(r.path) for r in runs)[0]
         rows.append(row)
     return rows
 
@@ -256,9 +269,9 @@ def dice_figure(rows: Sequence[dict]):
     labels = [r["resolution"] for r in rows]
     x = np.arange(len(rows))
     for ax, organ in zip(fig.subplots(1, 2, sharey=True), ("tumour", "liver")):
-        for kind, marker in (("per_case", "o"), ("global", "s")):
-            m = f"{organ}_dice_{kind}"
-            ax.errorbar(x, [r[m] for r in rows], yerr=[r[f"{m}_std"] for r in rows],
+        for kind, marker, dx in (("per_case", "o", -0.04), ("global", "s", 0.04)):
+            m = f"{organ}_dice_{kind}"   # dx: side by side where the two coincide
+            ax.errorbar(x + dx, [r[m] for r in rows], yerr=[r[f"{m}_std"] for r in rows],
                         marker=marker, capsize=3, label=f"Dice {kind.replace('_', ' ')}")
         ax.set(title=organ, xticks=x, xticklabels=labels, xlabel="network input",
                ylim=(0, 1))

@@ -722,7 +722,7 @@ NIfTI, so `hrseg view` shows it in napari next to the ground truth.
 cfg_run, graphdef, state, mesh, ckpt_step = train.load_run(run_dir)
 val = data.load_dataset(cfg_run.data).val[:show_cases]
 predict = inference.Predictor(cfg_run, graphdef, mesh)
-predictions = [predict(state, np.asarray(v.image)) for v in val]
+predictions = predict(state, [np.asarray(v.image) for v in val])  # label volumes (X, Y, Z)
 print(f"checkpoint step {ckpt_step}: {len(val)} validation case(s) {[v.id for v in val]}")
 """),
     code("""

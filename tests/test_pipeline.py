@@ -64,7 +64,7 @@ def fake_notebooks(tmp_path, monkeypatch):
         body = ["from pathlib import Path",
                 f"Path(out_dir, 'ran_{name}').write_text(str(x))"]
         if name == "02_halo_correctness":
-            body = ["y = x + 1", "raise ValueError(f'boom {y}')"]
+            body = ["y = x + 1", "z = 2 * y\nraise ValueError(f'boom {y}')"]
         _notebook(nbdir / f"{name}.ipynb", *body, params="x = 0\nout_dir = 'runs'")
     monkeypatch.setattr(pipeline, "notebooks_dir", lambda: nbdir)
     return nbdir
@@ -79,8 +79,8 @@ def test_failure_stops_the_pipeline_naming_notebook_cell_and_error(tmp_path, fak
     assert rc == 1
     assert len(err) == 1, err
     # the injected-parameters cell is In [2], so the failing cell is In [4]
-    assert err[0].startswith("hrseg run: 02_halo_correctness failed in cell In [4]")
-    assert "raise ValueError" in err[0] and "ValueError: boom 2" in err[0]
+    assert err[0].startswith("hrseg run: 02_halo_correctness failed in cell In [4], line 2 "
+                             "(`raise ValueError(f'boom {y}')`): ValueError: boom 2 — see ")
     assert str(out / "02_halo_correctness.ipynb") in err[0]
     assert (out / "ran_01_memory_estimation").read_text() == "1"   # params reached the kernel
     assert (out / "02_halo_correctness.ipynb").is_file()           # kept for inspection
@@ -116,3 +116,21 @@ def test_params_yaml_must_be_a_mapping(tmp_path):
     f.write_text("- 1\n- 2\n")
     with pytest.raises(PipelineError, match="must be a mapping"):
         pipeline.load_params(f)
+
+
+def test_ensure_phantom_writes_only_into_a_missing_or_empty_folder(tmp_path):
+    root = tmp_path / "phantom"
+    assert "phantom written, 1 cases" in pipeline.ensure_phantom(root, 1, 0, (16, 16, 8),
+                                                                 progress=False)
+    assert sorted(p.name for p in root.glob("*.nii.gz")) == ["segmentation-0.nii.gz",
+                                                              "volume-0.nii.gz"]
+    before = {p: p.stat().st_mtime_ns for p in root.iterdir()}
+    # other arguments (e.g. a user's `hrseg phantom --cases 24`): used as is, never rewritten
+    msg = pipeline.ensure_phantom(root, 3, 1, (16, 16, 8), progress=False)
+    assert msg.endswith("using the phantom there (1 cases, seed 0, shape [16, 16, 8])")
+    assert {p: p.stat().st_mtime_ns for p in root.iterdir()} == before
+    lits = tmp_path / "lits"
+    lits.mkdir()
+    (lits / "volume-0.nii").write_bytes(b"not ours")
+    assert "not a phantom: left untouched" in pipeline.ensure_phantom(lits, 2, progress=False)
+    assert [p.name for p in lits.iterdir()] == ["volume-0.nii"]

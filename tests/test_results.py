@@ -9,7 +9,7 @@ import pytest
 from hrseg import config, results, unet
 
 
-def make_run(root, name, resolution, evals, seed=0, dims=3, result=None):
+def make_run(root, name, resolution, evals, seed=0, dims=3, step_times=()):
     """A run directory as train.train leaves it: config.yaml + checkpoints/eval_<step>.json."""
     d = root / name
     (d / "checkpoints").mkdir(parents=True)
@@ -24,8 +24,10 @@ def make_run(root, name, resolution, evals, seed=0, dims=3, result=None):
                    "liver_dice_per_case": liver, "liver_dice_global": liver, "cases": 2}
         (d / "checkpoints" / f"eval_{step:08d}.json").write_text(
             json.dumps({"step": step, "metrics": metrics}))
-    if result is not None:
-        (d / "result.json").write_text(json.dumps(result))
+    if step_times:   # the first step of an invocation compiles: the median ignores it
+        (d / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "loss": 1.0, "step_time_s": t}) + "\n"
+            for i, t in enumerate(step_times)) + json.dumps({"step": 3, "eval": {}}) + "\n")
     return d
 
 
@@ -34,9 +36,9 @@ def runs(tmp_path):
     root = tmp_path / "runs"
     # 64³: two seeds; the last 2 evaluations of each count -> tumour 0.5, 0.7, 0.6, 0.8
     make_run(root, "r64_s0", (64, 64, 64), {10: (0.0, 0.1), 20: (0.5, 0.9), 30: (0.7, 0.9)},
-             result={"step_time_s": 2.0})
+             step_times=[30.0, 2.0, 2.0])
     make_run(root, "r64_s1", (64, 64, 64), {20: (0.6, 0.8), 30: (0.8, 1.0)}, seed=1,
-             result={"step_time_s": 4.0})
+             step_times=[30.0, 4.0, 4.0])
     # 32³: one run, one evaluation -> no ± ; a NaN (no tumour anywhere) is left out
     make_run(root, "r32", (32, 32, 32), {5: (0.25, 0.5)})
     make_run(root, "r32_nan", (32, 32, 32), {5: (math.nan, 0.7)})
@@ -73,7 +75,7 @@ def test_collect_groups_by_resolution_and_averages_last_checkpoints(runs):
     assert r32["tumour_dice_per_case"] == pytest.approx(0.25)     # NaN left out ...
     assert r32["tumour_dice_per_case_n"] == 1                      # ... and not counted
     assert r32["liver_dice_per_case"] == pytest.approx(0.6)       # (0.5 + 0.7) / 2
-    assert math.isnan(r32["step_time_s"])                          # no result.json
+    assert math.isnan(r32["step_time_s"])                          # no metrics.jsonl
 
 
 def test_display_table_and_files(runs, tmp_path):
