@@ -23,11 +23,18 @@ logging.getLogger("absl").setLevel(logging.WARNING)
 class Checkpoints:
     """The TrainState checkpoints of one run directory."""
 
-    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        """``read_only``: to list or restore (evaluation, inspection) without touching the
+        folder. A writer removes the unfinished ``*.orbax-checkpoint-tmp*`` folders of a killed
+        run in the background; two writers on one folder would race on that."""
         self.directory = Path(directory).absolute()
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"no checkpoint folder {self.directory}")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max(int(keep), 1), create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save)
+            max_to_keep=max(int(keep), 1), create=not read_only,
+            cleanup_tmp_directories=not read_only, read_only=read_only,
+            enable_async_checkpointing=async_save and not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest(self) -> int | None:

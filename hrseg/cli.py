@@ -1,4 +1,4 @@
-"""The ``hrseg`` command: phantom, verify, train, evaluate, predict, memory, run, view.
+"""The ``hrseg`` command: phantom, verify, train, evaluate, predict, run, table, memory, view.
 
 Entry points stay short: each subcommand parses its arguments and calls one public function of
 the module that owns the work. Errors a user can fix print one line and exit 2.
@@ -68,6 +68,19 @@ def _run(args) -> int:
               f"{table.with_suffix('.png').name}; figures in {table.parent}/)")
     else:
         print(f"executed notebooks in {args.out}/ (no results table: run 05_results_table)")
+    return 0
+
+
+def _table(args) -> int:
+    from hrseg import results
+    rows = results.collect(args.runs_dir, last=args.last)
+    if not rows:
+        print(f"hrseg table: error: no run with an evaluation under {args.runs_dir} "
+              "(run directories with config.yaml and checkpoints/eval_*.json)", file=sys.stderr)
+        return 2
+    paths = results.write_table(rows, args.out or f"{args.runs_dir}/results", args.title)
+    print(paths["md"].read_text().strip())
+    print(f"\nresults table: {paths['md']} (also {paths['csv'].name}, {paths['png'].name})")
     return 0
 
 
@@ -141,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs", help="executed notebooks, figures and tables")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_run)
+
+    s = sub.add_parser("table", help="paper-style Dice table of the runs in a folder")
+    s.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run directories, e.g. runs")
+    s.add_argument("--last", type=int, default=3, help="evaluations (checkpoints) per run")
+    s.add_argument("--out", help="where results.{md,csv,png} go (default: RUNS_DIR/results)")
+    s.add_argument("--title", help="heading of the table")
+    s.set_defaults(func=_table)
 
     s = sub.add_parser("memory", help="plan a mesh + memory techniques for a per-device budget")
     s.add_argument("--resolution", type=int, nargs="+", default=[512],

@@ -179,19 +179,24 @@ def _merge(base: dict, over: dict) -> dict:
     return merged
 
 
+def read_mapping(path: str | Path, what: str = "keys") -> dict:
+    """A YAML file whose top level is a mapping (empty file: ``{}``); a missing file, bad YAML
+    or another top level is a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of {what}")
+    return raw
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML run config (missing keys keep their defaults) and apply ``--set`` items."""
-    raw = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of sections")
+    raw = {} if path is None else read_mapping(path, "sections")
     raw = _merge(raw, parse_overrides(overrides))
     try:
         return from_dict(raw)

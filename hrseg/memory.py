@@ -9,9 +9,10 @@ keeps (the model code decides this, see layers.py / norm.py):
 * depthwise outputs, pooled tensors and skip concatenations (inputs of the next conv);
 * the float32 logits and log-probabilities of the loss;
 
-plus float32 parameters, their gradients, the optimizer state (``optimizer.init`` on shapes),
+plus float32 parameters, their gradients (twice on a mesh: the all-reduce's input and output),
+the optimizer state (``optimizer.init`` on shapes),
 BatchNorm statistics, the input shard, and the backward pass's working set (the two largest
-gradients in flight, and the staged halo gradients of the largest conv input). ``measure`` compiles
+gradients in flight, and the padded halo buffers of the largest conv's backward). ``measure`` compiles
 the real step (step.make_train_step) on ShapeDtypeStructs: nothing is allocated, so a 512³
 step on 512 fake CPU devices compiles on a laptop.
 """
@@ -146,18 +147,14 @@ def tensors(model, model_cfg: ModelConfig, local_batch_shape, dt) -> list[Tensor
     return out
 
 
-def _halo_staging(acts, ms) -> int:
-    """Backward of the largest halo exchange: halo.py pads one split dim after the other, and
-    each stage's gradient (the padded slab and the sum with the neighbours' margins) is a
-    full-size buffer — two per stage."""
+def _halo_staging(acts) -> int:
+    """Backward of the largest halo conv (halo._conv_bwd): the re-exchanged padded input (for
+    the weight gradient) and the padded input gradient whose margins go back to the
+    neighbours — two buffers one voxel wider on each side of every spatial dim (3³ kernels),
+    alive beside the workspace's two full-size gradients."""
     big = max((t for t in acts if not t.name.endswith(".mask")), key=lambda t: t.bytes)
     B, *S, C = big.shape
-    total, size = 0, list(S)
-    for d, n in enumerate(ms[1:len(S) + 1]):
-        if n > 1:
-            size[d] += 2  # one voxel from each neighbour (3³ kernels)
-            total += 2 * math.prod(size) * B * C * big.itemsize
-    return total
+    return 2 * B * math.prod(s + 2 for s in S) * C * big.itemsize
 
 
 def _tree_bytes(tree) -> int:
@@ -193,12 +190,15 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     acts = tensors(model, model_cfg, lead + (shape[-1],), dt)
     saved = sum(t.bytes for t in acts)
     largest = max(t.bytes for t in acts if t.name not in ("logits", "log_probs"))
-    halo_bytes = _halo_staging(acts, ms) if backend == "halo" else 0
+    split = backend == "halo" and math.prod(ms[1:]) > 1
+    halo_bytes = _halo_staging(acts) if split else 0
     p = _tree_bytes(params)
     out = {
         "mesh": ms, "local_shape": lead + (shape[-1],), "policy": pol.name,
         "params": unet.param_count(model), "param_bytes": p,
         "gradient_bytes": p,
+        # the gradients' all-reduce over the mesh: its input and its output are both alive
+        "allreduce_bytes": p if math.prod(ms) > 1 else 0,
         "optimizer_bytes": _tree_bytes(opt_state),
         "state_bytes": _tree_bytes(nnx.state(model, nnx.Not(nnx.Param))),
         "input_bytes": math.prod(lead) * (shape[-1] * 4 + 4),  # float32 image + int32 labels
@@ -207,7 +207,8 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
         "halo_bytes": halo_bytes,
         "layers": [t.__dict__ | {"bytes": t.bytes} for t in acts],
     }
-    out["total"] = sum(out[k] for k in ("param_bytes", "gradient_bytes", "optimizer_bytes",
+    out["total"] = sum(out[k] for k in ("param_bytes", "gradient_bytes", "allreduce_bytes",
+                                        "optimizer_bytes",
                                         "state_bytes", "input_bytes", "activation_bytes",
                                         "workspace_bytes", "halo_bytes"))
     return out

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
+from hrseg.config import read_mapping
 
 NOTEBOOKS = ("01_memory_estimation", "02_halo_correctness", "03_augmentation", "04_train",
              "05_results_table")
@@ -92,14 +92,10 @@ def discover(params_dir: str | Path, only: list[str] | None = None) -> list[Run]
 
 def load_params(path: str | Path) -> dict:
     """The papermill parameters of one run: the YAML's top-level mapping."""
-    path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: the top level must be a mapping of notebook parameters")
-    return raw
+        return read_mapping(path, "notebook parameters")
+    except (OSError, ValueError) as e:
+        raise PipelineError(str(e)) from None
 
 
 def check_params(notebook: Path, params: dict, params_file: Path) -> None:

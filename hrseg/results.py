@@ -167,7 +167,8 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
 
     Keys: ``resolution`` (label), ``runs`` (names), ``n`` (evaluations averaged), for each of
     METRICS ``<metric>`` (mean), ``<metric>_std``, ``<metric>_n``; ``devices``,
-    ``memory_bytes`` (per device, NaN when ``memory`` is off) and ``step_time_s``.
+    ``memory_bytes`` (per device, NaN when ``memory`` is off), ``step_time_s`` (median per
+    run, mean over runs) and ``voxels_per_s``.
     """
     if last < 1:
         raise ValueError(f"last must be >= 1 evaluations per run, got {last}")
@@ -190,6 +191,9 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
         row["devices"] = int(cfg.mesh.data * math.prod(cfg.mesh.spatial))
         row["memory_bytes"] = step_memory(cfg) if memory else math.nan
         row["step_time_s"] = mean_std(step_time(r.path) for r in runs)[0]
+        # network input voxels per second (a 2D step sees `batch` slices)
+        row["voxels_per_s"] = (cfg.train.batch * math.prod(cfg.data.resolution)
+                               / row["step_time_s"])
         rows.append(row)
     return rows
 
@@ -207,6 +211,8 @@ def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
         d["Memory / device"] = "–" if math.isnan(mem) else _bytes(mem)
         t = r.get("step_time_s", math.nan)
         d["Step time"] = "–" if t is None or math.isnan(t) else f"{t:.2f} s"
+        v = r.get("voxels_per_s", math.nan)
+        d["Voxels/s"] = "–" if v is None or math.isnan(v) else f"{v:.3g}"
         out.append(d)
     return out
 
@@ -256,7 +262,7 @@ def write_table(rows: Sequence[dict], out_dir: str | Path, title: str | None = N
     csv_rows = [{**r, "runs": " ".join(r["runs"])} for r in rows]
     columns = ["resolution", "runs", "n"] + [k for m in METRICS
                                              for k in (m, f"{m}_std", f"{m}_n")] + [
-        "devices", "memory_bytes", "step_time_s"]
+        "devices", "memory_bytes", "step_time_s", "voxels_per_s"]
     write_csv(csv_rows, out / "results.csv", columns)
     viz.save(table_figure(rows, title), out / "results.png")
     return {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}

@@ -311,7 +311,7 @@ def load_run(run_dir: str | Path, step_no: int | None = None):
             cfg.mesh, backend="none", spatial=(1, 1, 1), data=1, distributed=False))
     mesh = partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data)
     graphdef, state, _ = build(cfg, mesh)
-    ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", async_save=False)
+    ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", read_only=True)
     step_no = ckpts.latest() if step_no is None else step_no
     if step_no is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint in {ckpts.directory}")

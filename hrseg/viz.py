@@ -166,6 +166,16 @@ def montage_indices(shape, labels=None, axis: int = 2, n: int = 6) -> list[int]:
     return out
 
 
+def _finish(fig, handles, title):
+    """The legend under the panels (when there is one) and the title."""
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9,
+                   frameon=False)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
 def _legend_handles(labels, prediction, style):
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -214,13 +224,7 @@ def montage(volume, labels=None, prediction=None, axis: int = 2, n: int = 6, win
         ax.imshow(render_slice(volume, labels, prediction, axis, i, width, level, style=style),
                   aspect=aspect, interpolation="nearest")
         ax.set_title(f"{AXIS_NAMES[axis]} {AXIS_LETTERS[axis]}={i}", fontsize=9)
-    handles = _legend_handles(labels, prediction, style)
-    if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9,
-                   frameon=False)
-    if title:
-        fig.suptitle(title)
-    return fig
+    return _finish(fig, _legend_handles(labels, prediction, style), title)
 
 
 def difference_figure(before, after, labels_before=None, labels_after=None, axis: int = 2,
@@ -263,14 +267,8 @@ def difference_figure(before, after, labels_before=None, labels_after=None, axis
     fig.colorbar(im, ax=axes[2], shrink=0.8)
     for ax in axes:
         ax.set_axis_off()
-    handles = _legend_handles(labels_after if labels_after is not None else labels_before,
-                              None, "contour")
-    if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9,
-                   frameon=False)
-    if title:
-        fig.suptitle(title)
-    return fig
+    return _finish(fig, _legend_handles(labels_after if labels_after is not None else labels_before,
+                                        None, "contour"), title)
 
 
 def save(fig, path, dpi: int = 120) -> Path:

@@ -31,9 +31,15 @@ def test_estimate_parts_and_errors():
     est = memory.estimate(cfg, (16, 24, 32), (1, 2, 2, 2), batch=2)
     assert est["local_shape"] == (2, 8, 12, 16, 1) and est["params"] == 4760
     assert est["param_bytes"] == est["gradient_bytes"] == 4760 * 4
-    assert est["halo_bytes"] > 0
+    # backward of the largest halo conv: two padded buffers, one voxel more on every side
+    big = max(t["bytes"] for t in est["layers"] if not t["name"].endswith(".mask"))
+    assert est["halo_bytes"] == 2 * big * (10 * 14 * 18) // (8 * 12 * 16)
+    assert est["allreduce_bytes"] == est["gradient_bytes"]       # all-reduce in and out
+    one = memory.estimate(cfg, (16, 24, 32), (1, 1, 1, 1), batch=2)
+    assert one["halo_bytes"] == one["allreduce_bytes"] == 0      # nothing to exchange or reduce
     assert est["total"] == sum(est[k] for k in ("param_bytes", "gradient_bytes",
-                                                "optimizer_bytes", "state_bytes",
+                                                "allreduce_bytes", "optimizer_bytes",
+                                                "state_bytes",
                                                 "input_bytes", "activation_bytes",
                                                 "workspace_bytes", "halo_bytes"))
     bf16 = memory.estimate(cfg, (16, 24, 32), (1, 2, 2, 2), "bf16", batch=2)

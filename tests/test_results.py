@@ -71,6 +71,7 @@ def test_collect_groups_by_resolution_and_averages_last_checkpoints(runs):
     # liver per case: mean(0.9, 0.9, 0.8, 1.0) = 0.9; std = sqrt(0.02 / 3)
     assert r64["liver_dice_per_case_std"] == pytest.approx(math.sqrt(0.02 / 3))
     assert r64["step_time_s"] == pytest.approx(3.0)
+    assert r64["voxels_per_s"] == pytest.approx(config.Config().train.batch * 64 ** 3 / 3.0)
     r32 = rows[0]
     assert r32["tumour_dice_per_case"] == pytest.approx(0.25)     # NaN left out ...
     assert r32["tumour_dice_per_case_n"] == 1                      # ... and not counted
@@ -120,3 +121,14 @@ def test_no_runs_gives_an_empty_table(tmp_path):
 def test_markdown_table_formats_nan_and_floats():
     md = results.markdown_table([{"a": 1.23456, "b": math.nan, "c": "x"}], floatfmt=".2f")
     assert md.splitlines()[2] == "| 1.23 | – | x |"
+
+
+def test_cli_table_writes_the_files_and_refuses_an_empty_folder(runs, tmp_path, capsys):
+    from hrseg import cli
+    assert cli.main(["table", str(runs), "--last", "2", "--out", str(tmp_path / "t")]) == 0
+    out = capsys.readouterr().out
+    assert "| 64³ | 0.650 ± 0.129 | 0.750 ± 0.129 |" in out
+    assert (tmp_path / "t" / "results.csv").is_file()
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["table", str(tmp_path / "empty")]) == 2
+    assert "no run with an evaluation under" in capsys.readouterr().err

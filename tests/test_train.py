@@ -95,7 +95,7 @@ def test_train_writes_the_run_directory(trained):
     assert [r["step"] for r in steps] == list(range(1, cfg.train.steps + 1))
     assert all(math.isfinite(r["loss"]) and r["voxels_per_s"] > 0 for r in steps)
     assert any("eval" in r for r in lines)
-    ckpts = checkpoint.Checkpoints(run / "checkpoints")
+    ckpts = checkpoint.Checkpoints(run / "checkpoints", read_only=True)
     assert ckpts.latest() == cfg.train.steps
     assert len(ckpts.steps()) <= cfg.train.keep_ckpts
     evals = ckpts.evals()
@@ -144,7 +144,7 @@ def test_resume_after_sigkill_is_bit_identical(dataset, tmp_path):
     proc = subprocess.run([sys.executable, "-c", CHILD, "5", str(SMOKE), *args],
                           check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    ckpts = checkpoint.Checkpoints(tmp_path / "killed" / "checkpoints")
+    ckpts = checkpoint.Checkpoints(tmp_path / "killed" / "checkpoints", read_only=True)
     newest = ckpts.latest()
     ckpts.close()
     assert newest in (2, 4)                   # step 4's async save may not have finished
@@ -175,7 +175,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(dataset, tmp_path, m
                 "train.eval_every=-1")
     with pytest.raises(FloatingPointError, match=r"step 3: the loss is nan.*checkpoint is step 2"):
         train.train(cfg, progress=False)
-    ckpts = checkpoint.Checkpoints(tmp_path / "nan" / "checkpoints")
+    ckpts = checkpoint.Checkpoints(tmp_path / "nan" / "checkpoints", read_only=True)
     assert ckpts.latest() == 2
     ckpts.close()
 

@@ -23,3 +23,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "multidevice" in str(item.fspath):
             item.add_marker(skip)
+
+
+SMOKE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "params", "smoke",
+                            "train_smoke.yaml")
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """4 tiny phantom cases shared by the training tests of this process."""
+    from hrseg import phantom
+    root = tmp_path_factory.mktemp("phantom")
+    phantom.write_dataset(root, cases=4, seed=0, shape=(40, 40, 24))
+    return root
+
+
+@pytest.fixture(scope="session")
+def losses_of():
+    """``losses_of(run_dir)`` -> the training loss of every step in its metrics.jsonl."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    def read(run_dir):
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        return np.array([r["loss"] for r in map(json.loads, lines) if "loss" in r])
+    return read

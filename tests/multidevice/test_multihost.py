@@ -10,18 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hrseg import config, phantom, train
+from hrseg import config, train
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
 TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    phantom.write_dataset(root, cases=4, seed=0, shape=(40, 40, 24))
-    return root
 
 
 def _free_port() -> int:
@@ -30,12 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _losses(run_dir):
-    lines = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return np.array([r["loss"] for r in lines if "loss" in r])
-
-
-def test_two_processes_match_one(dataset, tmp_path):
+def test_two_processes_match_one(dataset, losses_of, tmp_path):
     over = [f"data.root={dataset}", f"data.cache_dir={dataset}/cache",
             f"train.out_dir={tmp_path}", "train.steps=6", "train.batch=2",
             "train.ckpt_every=3", "train.eval_every=0", "mesh.backend=halo",
@@ -65,8 +53,8 @@ def test_two_processes_match_one(dataset, tmp_path):
         assert p.returncode == 0, f"process {i}:\n{err[-4000:]}"
         assert f"process {i}/2 loads batch rows {i}-{i} of 2" in err   # only its half
 
-    two = _losses(tmp_path / "two")
-    np.testing.assert_allclose(two, _losses(ref.run_dir), rtol=2e-6, atol=0)  # measured 1.2e-7
+    two = losses_of(tmp_path / "two")
+    np.testing.assert_allclose(two, losses_of(ref.run_dir), rtol=2e-6, atol=0)  # measured 1.2e-7
     evals = json.loads((tmp_path / "two" / "result.json").read_text())["eval"]
     for k, v in ref.eval.items():
         if isinstance(v, float) and np.isfinite(v):
