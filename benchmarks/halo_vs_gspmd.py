@@ -30,6 +30,7 @@ from hrseg import halo, losses, memory, partition, step, unet  # noqa: E402
 from hrseg.config import ModelConfig  # noqa: E402
 
 MESHES = {1: (1, 1, 1), 8: (2, 2, 2), 64: (4, 4, 4)}
+LOSS = ("dice_ce", (1.0, 8.0, 16.0))  # the training loss (params/train_*.yaml), class weights
 
 
 def _setup(args, n_devices):
@@ -38,14 +39,15 @@ def _setup(args, n_devices):
     opt = optax.adam(1e-3)
     graphdef, state = step.init_state(model, opt)
     mesh = partition.make_mesh(MESHES[n_devices], devices=jax.devices()[:n_devices])
-    loss_fn = losses.get("dice_ce", (1.0, 8.0, 16.0))
+    loss_fn = losses.get(*LOSS)
     return graphdef, state, opt, mesh, loss_fn
 
 
 def step_bytes(args, n_devices: int, backend: str) -> dict:
     cfg = ModelConfig(preset="custom", levels=args.levels, base=args.base, norm="batch")
     out = memory.measure(cfg, (args.size,) * 3, mesh=MESHES[n_devices], backend=backend,
-                         optimizer="adam", batch=1, hlo=True)
+                         optimizer="adam", batch=1, hlo=True,
+                         loss_fn=losses.get(*LOSS))
     hlo = out.pop("hlo")
     out["all_gathers"] = hlo.count("all-gather-start") + hlo.count(" all-gather(")
     out["collective_permutes"] = (hlo.count("collective-permute-start")
@@ -53,19 +55,9 @@ def step_bytes(args, n_devices: int, backend: str) -> dict:
     return out
 
 
-def _xla_conv_transpose(x, w, precision=None):
-    """What a plain Flax U-Net uses (nnx.ConvTranspose -> lax.conv_transpose). Under GSPMD its
-    weight gradient all-gathers whole activations; halo.conv_transpose is einsum + reshape."""
-    nsp = x.ndim - 2
-    dn = ("NDHWC", "DHWIO", "NDHWC") if nsp == 3 else ("NHWC", "HWIO", "NHWC")
-    flipped = w[(slice(None, None, -1),) * nsp]
-    return jax.lax.conv_transpose(x, flipped.astype(x.dtype), (2,) * nsp, "VALID",
-                                  dimension_numbers=dn, precision=precision)
-
-
 def gspmd_with_xla_upconv_bytes(args, n_devices: int) -> dict:
     original = halo.conv_transpose
-    halo.conv_transpose = _xla_conv_transpose
+    halo.conv_transpose = halo.conv_transpose_xla  # what a plain Flax U-Net runs
     try:
         return step_bytes(args, n_devices, "gspmd")
     finally:

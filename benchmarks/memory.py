@@ -12,7 +12,9 @@ Each part runs in its own process with the fake-device count it needs (PM3: 512)
        same architecture. Ratios use the step's temp bytes (activations, gradients, workspace),
        which partitioning divides; arguments (replicated parameters and optimizer state) are
        listed beside them. Target: ratio ≤ 1.10 at P = 8 and 64; P = 1 ≤ 1.05 × plain flax.
-* PM2  gspmd backend / halo backend per-device total at P = 64. Target ≥ 5.
+* PM2  gspmd backend / halo backend per-device total at P = 64. Target ≥ 5. Both run the same
+       model code, whose up-sampling is einsum + reshape; pm2_gspmd_xla_upconv_over_halo_p64
+       is GSPMD on lax.conv_transpose instead (what nnx.ConvTranspose runs).
 * PM3  paper(512) bf16, batch 8, 2 (data) × 4×8×8 (spatial) = 512 devices: per-device total
        (target ≤ 16 GiB) and |estimate − measured| / measured (target ≤ 10 %); the same in
        fp32 (pm3_estimate_error_fp32), where XLA:CPU compiles the dtype as asked.
@@ -104,9 +106,18 @@ def pm2(args) -> dict:
     from hrseg import memory, unet
     cfg = unet.preset("mtf")
     s = args.pm1_size
+    from hrseg import halo
     out = {b: memory.measure(cfg, (1, s, s, s, 1), (4, 4, 4), backend=b)
            for b in ("halo", "gspmd")}
-    out["gspmd_over_halo_p64"] = round(out["gspmd"]["total"] / out["halo"]["total"], 3)
+    original = halo.conv_transpose   # GSPMD on what a plain Flax U-Net runs (lax.conv_transpose)
+    halo.conv_transpose = halo.conv_transpose_xla
+    try:
+        out["gspmd_xla_upconv"] = memory.measure(cfg, (1, s, s, s, 1), (4, 4, 4),
+                                                 backend="gspmd")
+    finally:
+        halo.conv_transpose = original
+    for k in ("gspmd", "gspmd_xla_upconv"):
+        out[f"{k}_over_halo_p64"] = round(out[k]["total"] / out["halo"]["total"], 3)
     return out
 
 
@@ -147,6 +158,7 @@ SUMMARY = {  # summary key -> (part, key in the part's result)
     "pm1_ratio_p8": ("pm1", "ratio_p8"), "pm1_ratio_p64": ("pm1", "ratio_p64"),
     "pm1_p1_vs_plain": ("pm1", "p1_vs_plain"),
     "pm2_gspmd_over_halo_p64": ("pm2", "gspmd_over_halo_p64"),
+    "pm2_gspmd_xla_upconv_over_halo_p64": ("pm2", "gspmd_xla_upconv_over_halo_p64"),
     "pm3_bytes_per_device": ("pm3", "bytes_per_device"),
     "pm3_estimate_error": ("pm3", "estimate_error"),
     "pm3_estimate_error_fp32": ("pm3", "estimate_error_fp32"),

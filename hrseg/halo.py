@@ -249,6 +249,17 @@ def conv_transpose(x, w, precision=None):
     return y.reshape(B, *(2 * s for s in S), w.shape[-1])
 
 
+def conv_transpose_xla(x, w, precision=None):
+    """:func:`conv_transpose` through ``lax.conv_transpose`` (what ``nnx.ConvTranspose`` runs),
+    equal up to float rounding. For comparisons only (benchmarks): under GSPMD its weight
+    gradient all-gathers whole activations."""
+    nsp = x.ndim - 2
+    dn = ("NDHWC", "DHWIO", "NDHWC") if nsp == 3 else ("NHWC", "HWIO", "NHWC")
+    flipped = w[(slice(None, None, -1),) * nsp].astype(x.dtype)
+    return lax.conv_transpose(x, flipped, (2,) * nsp, "VALID", dimension_numbers=dn,
+                              precision=precision)
+
+
 def moments(x, axes: Sequence[int] | None = None, mesh_axes: Sequence[str] = ALL):
     """Mean and (biased) variance over array ``axes`` of the *global* tensor, in float32.
 

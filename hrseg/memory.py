@@ -252,16 +252,19 @@ def make_mesh(mesh):
 
 def measure(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
             optimizer: str = "adafactor", batch: int | None = None, in_channels: int = 1,
-            backend: str = "halo", model_fn=None, hlo: bool = False) -> dict:
+            backend: str = "halo", model_fn=None, hlo: bool = False, loss_fn=None) -> dict:
     """Compile the real training step on ShapeDtypeStructs; per-device bytes from XLA.
 
     ``total = argument + output − alias + temp`` (the state is donated, so outputs alias).
+    ``loss_fn(logits, labels)``: default :func:`cross_entropy`; a run's loss is
+    ``losses.get(name, weights)``.
     """
     pol = precision.policy(policy or model_cfg.precision)
     model_cfg = _with_precision(model_cfg, pol.name)
     shape = _batch_shape(model_cfg, input_shape, batch, in_channels)
     m = make_mesh((1, 1, 1) if backend == "none" else mesh)
-    fn, args = abstract_step(model_cfg, shape, m, backend, optimizer, model_fn=model_fn)
+    fn, args = abstract_step(model_cfg, shape, m, backend, optimizer, loss_fn=loss_fn,
+                             model_fn=model_fn)
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     ma = compiled.memory_analysis()
