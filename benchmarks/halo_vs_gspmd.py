@@ -17,17 +17,17 @@ if "jax" not in sys.modules:  # fake devices must be requested before jax is imp
                                + " --xla_force_host_platform_device_count=64").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import time
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import numpy as np
+import optax
+from flax import nnx
 
-from hrseg import halo, losses, memory, partition, step, unet  # noqa: E402
-from hrseg.config import ModelConfig  # noqa: E402
+from hrseg import halo, losses, memory, partition, step, unet
+from hrseg.config import ModelConfig
 
 MESHES = {1: (1, 1, 1), 8: (2, 2, 2), 64: (4, 4, 4)}
 LOSS = ("dice_ce", (1.0, 8.0, 16.0))  # the training loss (params/train_*.yaml), class weights

@@ -135,8 +135,9 @@ def _coerce(tp, value, where: str):
 
 def _build(cls, raw: dict, prefix: str):
     if not isinstance(raw, dict):
-        raise ValueError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
-                         f"got {type(raw).__name__}")
+        raise ValueError(  # noqa: TRY004 (a bad config value: one-line error like the others)
+            f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
+            f"got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -190,7 +191,7 @@ def read_mapping(path: str | Path, what: str = "keys") -> dict:
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of {what}")
+        raise ValueError(f"{path}: the top level must be a mapping of {what}")  # noqa: TRY004
     return raw
 
 

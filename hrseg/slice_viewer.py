@@ -6,8 +6,16 @@ import io
 
 import numpy as np
 
-from hrseg.viz import (AXIS_LETTERS, AXIS_NAMES, default_window, display_spacing,
-                       interesting_index, render_slice, window_to_level)
+from hrseg.viz import (
+    AXIS_LETTERS,
+    AXIS_NAMES,
+    default_window,
+    display_spacing,
+    interesting_index,
+    render_slice,
+    window_to_level,
+)
+
 
 def upsample(rgb: np.ndarray, pixel_mm=(1.0, 1.0), min_size: int = 384) -> np.ndarray:
     """Nearest-neighbour resize of a rendered slice: true aspect ratio from the (row, column)

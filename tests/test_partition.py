@@ -1,4 +1,6 @@
 """partition.py on one device: specs, divisibility errors, mesh errors."""
+import typing
+
 import jax
 import numpy as np
 import pytest
@@ -26,7 +28,7 @@ def test_make_mesh_errors_name_the_counts():
 
 
 class FakeMesh:  # check_divisible reads only mesh.shape
-    shape = {"data": 2, "x": 4, "y": 2, "z": 1}
+    shape: typing.ClassVar[dict] = {"data": 2, "x": 4, "y": 2, "z": 1}
 
 
 def test_check_divisible_names_axis_size_and_nearest():

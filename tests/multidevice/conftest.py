@@ -11,8 +11,8 @@ if "jax" not in sys.modules:
                                + " --xla_force_host_platform_device_count=8").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):
