@@ -10,11 +10,11 @@ keeps (the model code decides this, see layers.py / norm.py):
 * the float32 logits and log-probabilities of the loss;
 
 plus float32 parameters, their gradients (twice on a mesh: the all-reduce's input and output),
-the optimizer state (``optimizer.init`` on shapes),
-BatchNorm statistics, the input shard, and the backward pass's working set (the two largest
-gradients in flight, and the padded halo buffers of the largest conv's backward). ``measure`` compiles
-the real step (step.make_train_step) on ShapeDtypeStructs: nothing is allocated, so a 512³
-step on 512 fake CPU devices compiles on a laptop.
+the optimizer state (``optimizer.init`` on shapes), BatchNorm statistics, the input shard, and
+the backward pass's working set (the two largest gradients in flight, and the padded halo
+buffers of the largest conv's backward). ``measure`` compiles the real step
+(step.make_train_step) on ShapeDtypeStructs: nothing is allocated, so a 512³ step on 512 fake
+CPU devices compiles on a laptop.
 """
 from __future__ import annotations
 
@@ -208,9 +208,8 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
         "layers": [t.__dict__ | {"bytes": t.bytes} for t in acts],
     }
     out["total"] = sum(out[k] for k in ("param_bytes", "gradient_bytes", "allreduce_bytes",
-                                        "optimizer_bytes",
-                                        "state_bytes", "input_bytes", "activation_bytes",
-                                        "workspace_bytes", "halo_bytes"))
+                                        "optimizer_bytes", "state_bytes", "input_bytes",
+                                        "activation_bytes", "workspace_bytes", "halo_bytes"))
     return out
 
 

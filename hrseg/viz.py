@@ -267,8 +267,8 @@ def difference_figure(before, after, labels_before=None, labels_after=None, axis
     fig.colorbar(im, ax=axes[2], shrink=0.8)
     for ax in axes:
         ax.set_axis_off()
-    return _finish(fig, _legend_handles(labels_after if labels_after is not None else labels_before,
-                                        None, "contour"), title)
+    shown = labels_after if labels_after is not None else labels_before
+    return _finish(fig, _legend_handles(shown, None, "contour"), title)
 
 
 def save(fig, path, dpi: int = 120) -> Path:
