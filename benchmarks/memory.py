@@ -6,9 +6,10 @@
 Memory is the compiled step's ``memory_analysis()`` per device (argument + output − alias +
 temp) on ShapeDtypeStructs: nothing is allocated, so 512 fake CPU devices compile on a laptop.
 Each part runs in its own process with the fake-device count it needs (PM3: 512).
-``--memory-scheduler`` compiles with XLA:CPU's memory-minimizing scheduler: the default one
-favours concurrency and runs backward-only work (activation derivatives, transposed copies for
-weight gradients) right after the forward op, which hides in-place ABN's saving.
+``--memory-scheduler`` compiles with XLA:CPU's memory-minimizing scheduler instead of the default
+concurrency-optimized one, for comparison. (The default one runs backward-only work as early as
+its inputs allow; the model code ties that work to the incoming gradient — halo.after — so it
+stays in the backward pass under either.)
 
 * PM1  mtf() 3D U-Net at 128³, batch 1: P ∈ {1, 8, 64} spatial devices (halo backend), and
        a plain single-device flax U-Net (nnx.Conv / nnx.BatchNorm / nnx.ConvTranspose) of the
@@ -21,8 +22,12 @@ weight gradients) right after the forward op, which hides in-place ABN's saving.
 * PM3  paper(512) bf16, batch 8, 2 (data) × 4×8×8 (spatial) = 512 devices: per-device total
        (target ≤ 16 GiB) and |estimate − measured| / measured (target ≤ 10 %); the same in
        fp32 (pm3_estimate_error_fp32), where XLA:CPU compiles the dtype as asked.
+       pm3_activation_error: the estimate's activations against what ``jax.vjp`` saves on one
+       device's block (memory.residuals), which no compiler schedule changes.
 * PM4  Wang ablation (wang_baseline, single device, batch 1, Adam) at 96³ and 256×256×152:
        params and memory per row; all techniques ≤ 35 % of baseline memory, params ≤ 30 %.
+       pm4_memory_fraction is XLA:CPU's compiled figure; pm4_traced_fraction counts the
+       activations as what ``jax.vjp`` saves (hrseg/ablation.py says why the two differ).
 """
 from __future__ import annotations
 
@@ -127,15 +132,20 @@ def pm3(args) -> dict:
     mesh = (2,) + split
     out = {"mesh": mesh}
     # bf16 is the target; fp32 cross-checks the estimate where XLA:CPU keeps the dtype (it
-    # computes bf16 convolutions in float32 and keeps both copies, an accelerator does not)
+    # computes bf16 convolutions in float32, an accelerator does not)
     for pol, suffix in (("bf16", ""), ("fp32", "_fp32")):
         est = memory.estimate(cfg, (512,) * 3, mesh, pol, batch=8)
         meas = memory.measure(cfg, (512,) * 3, mesh, pol, batch=8)
+        # what jax.vjp saves on one device's block (the halo conv keeps its unpadded input)
+        traced = memory.residuals(cfg, est["local_shape"], pol)["bytes"]
         est.pop("layers")
         out.update({"params": est["params"], f"estimate{suffix}": est, f"measured{suffix}": meas,
                     f"bytes_per_device{suffix}": meas["total"],
                     f"estimate_error{suffix}": round(abs(est["total"] - meas["total"])
-                                                     / meas["total"], 3)})
+                                                     / meas["total"], 3),
+                    f"traced_activation_bytes{suffix}": traced,
+                    f"activation_error{suffix}": round(abs(est["activation_bytes"] - traced)
+                                                       / traced, 4)})
     return out
 
 
@@ -149,6 +159,7 @@ def pm4(args) -> dict:
     last = out["256×256×152"][-1]
     out["memory_fraction"] = last["measured_fraction"]
     out["estimate_fraction"] = last["estimate_fraction"]
+    out["traced_fraction"] = last["traced_fraction"]
     out["param_fraction"] = last["params_fraction"]
     return out
 
@@ -161,7 +172,9 @@ SUMMARY = {  # summary key -> (part, key in the part's result)
     "pm3_bytes_per_device": ("pm3", "bytes_per_device"),
     "pm3_estimate_error": ("pm3", "estimate_error"),
     "pm3_estimate_error_fp32": ("pm3", "estimate_error_fp32"),
+    "pm3_activation_error": ("pm3", "activation_error"),
     "pm4_memory_fraction": ("pm4", "memory_fraction"),
+    "pm4_traced_fraction": ("pm4", "traced_fraction"),
     "pm4_param_fraction": ("pm4", "param_fraction"),
 }
 
@@ -173,8 +186,7 @@ def main() -> int:
     ap.add_argument("--pm1-size", type=int, default=128, help="cube size of PM1/PM2")
     ap.add_argument("--memory-scheduler", action="store_true",
                     help="compile with XLA:CPU's memory-minimizing scheduler instead of the "
-                         "default concurrency-optimized one (which runs backward-only work early "
-                         "and so hides in-place ABN's saving)")
+                         "default concurrency-optimized one (for comparison)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -1,16 +1,16 @@
 """Per-shard ops for ``jax.shard_map``: each equals the unpartitioned op on the global array.
 
 Inside ``shard_map`` over a partition.make_mesh mesh, spatial array axis 1/2/3 of an activation
-``(B, X, Y, Z, C)`` is split over mesh axis "x"/"y"/"z". Before a convolution each shard
-receives the margins (half the kernel) of its neighbours by ``lax.ppermute``; shards on the
-volume's outer faces receive nothing, i.e. zeros — exactly SAME zero padding. Autodiff of
-ppermute is the reverse ppermute, so halo gradients flow back to the neighbour that sent them.
+``(B, X, Y, Z, C)`` is split over mesh axis "x"/"y"/"z"; before a convolution each shard
+receives its neighbours' margins (exchange.py), and the conv's backward pass sends the margins'
+gradients back.
 
 Called with no mesh axis bound (plain jit, gspmd, one device) every op is the plain op: the
 "exchange" is just zero padding, with no communication.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from functools import partial
 
@@ -18,96 +18,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-SPATIAL = ("x", "y", "z")
-ALL = ("data", "x", "y", "z")
-
-
-def axis_size(name: str) -> int | None:
-    """Devices along a mesh axis bound by an enclosing shard_map, or None when unbound."""
-    try:
-        return int(lax.axis_size(name))
-    except NameError:
-        return None
-
-
-def bound(names: Sequence[str]) -> tuple[str, ...]:
-    """The subset of ``names`` that are bound mesh axes of more than one device."""
-    return tuple(n for n in names if (axis_size(n) or 1) > 1)
-
-
-def psum(x, names: Sequence[str] = ALL):
-    """Sum over the bound mesh axes among ``names``; identity outside shard_map.
-
-    Size-1 axes are included (free) so shard_map can prove the result replicated.
-    """
-    names = tuple(n for n in names if axis_size(n) is not None)
-    return lax.psum(x, names) if names else x
-
-
-def _axes_for(x, axes: Sequence[str | None] | None) -> tuple[str | None, ...]:
-    nsp = x.ndim - 2
-    if nsp not in (2, 3):
-        raise ValueError(f"expected an activation (B, X, Y[, Z], C) of rank 4 or 5, "
-                         f"got shape {tuple(x.shape)}")
-    axes = SPATIAL[:nsp] if axes is None else tuple(axes)
-    if len(axes) != nsp:
-        raise ValueError(f"axes {axes} name {len(axes)} mesh axes for {nsp} spatial dims "
-                         f"of shape {tuple(x.shape)}")
-    return axes
-
-
-def _shift_from(x, dim: int, name: str, n: int, hop: int, take: int, lower: bool):
-    """The ``take`` margin rows that the shard ``hop`` steps below (lower) / above sends."""
-    L = x.shape[dim]
-    if lower:  # neighbour below sends its last rows up
-        piece = lax.slice_in_dim(x, L - take, L, axis=dim)
-        perm = [(i, i + hop) for i in range(n - hop)]
-    else:      # neighbour above sends its first rows down
-        piece = lax.slice_in_dim(x, 0, take, axis=dim)
-        perm = [(i + hop, i) for i in range(n - hop)]
-    if not perm:  # the volume ends before that neighbour: all zeros
-        return jnp.zeros_like(piece)
-    return lax.ppermute(piece, name, perm)
-
-
-def _exchange_dim(x, dim: int, name: str | None, lo: int, hi: int):
-    n = axis_size(name) if name is not None else None
-    if not n or n == 1:
-        if lo or hi:
-            pad = [(0, 0)] * x.ndim
-            pad[dim] = (lo, hi)
-            x = jnp.pad(x, pad)
-        return x
-    L = x.shape[dim]
-    parts = []
-    # Mesh-TF style multi-hop: a halo wider than a shard is gathered from several neighbours.
-    for want, lower in ((lo, True), (hi, False)):
-        got, hop, side = 0, 1, []
-        while got < want:
-            take = min(L, want - got)
-            side.append(_shift_from(x, dim, name, n, hop, take, lower))
-            got, hop = got + take, hop + 1
-        parts.append(side[::-1] if lower else side)  # farthest first below, nearest first above
-    return jnp.concatenate(parts[0] + [x] + parts[1], axis=dim)
-
-
-def halo_exchange(x, halo, axes: Sequence[str | None] | None = None):
-    """Pad every spatial dim of a shard ``(B, *S, C)`` with its neighbours' margins.
-
-    ``halo``: an int (same on both sides of every dim), one int per dim, or one ``(lo, hi)``
-    per dim. Dims are exchanged one after another, each including the margins already
-    received, so corner and edge blocks arrive correctly.
-    """
-    axes = _axes_for(x, axes)
-    nsp = len(axes)
-    if isinstance(halo, int):
-        halo = [(halo, halo)] * nsp
-    halo = [(h, h) if isinstance(h, int) else tuple(h) for h in halo]
-    if len(halo) != nsp or any(len(h) != 2 or min(h) < 0 for h in halo):
-        raise ValueError(f"halo {halo} must give non-negative (lo, hi) for {nsp} spatial dims")
-    for d, (name, (lo, hi)) in enumerate(zip(axes, halo)):
-        x = _exchange_dim(x, d + 1, name, lo, hi)
-    return x
+from hrseg.exchange import (  # noqa: F401  (re-exported: halo.psum, halo.ALL, …)
+    ALL,
+    SPATIAL,
+    after,
+    axes_for,
+    axis_size,
+    bound,
+    halo_exchange,
+    psum,
+    return_margins,
+)
 
 
 def _dimension_numbers(nsp: int):
@@ -130,7 +51,7 @@ def conv(x, w, strides: int | Sequence[int] = 1, feature_group_count: int = 1,
     Odd kernels only (1, 3, 5, 7, anisotropic 3×3×1 …): with an even kernel SAME padding is
     asymmetric and depends on the global size, so it is refused.
     """
-    axes = _axes_for(x, axes)
+    axes = axes_for(x, axes)
     nsp = len(axes)
     if w.ndim != nsp + 2:
         raise ValueError(f"{name}: kernel shape {tuple(w.shape)} does not fit a {nsp}D "
@@ -174,40 +95,13 @@ def _conv_fwd(x, w, pads, axes, strides, groups, precision):
     return _conv(x, w, pads, axes, strides, groups, precision), (x, w)
 
 
-def _return_margins(g, dim: int, name: str | None, lo: int, hi: int):
-    """Transpose of one dim's exchange: keep the interior of the padded gradient and send the
-    margins' gradient back to the neighbours they came from, added onto their edge rows.
-
-    Autodiff of the exchange builds the same sum from slices and padded full-size buffers;
-    six of those are alive at the peak of the backward pass. Single-hop halos only.
-    """
-    n = axis_size(name) if name is not None else None
-    L = g.shape[dim] - lo - hi
-    interior = lax.slice_in_dim(g, lo, lo + L, axis=dim)
-    if not n or n == 1:
-        return interior  # the margins were zero padding: their gradient goes nowhere
-    for width, start, perm, at in (
-            (lo, 0, [(i + 1, i) for i in range(n - 1)], L - lo),  # lower margin -> below
-            (hi, lo + L, [(i, i + 1) for i in range(n - 1)], 0)):  # upper margin -> above
-        if not width:
-            continue
-        back = lax.ppermute(lax.slice_in_dim(g, start, start + width, axis=dim), name, perm)
-        idx = [0] * g.ndim
-        idx[dim] = at
-        interior = lax.dynamic_update_slice(
-            interior, lax.dynamic_slice(interior, idx, back.shape) + back, idx)
-    return interior
-
-
 def _conv_bwd(pads, axes, strides, groups, precision, res, g):
-    x, w = res
+    x, w = (after(t, g) for t in res)  # re-pad and transpose here, not in the forward pass
     xp, exchange_vjp = jax.vjp(lambda x: halo_exchange(x, pads, axes), x)
     _, conv_vjp = jax.vjp(lambda xp, w: _valid_conv(xp, w, strides, groups, precision), xp, w)
     dxp, dw = conv_vjp(g)
     if all(max(p) <= x.shape[d + 1] for d, p in enumerate(pads)):
-        for d in reversed(range(len(axes))):  # exchanged x, y, z in order: undo z, y, x
-            dxp = _return_margins(dxp, d + 1, axes[d], *pads[d])
-        return dxp, dw
+        return return_margins(dxp, pads, axes), dw
     (dx,) = exchange_vjp(dxp)  # multi-hop halos: let autodiff transpose the exchange
     return dx, dw
 
@@ -222,8 +116,50 @@ def max_pool(x, window: int = 2):
         if x.shape[d] % window:
             raise ValueError(f"max_pool: shard shape {tuple(x.shape)} axis {d} is not "
                              f"divisible by the window {window}")
-    dims = (1,) + (window,) * nsp + (1,)
-    return lax.reduce_window(x, -jnp.inf, lax.max, dims, dims, "VALID")
+    return _max_pool(x, window)
+
+
+def _windowed(x, window: int):
+    """``(B, *S, C)`` -> ``(B, S₁/w, w, S₂/w, w, …, C)``: a free reshape."""
+    B, *S, C = x.shape
+    return x.reshape((B,) + tuple(v for s in S for v in (s // window, window)) + (C,))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x, window):
+    nsp = x.ndim - 2
+    return jnp.max(_windowed(x, window), axis=tuple(range(2, 2 * nsp + 1, 2)))
+
+
+def _max_pool_fwd(x, window):
+    y = _max_pool(x, window)
+    return y, (x, y)  # x: the block output, y: the next conv's input — both kept anyway
+
+
+def _max_pool_bwd(window, res, g):
+    """The gradient goes to the first maximum of each window in row-major order (what
+    autodiff's select-and-scatter does). Written out elementwise: XLA:CPU expands
+    select-and-scatter into index arrays made in the forward pass, 5 int32 per pooled value."""
+    x, y = res
+    nsp = x.ndim - 2
+    xw = _windowed(after(x, g), window)
+    taken = jnp.zeros(y.shape, bool)
+    pieces = {}
+    for off in itertools.product(range(window), repeat=nsp):
+        at = (slice(None),) + tuple(v for o in off for v in (slice(None), o)) + (slice(None),)
+        hit = (xw[at] == y) & ~taken
+        taken = taken | hit
+        pieces[off] = jnp.where(hit, g, jnp.zeros((), g.dtype))
+
+    def assemble(prefix, d):  # nest the pieces back into (B, S₁/w, w, …, C)
+        if d == nsp:
+            return pieces[prefix]
+        return jnp.stack([assemble(prefix + (o,), d + 1) for o in range(window)], 2 + d)
+
+    return (assemble((), 0).reshape(x.shape),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def conv_transpose(x, w, precision=None):

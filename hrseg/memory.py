@@ -7,7 +7,8 @@ keeps (the model code decides this, see layers.py / norm.py):
 * per normalization other than in-place ABN: its input (compute dtype) and the activation's
   mask (1 byte); in-place ABN keeps nothing beyond ``y``;
 * depthwise outputs, pooled tensors and skip concatenations (inputs of the next conv);
-* the float32 logits and log-probabilities of the loss;
+* the float32 logits, log-probabilities and log-softmax shift of the loss;
+* with a 16-bit compute dtype: the input and every conv kernel cast to it;
 
 plus float32 parameters, their gradients (twice on a mesh: the all-reduce's input and output),
 the optimizer state (``optimizer.init`` on shapes), BatchNorm statistics, the input shard, and
@@ -130,7 +131,8 @@ def tensors(model, model_cfg: ModelConfig, local_batch_shape, dt) -> list[Tensor
     """The activations one device keeps for the backward pass, in data-flow order."""
     B, *S, cin = local_batch_shape
     lead = (B,) + tuple(S)
-    out = [Tensor("input", lead + (cin,), dt)]
+    # the image is an argument (input_bytes); a cast to a narrower compute dtype is a new buffer
+    out = [Tensor("input", lead + (cin,), dt)] if dt != 4 else []
     skips = []
     for i in range(model_cfg.levels - 1):
         out += _block(getattr(model, f"down_{i + 1}"), f"down_{i + 1}", lead, dt)
@@ -143,7 +145,12 @@ def tensors(model, model_cfg: ModelConfig, local_batch_shape, dt) -> list[Tensor
         out.append(Tensor(f"up_{i + 1}.concat", lead + (2 * c,), dt))
         out += _block(getattr(model, f"up_{i + 1}").block, f"up_{i + 1}", lead, dt)
     k = model_cfg.classes
-    out += [Tensor("logits", lead + (k,), 4), Tensor("log_probs", lead + (k,), 4)]
+    out += [Tensor("logits", lead + (k,), 4), Tensor("log_probs", lead + (k,), 4),
+            Tensor("logits.max", lead + (1,), 4)]  # log_softmax keeps its shift
+    if dt != 4:  # every conv keeps its kernel cast to the compute dtype
+        kernels = [x for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                   if p[-1] == "kernel"]
+        out.append(Tensor("kernels.cast", (sum(math.prod(x.shape) for x in kernels),), dt))
     return out
 
 
@@ -152,7 +159,8 @@ def _halo_staging(acts) -> int:
     the weight gradient) and the padded input gradient whose margins go back to the
     neighbours — two buffers one voxel wider on each side of every spatial dim (3³ kernels),
     alive beside the workspace's two full-size gradients."""
-    big = max((t for t in acts if not t.name.endswith(".mask")), key=lambda t: t.bytes)
+    big = max((t for t in acts if not t.name.endswith(".mask") and len(t.shape) > 2),
+              key=lambda t: t.bytes)
     B, *S, C = big.shape
     return 2 * B * math.prod(s + 2 for s in S) * C * big.itemsize
 
@@ -189,7 +197,8 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     dt = pol.compute_bytes
     acts = tensors(model, model_cfg, lead + (shape[-1],), dt)
     saved = sum(t.bytes for t in acts)
-    largest = max(t.bytes for t in acts if t.name not in ("logits", "log_probs"))
+    largest = max(t.bytes for t in acts
+                  if t.name not in ("logits", "log_probs", "logits.max", "kernels.cast"))
     split = backend == "halo" and math.prod(ms[1:]) > 1
     halo_bytes = _halo_staging(acts) if split else 0
     p = _tree_bytes(params)
@@ -277,6 +286,40 @@ def measure(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     return out
 
 
+def residuals(model_cfg: ModelConfig, input_shape, policy=None, batch: int | None = None,
+              in_channels: int = 1, loss_fn=None, model_fn=None) -> dict:
+    """What autodiff keeps from the forward pass for the backward pass of one device's loss.
+
+    Counted from the jaxpr of ``jax.vjp`` (nothing is compiled or allocated): every residual
+    that is not an argument (parameters, image), each buffer once. This is what the model code
+    decides, on any backend; the compiled figure adds what the compiler's schedule keeps alive
+    beside it (see benchmarks/memory.py, PM4). Returns bytes and the number of residuals.
+    """
+    pol = precision.policy(policy or model_cfg.precision)
+    model_cfg = _with_precision(model_cfg, pol.name)
+    shape = _batch_shape(model_cfg, input_shape, batch, in_channels)
+    build = model_fn or (lambda: unet.build(model_cfg, shape[-1]))
+    graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    loss_fn = loss_fn or cross_entropy
+    images = jax.ShapeDtypeStruct(shape, jnp.float32)                  # (B, *S, C)
+    labels = jax.ShapeDtypeStruct(shape[:-1], jnp.int32)                # (B, *S)
+
+    def loss(params, rest, images, labels):
+        return loss_fn(step._merge(graphdef, params, rest)(images, train=True), labels)
+
+    closed = jax.make_jaxpr(lambda p, r, x, y: jax.vjp(lambda p: loss(p, r, x, y), p)[1])(
+        params, rest, images, labels)
+    jaxpr = closed.jaxpr
+    inputs = {id(v) for v in jaxpr.invars}
+    seen, total = set(), 0
+    for v in jaxpr.outvars:  # scalars (literals, step counts) are left out
+        if not hasattr(v, "aval") or id(v) in inputs or id(v) in seen or not v.aval.shape:
+            continue
+        seen.add(id(v))
+        total += math.prod(v.aval.shape) * jnp.dtype(v.aval.dtype).itemsize
+    return {"bytes": total, "count": len(seen), "policy": pol.name}
+
+
 def peak_bytes_on_device(model_cfg: ModelConfig, input_shape, batch: int = 1,
                          in_channels: int = 1, optimizer: str = "adafactor") -> int:
     """Allocator peak of one real step on the first accelerator (run once per process, with
@@ -298,54 +341,5 @@ def peak_bytes_on_device(model_cfg: ModelConfig, input_shape, batch: int = 1,
     return int(stats.get("peak_bytes_in_use", -1))
 
 
-# --- Wang et al.'s ablation (their Table 1) ---------------------------------------------------
-
-ABLATION = (  # (row, changes to wang_baseline), as in Wang, Oda & Mori (2020), Table 1
-    ("baseline", {}),
-    ("+bottleneck", {"block": "bottleneck"}),
-    ("+SepConv", {"block": "separable"}),
-    ("+CCBlock", {"block": "compact"}),
-    ("+InPlaceABN", {"block": "compact", "norm": "inplace_abn"}),
-    ("+mixed precision", {"block": "compact", "norm": "inplace_abn", "precision": "bf16"}),
-)
-
-
-def ablation(input_shape, batch: int = 1, compiled: bool = False, base: ModelConfig | None = None,
-             optimizer: str = "adam") -> list[dict]:
-    """One row per technique: parameters, estimated (and, with ``compiled``, measured) bytes
-    of a single-device training step, and their fractions of the baseline."""
-    import dataclasses
-    base = base or unet.preset("wang_baseline")
-    rows = []
-    for name, changes in ABLATION:
-        cfg = dataclasses.replace(base, **changes)
-        row = {"row": name, "params": unet.param_count(cfg),
-               "estimate": estimate(cfg, input_shape, (1, 1, 1), optimizer=optimizer,
-                                    batch=batch, backend="none")["total"]}
-        if compiled:
-            row["measured"] = measure(cfg, input_shape, (1, 1, 1), optimizer=optimizer,
-                                      batch=batch, backend="none")["total"]
-        rows.append(row)
-    for row in rows:
-        for k in ("params", "estimate", "measured"):
-            if k in row:
-                row[k + "_fraction"] = round(row[k] / rows[0][k], 3)
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """The ablation rows as a text table (GiB, and % of the baseline)."""
-    measured = "measured" in rows[0]
-    head = f"{'':18s} {'params':>10s} {'':>5s} {'estimate':>10s} {'':>5s}"
-    head += f" {'compiled':>10s} {'':>5s}" if measured else ""
-    lines = [head]
-    for r in rows:
-        line = (f"{r['row']:18s} {r['params'] / 1e6:9.2f}M {r['params_fraction']:5.0%} "
-                f"{r['estimate'] / GiB:7.2f}GiB {r['estimate_fraction']:5.0%}")
-        if measured:
-            line += f" {r['measured'] / GiB:7.2f}GiB {r['measured_fraction']:5.0%}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
+from hrseg.ablation import ABLATION, ablation, format_table  # noqa: F401  (re-exported)
 from hrseg.planner import Plan, plan  # noqa: F401  (re-exported: hrseg.memory.plan)

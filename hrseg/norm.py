@@ -104,7 +104,7 @@ def _normalize_fwd(x, gamma, beta, axes, mesh_axes, eps):
 def _normalize_bwd(axes, mesh_axes, eps, res, cts):
     x, gamma, mean, inv = res
     dz = cts[0].astype(jnp.float32)  # statistics only feed running averages: no cotangent
-    xhat = (x.astype(jnp.float32) - mean) * inv
+    xhat = (halo.after(x, dz).astype(jnp.float32) - mean) * inv
     dx = _backward(xhat, dz * gamma, inv, axes, mesh_axes, _count(x, axes, mesh_axes))
     dgamma, dbeta = _param_grads(dz, xhat, gamma)
     return dx.astype(x.dtype), dgamma, dbeta
@@ -138,7 +138,8 @@ def _abn_fwd(x, gamma, beta, eps, act, slope, mesh_axes):
 def _abn_bwd(eps, act, slope, mesh_axes, res, cts):
     y, gamma, beta, inv = res
     axes = tuple(range(y.ndim - 1))
-    z, dphi = _invert_act(y.astype(jnp.float32), act, slope)
+    # x̂ is recovered here, in the backward pass (halo.after), and nowhere kept
+    z, dphi = _invert_act(halo.after(y, cts[0]).astype(jnp.float32), act, slope)
     g = effective_scale(gamma)
     xhat = (z - beta) / g
     dz = cts[0].astype(jnp.float32) * dphi

@@ -51,6 +51,28 @@ def test_max_pool_and_2d_ops():
     np.testing.assert_allclose(halo.conv(x, w), ref, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 6, 4, 3), (1, 4, 6, 2)])
+def test_max_pool_gradient_is_autodiffs_with_ties(shape):
+    # integer-valued input: most windows hold several equal maxima; the gradient must go to
+    # the first of them in row-major window order, as select-and-scatter does
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape).astype(np.float32))
+    dims = (1,) + (2,) * (len(shape) - 2) + (1,)
+    ref = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, dims, dims, "VALID")
+    y, vjp_ref = jax.vjp(ref, x)
+    got, vjp = jax.vjp(halo.max_pool, x)
+    g = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape).astype(np.float32))
+    np.testing.assert_array_equal(got, y)
+    np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
+    assert int(jnp.sum(vjp(jnp.ones_like(g))[0] != 0)) == y.size   # one winner per window
+
+
+def test_after_changes_neither_values_nor_gradients():
+    x, g = jnp.arange(6.0).reshape(2, 3), jnp.full((4,), 7.0)
+    np.testing.assert_array_equal(halo.after(x, g), x)
+    np.testing.assert_array_equal(jax.grad(lambda x: jnp.sum(halo.after(x, g) ** 2))(x), 2 * x)
+    assert halo.after(x.astype(jnp.bfloat16), g).dtype == jnp.bfloat16
+
+
 def test_moments_are_float32_and_exact():
     x = jnp.asarray([[1.0, 2.0], [3.0, 6.0]], jnp.bfloat16).reshape(1, 2, 2, 1, 1)
     mean, var = halo.moments(x)

@@ -43,7 +43,7 @@ def test_estimate_parts_and_errors():
                                                 "input_bytes", "activation_bytes",
                                                 "workspace_bytes", "halo_bytes"))
     bf16 = memory.estimate(cfg, (16, 24, 32), (1, 2, 2, 2), "bf16", batch=2)
-    assert bf16["activation_bytes"] < 0.6 * est["activation_bytes"]
+    assert bf16["activation_bytes"] < 0.65 * est["activation_bytes"]  # masks stay 1 byte
     abn = memory.estimate(dataclasses.replace(cfg, norm="inplace_abn"), (16, 24, 32),
                           (1, 2, 2, 2), batch=2)
     assert abn["activation_bytes"] < 0.65 * est["activation_bytes"]
@@ -57,15 +57,16 @@ def test_estimate_parts_and_errors():
 
 
 @pytest.mark.parametrize("block", ["plain", "compact"])
-def test_estimate_within_15_percent_of_compiled_step(block):
-    # fp32 with batch norm: XLA:CPU keeps what the estimate counts (plus layout copies).
-    # (bf16 and in-place ABN are not compared here: XLA:CPU runs bf16 convs in float32 and
-    # keeps transposed copies of conv inputs, so its temp bytes do not show those savings.)
+def test_estimate_bounds_the_compiled_step(block):
+    # The estimate's activations are exactly what autodiff saves (test above); XLA:CPU's
+    # compiled step keeps those and reuses buffers in the backward pass better than the
+    # estimate's working set (two full-size gradients) assumes: 0.75–0.85 × the estimate here.
     cfg = dataclasses.replace(unet.preset("tiny"), block=block)
     est = memory.estimate(cfg, (32, 32, 32), batch=2, backend="none")
     meas = memory.measure(cfg, (32, 32, 32), batch=2, backend="none")
     assert meas["total"] == meas["argument"] + meas["output"] - meas["alias"] + meas["temp"]
-    assert abs(est["total"] - meas["total"]) <= 0.15 * meas["total"], (est["total"], meas)
+    assert 0.7 * est["total"] <= meas["total"] <= 1.05 * est["total"], (est["total"], meas)
+    assert meas["total"] >= est["activation_bytes"]  # what autodiff saves is all there
 
 
 def test_plan_fits_the_paper_at_512_on_512_devices():
@@ -95,11 +96,38 @@ def test_spatial_splits_respect_pooling():
     assert planner.spatial_splits(4, (64, 64), 2, ndim=2) == [(2, 2, 1), (1, 4, 1), (4, 1, 1)]
 
 
+@pytest.mark.parametrize("block,norm,policy", [
+    ("plain", "batch", "fp32"), ("compact", "batch", "fp32"), ("separable", "group", "fp32"),
+    ("bottleneck", "instance", "fp32"), ("compact", "inplace_abn", "fp32"),
+    ("plain", "none", "fp32"), ("compact", "inplace_abn", "bf16"), ("plain", "batch", "fp16"),
+])
+def test_estimated_activations_are_what_autodiff_saves(block, norm, policy):
+    # the estimate's per-layer list against the residuals of jax.vjp of the real loss
+    cfg = dataclasses.replace(unet.preset("tiny"), block=block, norm=norm)
+    est = memory.estimate(cfg, (16, 16, 8), policy=policy, batch=2, backend="none")
+    traced = memory.residuals(cfg, (16, 16, 8), policy=policy, batch=2)
+    assert traced["bytes"] > 0
+    assert abs(est["activation_bytes"] - traced["bytes"]) <= 0.02 * traced["bytes"], (
+        est["activation_bytes"], traced)
+
+
+def test_residuals_see_what_inplace_abn_and_bf16_remove():
+    cfg = dataclasses.replace(unet.preset("tiny"), block="compact")
+    abn = dataclasses.replace(cfg, norm="inplace_abn")
+    bn, ip = (memory.residuals(c, (16, 16, 8), batch=1)["bytes"] for c in (cfg, abn))
+    half = memory.residuals(abn, (16, 16, 8), policy="bf16", batch=1)["bytes"]
+    assert ip < 0.75 * bn and half < 0.65 * ip  # masks, logits stay as they are
+
+
 def test_wang_ablation_table():
     rows = memory.ablation((32, 32, 24))
     assert [r["row"] for r in rows] == [r for r, _ in memory.ABLATION]
     assert rows[-1]["params_fraction"] <= 0.30 and rows[-1]["estimate_fraction"] <= 0.35
-    assert "+mixed precision" in memory.format_table(rows)
+    assert rows[-1]["traced_fraction"] <= 0.35
+    for r in rows:  # the estimate counts what autodiff keeps: within 2 % of the traced total
+        assert abs(r["estimate"] - r["traced"]) <= 0.02 * r["traced"], r
+    table = memory.format_table(rows)
+    assert "+mixed precision" in table and "traced" in table
 
 
 def test_cli_memory_prints_the_plan(capsys):

@@ -1,0 +1,209 @@
+"""The halo exchange between neighbouring shards, and its transpose.
+
+Inside ``jax.shard_map`` over a partition.make_mesh mesh, spatial array axis 1/2/3 of an
+activation ``(B, X, Y, Z, C)`` is split over mesh axis "x"/"y"/"z". Before a convolution each
+shard receives the margins (half the kernel) of its neighbours by ``lax.ppermute``; shards on
+the volume's outer faces receive nothing, i.e. zeros — exactly SAME zero padding. The transpose
+sends the margins' gradients back to the neighbours they came from. With no mesh axis bound
+(plain jit, gspmd, one device) the exchange is just zero padding.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from jax import lax
+
+SPATIAL = ("x", "y", "z")
+ALL = ("data", "x", "y", "z")
+
+
+def axis_size(name: str) -> int | None:
+    """Devices along a mesh axis bound by an enclosing shard_map, or None when unbound."""
+    try:
+        return int(lax.axis_size(name))
+    except NameError:
+        return None
+
+
+def bound(names: Sequence[str]) -> tuple[str, ...]:
+    """The subset of ``names`` that are bound mesh axes of more than one device."""
+    return tuple(n for n in names if (axis_size(n) or 1) > 1)
+
+
+def psum(x, names: Sequence[str] = ALL):
+    """Sum over the bound mesh axes among ``names``; identity outside shard_map.
+
+    Size-1 axes are included (free) so shard_map can prove the result replicated.
+    """
+    names = tuple(n for n in names if axis_size(n) is not None)
+    return lax.psum(x, names) if names else x
+
+
+def axes_for(x, axes: Sequence[str | None] | None) -> tuple[str | None, ...]:
+    nsp = x.ndim - 2
+    if nsp not in (2, 3):
+        raise ValueError(f"expected an activation (B, X, Y[, Z], C) of rank 4 or 5, "
+                         f"got shape {tuple(x.shape)}")
+    axes = SPATIAL[:nsp] if axes is None else tuple(axes)
+    if len(axes) != nsp:
+        raise ValueError(f"axes {axes} name {len(axes)} mesh axes for {nsp} spatial dims "
+                         f"of shape {tuple(x.shape)}")
+    return axes
+
+
+# While the dims are exchanged one after another, the padded shard is kept as a tree of
+# concatenations (_Cat) and materialized once at the end: concatenating dim by dim would make a
+# full-size copy per dim (three of them alive at once in a conv's backward pass). The slabs sent
+# to the neighbours are thin slices of the tree.
+
+class _Cat:
+    """``jnp.concatenate(parts, dim)``, not yet materialized; parts are arrays or _Cats."""
+
+    def __init__(self, dim: int, parts: list):
+        self.dim, self.parts, self.dtype = dim, parts, parts[0].dtype
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        self.shape = tuple(shape)
+
+
+def _slice(t, start: int, stop: int, dim: int):
+    """Rows ``start:stop`` along ``dim`` of an array or a _Cat, as an array."""
+    if not isinstance(t, _Cat):
+        return lax.slice_in_dim(t, start, stop, axis=dim)
+    if t.dim != dim:
+        return jnp.concatenate([_slice(p, start, stop, dim) for p in t.parts], axis=t.dim)
+    pieces, at = [], 0
+    for p in t.parts:
+        lo, hi = max(start, at), min(stop, at + p.shape[dim])
+        if lo < hi:
+            pieces.append(_slice(p, lo - at, hi - at, dim))
+        at += p.shape[dim]
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=dim)
+
+
+def _materialize(t):
+    if not isinstance(t, _Cat):
+        return t
+    return jnp.concatenate([_materialize(p) for p in t.parts], axis=t.dim)
+
+
+def _shift_from(x, dim: int, name: str, n: int, hop: int, take: int, lower: bool):
+    """The ``take`` margin rows that the shard ``hop`` steps below (lower) / above sends."""
+    L = x.shape[dim]
+    if lower:  # neighbour below sends its last rows up
+        piece = _slice(x, L - take, L, dim)
+        perm = [(i, i + hop) for i in range(n - hop)]
+    else:      # neighbour above sends its first rows down
+        piece = _slice(x, 0, take, dim)
+        perm = [(i + hop, i) for i in range(n - hop)]
+    if not perm:  # the volume ends before that neighbour: all zeros
+        return jnp.zeros_like(piece)
+    return lax.ppermute(piece, name, perm)
+
+
+def _exchange_dim(x, dim: int, name: str | None, lo: int, hi: int):
+    """``x`` (array or _Cat) with ``lo``/``hi`` margin rows along ``dim``, as a _Cat."""
+    n = axis_size(name) if name is not None else None
+    if not n or n == 1:
+        if not (lo or hi):
+            return x
+        if not isinstance(x, _Cat):  # plain zero padding: XLA folds it into the conv
+            pad = [(0, 0)] * x.ndim
+            pad[dim] = (lo, hi)
+            return jnp.pad(x, pad)
+        zeros = [jnp.zeros(x.shape[:dim] + (w,) + x.shape[dim + 1:], x.dtype)
+                 for w in (lo, hi)]
+        return _Cat(dim, zeros[:1] * bool(lo) + [x] + zeros[1:] * bool(hi))
+    L = x.shape[dim]
+    parts = []
+    # Mesh-TF style multi-hop: a halo wider than a shard is gathered from several neighbours.
+    for want, lower in ((lo, True), (hi, False)):
+        got, hop, side = 0, 1, []
+        while got < want:
+            take = min(L, want - got)
+            side.append(_shift_from(x, dim, name, n, hop, take, lower))
+            got, hop = got + take, hop + 1
+        parts.append(side[::-1] if lower else side)  # farthest first below, nearest first above
+    return _Cat(dim, parts[0] + [x] + parts[1])
+
+
+def halo_exchange(x, halo, axes: Sequence[str | None] | None = None):
+    """Pad every spatial dim of a shard ``(B, *S, C)`` with its neighbours' margins.
+
+    ``halo``: an int (same on both sides of every dim), one int per dim, or one ``(lo, hi)``
+    per dim. Dims are exchanged one after another, each including the margins already
+    received, so corner and edge blocks arrive correctly.
+    """
+    axes = axes_for(x, axes)
+    nsp = len(axes)
+    if isinstance(halo, int):
+        halo = [(halo, halo)] * nsp
+    halo = [(h, h) if isinstance(h, int) else tuple(h) for h in halo]
+    if len(halo) != nsp or any(len(h) != 2 or min(h) < 0 for h in halo):
+        raise ValueError(f"halo {halo} must give non-negative (lo, hi) for {nsp} spatial dims")
+    for d, (name, (lo, hi)) in enumerate(zip(axes, halo)):
+        x = _exchange_dim(x, d + 1, name, lo, hi)
+    return _materialize(x)
+
+
+def after(x, g):
+    """``x``, made to depend on the cotangent ``g`` (``x + 0·g₀``, one fused multiply-add).
+
+    A backward pass recomputes things from what the forward pass saved (the padded input of a
+    conv, in-place ABN's x̂, the transposed copies XLA makes for weight gradients). Work that
+    depends on forward values only may be scheduled right after the forward op — XLA:CPU's
+    default scheduler does — and then lives as long as the saved tensors, undoing the saving.
+    Tied to ``g`` it can only run when the backward pass reaches it. XLA keeps ``0·g`` for
+    floats (it is NaN when g is), so the tie is not simplified away.
+    """
+    first = g[(0,) * g.ndim]  # one element (no ravel: under GSPMD that would gather g)
+    return x + (0 * first).astype(x.dtype)
+
+
+def return_margins(dxp, pads, axes):
+    """Transpose of :func:`halo_exchange` (single-hop): the interior of the padded gradient,
+    plus the margins' gradients sent back to the neighbours they came from and added onto
+    their edge rows — undoing z, then y, then x, as the exchange did x, y, z.
+
+    The running sum is kept as ``dxp`` plus a list of thin received slabs placed at offsets
+    (``adds``); only the slabs to send are formed along the way, and the result is one slice
+    of ``dxp`` with the slabs added in place. Autodiff of the exchange, or cropping dim by dim,
+    would make a full-size buffer per dim (alive together at the peak of the backward pass).
+    """
+    nd = dxp.ndim
+    start, size = [0] * nd, list(dxp.shape)   # the current crop, in dxp's coordinates
+    adds = []                                  # (slab, its first index in dxp's coordinates)
+
+    def region(lo, shape):
+        """The running sum on the box ``lo`` + ``shape``."""
+        out = lax.slice(dxp, lo, [a + b for a, b in zip(lo, shape)])
+        for slab, at in adds:
+            a = [max(p, q) for p, q in zip(lo, at)]
+            b = [min(p + m, q + n) for p, m, q, n in zip(lo, shape, at, slab.shape)]
+            if any(u >= v for u, v in zip(a, b)):
+                continue
+            piece = lax.slice(slab, [u - q for u, q in zip(a, at)], [v - q for v, q in zip(b, at)])
+            idx = [u - p for u, p in zip(a, lo)]
+            out = lax.dynamic_update_slice(out, lax.dynamic_slice(out, idx, piece.shape) + piece,
+                                           idx)
+        return out
+
+    for d in reversed(range(1, nd - 1)):
+        lo, hi = pads[d - 1]
+        n = axis_size(axes[d - 1]) if axes[d - 1] is not None else None
+        L = size[d] - lo - hi
+        if n and n > 1:
+            for width, first, perm, to in (
+                    (lo, start[d], [(i + 1, i) for i in range(n - 1)], start[d] + L),
+                    (hi, start[d] + lo + L, [(i, i + 1) for i in range(n - 1)], start[d] + lo)):
+                if not width:
+                    continue
+                box_lo, box = list(start), list(size)
+                box_lo[d], box[d] = first, width
+                back = lax.ppermute(region(box_lo, box), axes[d - 1], perm)
+                at = list(start)
+                at[d] = to  # lower margin -> the last rows below, upper -> the first above
+                adds.append((back, at))
+        start[d], size[d] = start[d] + lo, L   # the margins were zero padding when unbound
+    return region(start, size)
