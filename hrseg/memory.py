@@ -154,13 +154,18 @@ def tensors(model, model_cfg: ModelConfig, local_batch_shape, dt) -> list[Tensor
     return out
 
 
+def _feature_maps(acts):
+    """The (B, *S, C) activations among ``acts``: not the loss's tensors, kernel casts or masks."""
+    return [t for t in acts if len(t.shape) > 2 and not t.name.endswith(".mask")
+            and t.name not in ("logits", "log_probs", "logits.max")]
+
+
 def _halo_staging(acts) -> int:
     """Backward of the largest halo conv (halo._conv_bwd): the re-exchanged padded input (for
     the weight gradient) and the padded input gradient whose margins go back to the
     neighbours — two buffers one voxel wider on each side of every spatial dim (3³ kernels),
     alive beside the workspace's two full-size gradients."""
-    big = max((t for t in acts if not t.name.endswith(".mask") and len(t.shape) > 2),
-              key=lambda t: t.bytes)
+    big = max(_feature_maps(acts), key=lambda t: t.bytes)
     B, *S, C = big.shape
     return 2 * B * math.prod(s + 2 for s in S) * C * big.itemsize
 
@@ -197,8 +202,7 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     dt = pol.compute_bytes
     acts = tensors(model, model_cfg, lead + (shape[-1],), dt)
     saved = sum(t.bytes for t in acts)
-    largest = max(t.bytes for t in acts
-                  if t.name not in ("logits", "log_probs", "logits.max", "kernels.cast"))
+    largest = max(t.bytes for t in _feature_maps(acts))
     split = backend == "halo" and math.prod(ms[1:]) > 1
     halo_bytes = _halo_staging(acts) if split else 0
     p = _tree_bytes(params)
