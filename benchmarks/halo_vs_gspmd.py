@@ -26,8 +26,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hrseg import halo, losses, memory, partition, step, unet
+from hrseg import memory
 from hrseg.config import ModelConfig
+from hrseg.nn import losses, unet
+from hrseg.parallel import halo, partition
+from hrseg.train import step
 
 MESHES = {1: (1, 1, 1), 8: (2, 2, 2), 64: (4, 4, 4)}
 LOSS = ("dice_ce", (1.0, 8.0, 16.0))  # the training loss (params/train_*.yaml), class weights

@@ -94,7 +94,8 @@ def _plain_flax_unet(cfg, in_channels=1):
 
 
 def pm1(args) -> dict:
-    from hrseg import memory, unet
+    from hrseg import memory
+    from hrseg.nn import unet
     cfg = unet.preset("mtf")
     s = args.pm1_size
     shape = (1, s, s, s, 1)
@@ -112,7 +113,8 @@ def pm1(args) -> dict:
 
 
 def pm2(args) -> dict:
-    from hrseg import memory, unet
+    from hrseg import memory
+    from hrseg.nn import unet
     cfg = unet.preset("mtf")
     s = args.pm1_size
     out = {b: memory.measure(cfg, (1, s, s, s, 1), (4, 4, 4), backend=b)
@@ -126,7 +128,9 @@ def pm2(args) -> dict:
 
 
 def pm3(args) -> dict:
-    from hrseg import memory, planner, unet
+    from hrseg import memory
+    from hrseg.memory import planner
+    from hrseg.nn import unet
     cfg = unet.preset("paper", 512)
     split = planner.spatial_splits(256, (512,) * 3, unet.levels_of(cfg))[0]
     mesh = (2,) + split

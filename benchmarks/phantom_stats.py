@@ -21,8 +21,9 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from hrseg import data, nifti, phantom, resample
+from hrseg import data
 from hrseg.config import DataConfig
+from hrseg.data import nifti, phantom, resample
 
 
 def _tumours(label: np.ndarray, affine: np.ndarray) -> tuple[list[float], dict[int, int]]:

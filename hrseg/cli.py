@@ -10,7 +10,7 @@ import sys
 
 
 def _phantom(args) -> int:
-    from hrseg import phantom
+    from hrseg.data import phantom
     phantom.write_dataset(args.out, cases=args.cases, seed=args.seed,
                           shape=tuple(args.shape) if args.shape else None, progress=True)
     return 0
@@ -41,7 +41,8 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from hrseg import inference, train
+    from hrseg import train
+    from hrseg.train import inference
     result = train.evaluate(args.run_dir, step=args.step)
     print(f"{args.run_dir} step {result['step']}: {inference.summary_line(result)}")
     return 0
@@ -87,8 +88,8 @@ def _table(args) -> int:
 def _view(args) -> int:
     import importlib.util
 
-    from hrseg.napari import _view as napari_view
-    from hrseg.napari._case import find_case
+    from hrseg.viz.napari import _view as napari_view
+    from hrseg.viz.napari._case import find_case
     find_case(args.path, args.case, args.data)      # a wrong path fails here, before Qt starts
     if importlib.util.find_spec("napari") is None:
         print("hrseg view: error: napari is not installed: pip install -e '.[viewer]'",

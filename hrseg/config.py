@@ -99,6 +99,11 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    @property
+    def in_channels(self) -> int:
+        """CT channels of the network input: 1 in 3D; the adjacent slices in 2D."""
+        return 1 if self.model.dims == 3 else self.data.slices_2d
+
 
 def _coerce(tp, value, where: str):
     """Convert a YAML value to the field's declared type, or fail naming the key."""

@@ -191,11 +191,11 @@ def ensure_phantom(root: str | Path, cases: int, seed: int = 0, shape=None,
                    progress: bool = True) -> str:
     """Make sure ``root`` holds a dataset before a notebook reads it; returns what was done.
 
-    Only a missing or empty folder gets a phantom (hrseg.phantom.write_dataset). A folder that
+    Only a missing or empty folder gets a phantom (hrseg.data.phantom.write_dataset). A folder that
     already holds data — a phantom written with other arguments (e.g. `hrseg phantom --cases
     24`), LiTS or MSD — is used as it is and never rewritten.
     """
-    from hrseg import phantom
+    from hrseg.data import phantom
     root = Path(root)
     if root.is_dir() and any(root.iterdir()):
         manifest = root / phantom.MANIFEST

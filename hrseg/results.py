@@ -1,7 +1,7 @@
 """The paper-style results table from the training runs in ``runs/``.
 
 A run is a directory directly under the runs folder with ``config.yaml`` and
-``checkpoints/eval_<step>.json`` (hrseg.train). Runs are grouped by network input — ``32³``,
+``checkpoints/eval_<step>.json`` (hrseg.train.loop). Runs are grouped by network input — ``32³``,
 ``64³`` … (3D) or ``512² 2D`` — one table row each, as in Hou et al. (2019): tumour and liver
 Dice per case and Dice global, each ``mean ± std`` over the runs of the row (seeds) × their
 last ``last`` evaluations (checkpoints). Runs of one resolution whose recipes differ (in
@@ -153,12 +153,12 @@ def recipe(cfg) -> str:
 
 def step_memory(cfg) -> float:
     """Analytic per-device bytes of the run's training step (hrseg.memory.estimate)."""
-    from hrseg import memory, train
+    from hrseg import memory
     m = cfg.mesh
     est = memory.estimate(cfg.model, tuple(cfg.data.resolution),
                           mesh=(m.data, *m.spatial), policy=cfg.model.precision,
                           optimizer=cfg.train.optimizer, batch=cfg.train.batch,
-                          in_channels=train.in_channels(cfg), backend=m.backend)
+                          in_channels=cfg.in_channels, backend=m.backend)
     return float(est["total"])
 
 

@@ -64,7 +64,7 @@ Oda & Mori (2020); and the planner's answer for a device budget.
     params("""
 devices = 64                   # fake CPU devices, requested before jax is imported
 paper_layer = {"batch": 8, "size": 512, "filters": 64, "dtype": "float16"}  # the 137 GB layer
-model = "mtf"                  # hrseg.unet preset of the compiled measurements
+model = "mtf"                  # hrseg.nn.unet preset of the compiled measurements
 resolutions = [64, 128]        # cube edges compared analytic vs compiled
 meshes = [[1, 1, 1], [2, 2, 2], [4, 4, 4]]  # spatial meshes (x, y, z) compared
 scaling_resolution = 128       # cube edge of the memory-vs-devices curve
@@ -85,7 +85,8 @@ import numpy as np
 from IPython.display import Markdown, display
 from matplotlib.figure import Figure
 
-from hrseg import memory, results, unet, viz
+from hrseg import memory, results, viz
+from hrseg.nn import unet
 
 GB, GiB, MiB = 1e9, memory.GiB, 2 ** 20
 figures = Path(out_dir) / "01_memory_estimation"
@@ -215,7 +216,7 @@ NB02 = [
 # 02 · Halo exchange is exact
 
 Spatial partitioning splits every activation of the U-Net over a mesh of devices; before each
-convolution a device receives the margins (*halos*) of its neighbours (`hrseg.halo`). If that is
+convolution a device receives the margins (*halos*) of its neighbours (`hrseg.parallel.halo`). If that is
 done right, the partitioned network **is** the unpartitioned network: same outputs, same
 gradients, up to float rounding. This notebook checks it on fake CPU devices for several meshes,
 draws the blocks and their halos, and counts the collectives in a compiled training step (halos
@@ -225,7 +226,7 @@ are `collective-permute`s; an `all-gather` would mean a device holds more than i
 devices = 8                  # fake CPU devices, requested before jax is imported
 meshes = [[2, 1, 1, 1], [2, 2, 2, 1], [1, 2, 4, 1], [8, 1, 1, 1], [2, 2, 1, 2]]  # x, y, z, data
 shape = [16, 16, 16]         # X, Y, Z of the compared volumes (batch 2)
-model = "tiny"               # hrseg.unet preset compared end to end
+model = "tiny"               # hrseg.nn.unet preset compared end to end
 picture_size = 64            # edge of the volume in the blocks-and-halos picture
 picture_mesh = [2, 2, 1]     # its mesh (x, y, z)
 picture_halo = 3             # halo width drawn (a 3³ conv needs 1; wider is easier to see)
@@ -246,7 +247,11 @@ from IPython.display import Markdown, display
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from hrseg import data, halo, losses, partition, phantom, results, step, unet, viz
+from hrseg import data, results, viz
+from hrseg.data import phantom
+from hrseg.nn import losses, unet
+from hrseg.parallel import halo, partition
+from hrseg.train import step
 
 figures = Path(out_dir) / "02_halo_correctness"
 figures.mkdir(parents=True, exist_ok=True)
@@ -456,17 +461,17 @@ NB03 = [
     md("""
 # 03 · The data and its augmentation
 
-The embedded dataset is a synthetic abdominal CT phantom in the LiTS layout (`hrseg.phantom`),
-read through the same path as LiTS (`hrseg.data`: canonical orientation, HU window, resampled
+The embedded dataset is a synthetic abdominal CT phantom in the LiTS layout (`hrseg.data.phantom`),
+read through the same path as LiTS (`hrseg.data.dataset`: canonical orientation, HU window, resampled
 to the network grid). Training replaces a case's tumours by synthetic ones with some
-probability (`hrseg.augment.synthesize_tumours`), then flips. This notebook shows one case
+probability (`hrseg.data.augment.synthesize_tumours`), then flips. This notebook shows one case
 before and after synthesis, the statistics of the synthetic tumours over many draws, and the
 flips; then the case in napari (with a display) or an ipywidgets slice viewer.
 """),
     params("""
 data_root = "data/phantom"     # dataset folder; a phantom is written there when it is missing
-phantom = {"cases": 8, "seed": 0, "shape": [256, 256, 128]}  # hrseg.phantom.write_dataset args
-cache_dir = "data/cache"       # preprocessed volumes (hrseg.data)
+phantom = {"cases": 8, "seed": 0, "shape": [256, 256, 128]}  # hrseg.data.phantom.write_dataset args
+cache_dir = "data/cache"       # preprocessed volumes (hrseg.data.dataset)
 resolution = [64, 64, 64]      # network grid the case is shown on
 case = 0                       # index of the case shown
 fraction = [0.05, 0.25]        # synthetic tumour share of the liver (augment.tumour_fraction)
@@ -481,7 +486,8 @@ import numpy as np
 from IPython.display import Markdown, display
 from scipy import ndimage
 
-from hrseg import augment, data, pipeline, results, viz
+from hrseg import data, pipeline, results, viz
+from hrseg.data import augment
 from hrseg.config import DataConfig
 
 figures = Path(out_dir) / "03_augmentation"
@@ -605,7 +611,7 @@ executed notebook — the ipywidgets slice viewer below shows the synthesised ca
 overlay and window/level controls; a static picture where no widget can run).
 """),
     code("""
-from hrseg.napari import _view as napari_view
+from hrseg.viz.napari import _view as napari_view
 
 if open_napari and napari_view.has_display():
     get_ipython().run_line_magic("gui", "qt")
@@ -630,7 +636,7 @@ NB04 = [
     md("""
 # 04 · One training run
 
-Trains the U-Net of a run config (`hrseg.train.train`: the same loop as `hrseg train -f
+Trains the U-Net of a run config (`hrseg.train.loop.train`: the same loop as `hrseg train -f
 CONFIG`) on the phantom dataset at one resolution, then shows the loss and Dice curves, the
 validation predictions over the CT, and the evaluation JSON. The run directory
 `<out_dir>/<train.name>/` holds `config.yaml`, `metrics.jsonl`, the checkpoints with one
@@ -654,7 +660,9 @@ import numpy as np
 from IPython.display import Markdown, display
 from matplotlib.figure import Figure
 
-from hrseg import data, inference, pipeline, results, train, unet, viz
+from hrseg import data, pipeline, results, train, viz
+from hrseg.nn import unet
+from hrseg.train import inference
 from hrseg.config import load as load_config
 """),
     code("""
@@ -663,7 +671,7 @@ cfg = load_config(config, [*overrides, *paths, f"train.out_dir={out_dir}"])
 run_dir = Path(cfg.train.out_dir) / cfg.train.name
 print(f"run {run_dir}: {'×'.join(map(str, cfg.data.resolution))} input, U-Net {cfg.model.preset} "
       f"({cfg.model.levels} levels, base {cfg.model.base}, "
-      f"{unet.param_count(cfg.model, train.in_channels(cfg)):,} parameters), "
+      f"{unet.param_count(cfg.model, cfg.in_channels):,} parameters), "
       f"{cfg.train.steps} steps of batch {cfg.train.batch}, mesh {cfg.mesh.backend} "
       f"{'×'.join(map(str, cfg.mesh.spatial))} × data {cfg.mesh.data}")
 """),
@@ -774,7 +782,8 @@ out_dir = "runs"               # the table goes to <out_dir>/results/
 %matplotlib inline
 from IPython.display import Markdown, display
 
-from hrseg import memory, results, unet, viz
+from hrseg import memory, results, viz
+from hrseg.nn import unet
 
 root = Path(runs_dir or out_dir)
 table_dir = Path(out_dir) / "results"

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hrseg import augment
 from hrseg.config import AugmentConfig
+from hrseg.data import augment
 
 
 def _case(shape=(24, 28, 20), tumour=True, seed=0):

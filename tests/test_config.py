@@ -68,7 +68,8 @@ def test_params_files_exist_for_the_resolution_study():
 
 @pytest.mark.parametrize("path", PARAMS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_params_file_loads_and_divides(path):
-    from hrseg import partition, unet
+    from hrseg.nn import unet
+    from hrseg.parallel import partition
     cfg = config.load(path)
     assert cfg.model.dims == len(cfg.data.resolution)
     assert cfg.train.batch % cfg.mesh.data == 0

@@ -7,8 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from hrseg import cli, data, nifti, phantom, resample
+from hrseg import cli, data
 from hrseg.config import DataConfig
+from hrseg.data import dataset, nifti, phantom, resample
 
 SMALL = (40, 36, 20)
 
@@ -200,7 +201,7 @@ def test_load_dataset_split_cache_and_invalidation(lits, tmp_path, monkeypatch):
     files = sorted(p.name for p in data.cache_dir(c).iterdir())
     assert len(files) == 9 and not any(f.startswith(".") for f in files)
     # second load: no preprocessing at all, identical arrays
-    monkeypatch.setattr(data, "preprocess_case", lambda *a: pytest.fail("cache missed"))
+    monkeypatch.setattr(dataset, "preprocess_case", lambda *a: pytest.fail("cache missed"))
     ds2 = data.load_dataset(c)
     assert [x.id for x in ds2.train] == [x.id for x in ds.train]
     np.testing.assert_array_equal(ds2.train[0].image, v.image)
@@ -211,7 +212,7 @@ def test_load_dataset_split_cache_and_invalidation(lits, tmp_path, monkeypatch):
     os.utime(lits / "volume-0.nii.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
     calls = []
     real = data.preprocess_case
-    monkeypatch.setattr(data, "preprocess_case", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(dataset, "preprocess_case", lambda *a: calls.append(a) or real(*a))
     data.load_dataset(c)
     assert len(calls) == 1
 

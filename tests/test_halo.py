@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from hrseg import halo
+from hrseg.parallel import halo
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 

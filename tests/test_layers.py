@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
-from hrseg import layers, norm
+from hrseg.nn import layers, norm
 
 X = jax.random.normal(jax.random.key(0), (2, 6, 8, 10, 4)) * 2.0 + 0.5   # odd-ish shape
 W = jax.random.normal(jax.random.key(1), X.shape)

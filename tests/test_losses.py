@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hrseg import losses
+from hrseg.nn import losses
 
 
 def _np_softmax(x):

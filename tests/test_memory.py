@@ -4,8 +4,10 @@ import dataclasses
 import jax.numpy as jnp
 import pytest
 
-from hrseg import cli, memory, planner, unet
+from hrseg import cli, memory
 from hrseg.config import ModelConfig
+from hrseg.memory import planner
+from hrseg.nn import unet
 
 GB = 1e9
 

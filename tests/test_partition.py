@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from hrseg import partition
+from hrseg.parallel import partition
 
 
 def test_single_device_mesh_and_specs():

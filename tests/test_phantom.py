@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from hrseg import anatomy, data, nifti, phantom
+from hrseg import data
+from hrseg.data import anatomy, nifti, phantom
 
 SMALL = (48, 44, 24)
 

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from hrseg import config, results, unet
+from hrseg import config, results
+from hrseg.nn import unet
 
 
 def make_run(root, name, resolution, evals, seed=0, dims=3, step_times=()):

@@ -12,7 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hrseg import checkpoint, cli, config, data, distributed, phantom, train
+from hrseg import cli, config, data, train
+from hrseg.data import phantom
+from hrseg.train import checkpoint, distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
@@ -63,7 +65,7 @@ def test_dice_from_counts():
 
 
 def test_local_rows_on_one_process():
-    from hrseg import partition
+    from hrseg.parallel import partition
     mesh = partition.make_mesh()
     sh = partition.sharding(mesh, partition.volume_spec(3))
     assert distributed.local_rows(sh, (4, 8, 8, 8, 1)) == (0, 1)
@@ -227,7 +229,7 @@ def test_2d_network_trains_on_slices_and_evaluates_whole_volumes(dataset, tmp_pa
     assert result.steps == 2 and math.isfinite(result.final_loss)
     assert result.eval["cases"] == 1 and "tumour_dice_global" in result.eval
     _, graphdef, state, mesh, _ = train.load_run(result.run_dir)
-    from hrseg import inference
+    from hrseg.train import inference
     vol = np.random.default_rng(0).random((16, 16, 7), np.float32)
     [labels] = inference.Predictor(cfg, graphdef, mesh)(state, [vol])
     assert labels.shape == (16, 16, 7) and labels.dtype == np.int32

@@ -8,8 +8,11 @@ import optax
 import pytest
 from flax import nnx
 
-from hrseg import memory, partition, step, unet
+from hrseg import memory
 from hrseg.config import ModelConfig
+from hrseg.nn import unet
+from hrseg.parallel import partition
+from hrseg.train import step
 
 
 def plain_unet_params(cin, base, levels, convs, classes, k=27, up=8, head_bias=False):

@@ -1,4 +1,4 @@
-"""hrseg.viz: the pure slice renderer, figures, and the ipywidgets slice viewer (no browser)."""
+"""hrseg.viz.figures: the pure slice renderer, figures, and the ipywidgets slice viewer (no browser)."""
 import io
 
 import matplotlib
@@ -7,7 +7,8 @@ import pytest
 
 matplotlib.use("Agg")
 
-from hrseg import slice_viewer, viz
+from hrseg import viz
+from hrseg.viz import viewer
 
 
 def toy_case(shape=(24, 20, 12)):
@@ -161,7 +162,7 @@ def test_slice_viewer_controls_drive_the_rendered_slice():
     assert (v.window.value, v.level.value) == (500, 50)
     np.testing.assert_array_equal(v.rgb, viz.render_slice(hu, lab, pred, 2, 5, 500, 50))
     np.testing.assert_array_equal(decode_png(v.image.value),
-                                  slice_viewer.upsample(v.rgb, (0.8, 0.8)))
+                                  viewer.upsample(v.rgb, (0.8, 0.8)))
 
     first = v.rgb.copy()
     v.index.value = 1                                        # outside the liver: no colour
@@ -194,7 +195,7 @@ def test_slice_viewer_bundle_has_a_static_png():
     v = viz.slice_viewer(hu, lab)
     bundle = v._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
-    np.testing.assert_array_equal(decode_png(bundle["image/png"]), slice_viewer.upsample(v.rgb))
+    np.testing.assert_array_equal(decode_png(bundle["image/png"]), viewer.upsample(v.rgb))
     assert not v.show_prediction.value and v.show_prediction.disabled
 
 

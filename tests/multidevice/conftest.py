@@ -32,7 +32,7 @@ SMOKE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "params", "sm
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """4 tiny phantom cases shared by the training tests of this process."""
-    from hrseg import phantom
+    from hrseg.data import phantom
     root = tmp_path_factory.mktemp("phantom")
     phantom.write_dataset(root, cases=4, seed=0, shape=(40, 40, 24))
     return root

@@ -6,7 +6,7 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from hrseg import halo, partition
+from hrseg.parallel import halo, partition
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 KERNELS = [(1, 1, 1), (3, 3, 3), (5, 5, 5), (3, 3, 1)]

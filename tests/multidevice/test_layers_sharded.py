@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from hrseg import layers, norm, partition
+from hrseg.nn import layers, norm
+from hrseg.parallel import partition
 
 X = jax.random.normal(jax.random.key(0), (2, 8, 12, 16, 4)) * 2.0 + 0.5
 W = jax.random.normal(jax.random.key(1), (2, 8, 12, 16, 8))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from hrseg import losses, partition
+from hrseg.nn import losses
+from hrseg.parallel import partition
 
 MESHES = [((2, 2, 2), 1), ((2, 2, 1), 2), ((1, 1, 1), 8)]
 

@@ -6,7 +6,8 @@ import optax
 import pytest
 from flax import nnx
 
-from hrseg import halo, partition, step
+from hrseg.parallel import halo, partition
+from hrseg.train import step
 
 
 class TinyNet(nnx.Module):

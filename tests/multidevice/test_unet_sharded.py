@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hrseg import memory, partition, step, unet
+from hrseg import memory
+from hrseg.nn import unet
+from hrseg.parallel import partition
+from hrseg.train import step
 
 X = jax.random.normal(jax.random.key(0), (2, 16, 8, 24, 1))   # odd-ish: shards 8×4×12 …
 W = jax.random.normal(jax.random.key(1), (2, 16, 8, 24, 3))

@@ -18,8 +18,8 @@ def test_manifest_is_registered():
 def test_reader_layers_spacing_and_orientation(lits_dir, px):
     import nibabel as nib
 
-    from hrseg.napari import _reader
-    from hrseg.napari._case import to_display
+    from hrseg.viz.napari import _reader
+    from hrseg.viz.napari._case import to_display
     path = lits_dir / "volume-7.nii.gz"
     assert _reader.get_reader(str(path)) is _reader.read
     assert _reader.get_reader(str(lits_dir / "notes.txt")) is None
@@ -40,8 +40,8 @@ def test_reader_layers_spacing_and_orientation(lits_dir, px):
 
 
 def test_msd_layout_and_run_folder(tmp_path, px):
-    from hrseg.napari._case import find_case
-    from hrseg.napari._reader import read
+    from hrseg.viz.napari._case import find_case
+    from hrseg.viz.napari._reader import read
     hu, lab, pred = px.toy_ras()
     for sub, arr, dt in (("imagesTr", hu, np.int16), ("labelsTr", lab, np.uint8)):
         (tmp_path / "msd" / sub).mkdir(parents=True)
@@ -67,7 +67,7 @@ def test_msd_layout_and_run_folder(tmp_path, px):
 
 
 def test_screenshot_shows_label_colours_where_the_labels_are(viewer, lits_dir, px):
-    from hrseg.napari._view import focus_labels
+    from hrseg.viz.napari._view import focus_labels
     layers = viewer.open(str(lits_dir / "volume-7.nii.gz"), plugin="hrseg")
     ct, seg, pred = layers
     assert [type(lyr).__name__ for lyr in layers] == ["Image", "Labels", "Labels"]

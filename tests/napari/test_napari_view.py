@@ -46,7 +46,7 @@ def test_view_a_phantom_case(tmp_path, px):
     """The embedded default data, through the same reader: liver on the patient's right."""
     from matplotlib.image import imread
 
-    from hrseg import phantom
+    from hrseg.data import phantom
     phantom.write_dataset(tmp_path / "phantom", cases=1, shape=(64, 64, 32))
     out = tmp_path / "phantom.png"
     r = hrseg("view", str(tmp_path / "phantom" / "volume-0.nii.gz"), "--no-widget",

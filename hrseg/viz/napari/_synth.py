@@ -1,17 +1,17 @@
 """Tumour synthesis on napari layer data (no Qt here; the dock widget is ``_widget``).
 
-The synthesis works on the windowed [0, 1] image the network sees (``hrseg.data.window`` with
+The synthesis works on the windowed [0, 1] image the network sees (``hrseg.data.dataset.window`` with
 the default ``data.hu_window``, HU [-512, 512] -> [0, 1]); the change it makes is mapped back
 to HU and added to the CT, so every voxel it does not touch keeps its exact HU value and the
 result shows with the same contrast as the original. Layers are converted back to canonical RAS+ order before the call and
-the seed's key is split as ``hrseg.augment.augment`` splits it, so a seed draws the same
+the seed's key is split as ``hrseg.data.augment.augment`` splits it, so a seed draws the same
 tumours here as the training augmentation would on the same volume and grid.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from hrseg.napari._case import from_display, to_display
+from hrseg.viz.napari._case import from_display, to_display
 
 SYNTH_CT = "synthetic CT"
 SYNTH_LABELS = "synthetic labels"
@@ -31,7 +31,7 @@ def synthesize(ct, labels, seed: int, probability: float = 1.0,
     import jax
     import jax.numpy as jnp
 
-    from hrseg.augment import synthesize_tumours
+    from hrseg.data.augment import synthesize_tumours
 
     lo, hi = (float(f) for f in fraction)
     if not 0 <= lo <= hi <= 1:
@@ -44,13 +44,13 @@ def synthesize(ct, labels, seed: int, probability: float = 1.0,
         raise ValueError(f"CT {ct.shape} and labels {labels.shape} differ in shape")
     if not (labels == 1).any() and not (labels == 2).any():
         raise ValueError("the labels have no liver (1): nowhere to put tumours")
-    # The same key use as hrseg.augment.augment: (apply?, synthesis, flips) from one key.
+    # The same key use as hrseg.data.augment.augment: (apply?, synthesis, flips) from one key.
     k_apply, k_synth, _ = jax.random.split(jax.random.PRNGKey(int(seed)), 3)
     if float(jax.random.uniform(k_apply)) >= probability:
         return ct, labels, False
 
     from hrseg.config import DataConfig
-    from hrseg.data import window
+    from hrseg.data.dataset import window
     hu = from_display(ct).astype(np.float32)
     lab = from_display(labels).astype(np.int32)
     if _is_unit(hu):

@@ -11,10 +11,10 @@ File conventions (what ``hrseg view`` and the napari reader accept):
 - A dataset folder (LiTS files, or ``imagesTr/``) opens one case: ``case`` (its number or
   name) or the first one.
 
-Layers hold the canonical RAS+ ``(X, Y, Z)`` volume (from :func:`hrseg.data.read_nifti`)
+Layers hold the canonical RAS+ ``(X, Y, Z)`` volume (from :func:`hrseg.data.dataset.read_nifti`)
 reversed on every axis and transposed to ``(Z, Y, X)`` (:func:`to_display`): napari slices its
 first axis, so the default view is axial in radiological orientation (anterior up, the patient's
-right on the left, the same picture as :mod:`hrseg.viz`), slice 0 is the most superior, and the
+right on the left, the same picture as :mod:`hrseg.viz.figures`), slice 0 is the most superior, and the
 map is a rotation (3D views are not mirrored). ``scale`` is ``(sz, sy, sx)`` in mm.
 """
 from __future__ import annotations
@@ -102,9 +102,9 @@ def case_for_file(path: Path, run: Path | None = None) -> Case:
 
 def _dataset_cases(folder: Path) -> dict[Path, Path | None]:
     """CT file -> label file of a LiTS/MSD dataset folder, in natural order
-    (``hrseg.nifti.find_cases``: LiTS in any sub-folder, MSD via dataset.json or imagesTr/);
+    (``hrseg.data.nifti.find_cases``: LiTS in any sub-folder, MSD via dataset.json or imagesTr/);
     empty when it holds none."""
-    from hrseg.nifti import find_cases
+    from hrseg.data.nifti import find_cases
     try:
         return {c.image: c.label for c in find_cases(folder)}
     except ValueError:
@@ -196,12 +196,12 @@ def display_scale(spacing) -> tuple[float, float, float]:
 
 def contrast_limits(volume) -> tuple[float, float]:
     """[-200, 300] HU, or its image in [0, 1] for an already windowed volume."""
-    from hrseg.viz import default_window
+    from hrseg.viz.figures import default_window
     return tuple(default_window(volume))
 
 
 def _read(path: Path):
-    from hrseg.data import read_nifti
+    from hrseg.data.dataset import read_nifti
     return read_nifti(path)
 
 

@@ -25,8 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hrseg import halo
-from hrseg.norm import INVERTIBLE, effective_scale, forward_act, inplace_abn, normalize
+from hrseg.nn.norm import (
+    INVERTIBLE,
+    effective_scale,
+    forward_act,
+    inplace_abn,
+    normalize,
+)
+from hrseg.parallel import halo
 
 ACTIVATIONS = ("leaky_relu", "relu", "elu", "identity")
 NORMS = ("batch", "group", "instance", "inplace_abn", "none")

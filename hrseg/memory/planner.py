@@ -14,8 +14,9 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from hrseg import memory, unet
 from hrseg.config import ModelConfig
+from hrseg.memory import footprint as memory
+from hrseg.nn import unet
 
 # (label, changes to the ModelConfig), cumulative, least intrusive first
 LADDER = (

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hrseg.napari._case import case_layers, find_case, is_nifti
+from hrseg.viz.napari._case import case_layers, find_case, is_nifti
 
 
 def get_reader(path):
@@ -23,7 +23,7 @@ def get_reader(path):
 
 
 def read(path) -> list[tuple]:
-    """LayerData tuples for each path (see :func:`hrseg.napari._case.case_layers`)."""
+    """LayerData tuples for each path (see :func:`hrseg.viz.napari._case.case_layers`)."""
     paths = path if isinstance(path, (list, tuple)) else [path]
     layers = []
     for p in paths:

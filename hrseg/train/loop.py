@@ -26,21 +26,12 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hrseg import (
-    augment,
-    checkpoint,
-    config,
-    data,
-    distributed,
-    inference,
-    losses,
-    nifti,
-    partition,
-    precision,
-    step,
-    unet,
-)
+from hrseg import config, data
 from hrseg.config import Config, TrainConfig
+from hrseg.data import augment, nifti
+from hrseg.nn import losses, precision, unet
+from hrseg.parallel import partition
+from hrseg.train import checkpoint, distributed, inference, step
 
 CLASSES = ("background", "liver", "tumour")
 
@@ -85,14 +76,9 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return opt
 
 
-def in_channels(cfg: Config) -> int:
-    """CT channels of the network input: 1 in 3D; the adjacent slices in 2D."""
-    return 1 if cfg.model.dims == 3 else cfg.data.slices_2d
-
-
 def build(cfg: Config, mesh):
     """``(graphdef, state on the mesh, optimizer)`` of a config, freshly initialised."""
-    model = unet.build(cfg.model, in_channels(cfg), rngs=nnx.Rngs(cfg.train.seed))
+    model = unet.build(cfg.model, cfg.in_channels, rngs=nnx.Rngs(cfg.train.seed))
     optimizer = make_optimizer(cfg.train)
     loss_scaling = precision.policy(cfg.model.precision).loss_scaling
     graphdef, state = step.init_state(model, optimizer, loss_scaling)
@@ -102,7 +88,7 @@ def build(cfg: Config, mesh):
 
 def batch_shape(cfg: Config) -> tuple[int, ...]:
     """Global ``(B, *spatial, C)`` of a training batch."""
-    return (cfg.train.batch, *cfg.data.resolution, in_channels(cfg))
+    return (cfg.train.batch, *cfg.data.resolution, cfg.in_channels)
 
 
 def dice_from_counts(counts) -> dict[str, float]:

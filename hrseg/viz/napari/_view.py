@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hrseg.napari._case import case_layers, find_case
+from hrseg.viz.napari._case import case_layers, find_case
 
 
 def has_display() -> bool:

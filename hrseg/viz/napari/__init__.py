@@ -2,5 +2,5 @@
 
 The manifest is ``napari.yaml`` next to this file (entry point ``napari.manifest`` in
 pyproject.toml). Nothing here imports napari or Qt at import time; ``hrseg view`` and the
-manifest's commands load the submodules on demand. File conventions: :mod:`hrseg.napari._case`.
+manifest's commands load the submodules on demand. File conventions: :mod:`hrseg.viz.napari._case`.
 """

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hrseg import data, distributed, metrics, partition, step
+from hrseg import data, metrics
 from hrseg.config import Config
+from hrseg.parallel import partition
+from hrseg.train import distributed, step
 
 # 2D inference: slices per device per forward pass (~1 M pixels: 256 at 64², 4 at 512²).
 PIXELS_PER_DEVICE = 2 ** 20

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hrseg import halo, precision
 from hrseg.config import ModelConfig
-from hrseg.layers import Conv, ConvBlock, Opts, UpBlock
+from hrseg.nn import precision
+from hrseg.nn.layers import Conv, ConvBlock, Opts, UpBlock
+from hrseg.parallel import halo
 
 PRESETS = ("tiny", "mtf", "paper", "paper2d", "wang_baseline", "wang_compact")
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from hrseg import memory, unet
 from hrseg.config import ModelConfig
+from hrseg.memory import footprint as memory
+from hrseg.nn import unet
 
 ABLATION = (  # (row, changes to wang_baseline), as in Wang, Oda & Mori (2020), Table 1
     ("baseline", {}),

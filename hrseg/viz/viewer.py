@@ -1,12 +1,12 @@
 """The ipywidgets slice viewer: axis, slice, overlay toggles and window/level around
-:func:`hrseg.viz.render_slice`, with a static PNG for executed notebooks."""
+:func:`hrseg.viz.figures.render_slice`, with a static PNG for executed notebooks."""
 from __future__ import annotations
 
 import io
 
 import numpy as np
 
-from hrseg.viz import (
+from hrseg.viz.figures import (
     AXIS_LETTERS,
     AXIS_NAMES,
     default_window,
@@ -118,3 +118,10 @@ class SliceViewer:
         bundle["image/png"] = self.png
         bundle["text/plain"] = f"<SliceViewer {self.caption.value}>"
         return bundle
+
+
+def slice_viewer(volume, labels=None, prediction=None, axis: int = 2, window=None, *,
+                 spacing=None):
+    """An ipywidgets slice viewer for JupyterLab (static PNG fallback in executed notebooks);
+    see :class:`SliceViewer`. Needs ``ipywidgets`` (``notebooks`` extra)."""
+    return SliceViewer(volume, labels, prediction, axis=axis, window=window, spacing=spacing)

@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from hrseg import halo, partition, precision, step, unet
 from hrseg.config import ModelConfig
+from hrseg.nn import precision, unet
+from hrseg.parallel import halo, partition
+from hrseg.train import step
 
 GiB = 2 ** 30
 MASK_BYTES = 1  # the activation's backward keeps a boolean mask
@@ -345,5 +347,3 @@ def peak_bytes_on_device(model_cfg: ModelConfig, input_shape, batch: int = 1,
     return int(stats.get("peak_bytes_in_use", -1))
 
 
-from hrseg.ablation import ABLATION, ablation, format_table  # noqa: F401  (re-exported)
-from hrseg.planner import Plan, plan  # noqa: F401  (re-exported: hrseg.memory.plan)

@@ -17,7 +17,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from hrseg import halo, partition
+from hrseg.parallel import halo, partition
 
 # fp16 dynamic loss scaling (as flax's DynamicScale): grow ×2 after this many finite steps.
 SCALE_PERIOD = 2000
@@ -80,7 +80,7 @@ def count_overlap(pred, labels, classes: int):
 def make_loss(graphdef, loss_fn: Callable, mesh: Mesh, backend: str, ndim: int = 3):
     """``loss(params, rest, images, labels, scale) -> (scaled loss, (loss, new_rest, counts))``.
 
-    ``loss_fn(logits, labels)`` must psum its voxel sums (hrseg.losses does), so the loss is
+    ``loss_fn(logits, labels)`` must psum its voxel sums (hrseg.nn.losses does), so the loss is
     the global one on every shard.
     """
     vspec, lspec = _specs(ndim)

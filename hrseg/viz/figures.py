@@ -1,6 +1,6 @@
 """Pictures of CT volumes for notebooks: montages, before/after figures, an ipywidgets slice viewer.
 
-Volumes are ``(X, Y, Z)`` arrays in nibabel's voxel order after ``hrseg.data`` reoriented them to
+Volumes are ``(X, Y, Z)`` arrays in nibabel's voxel order after ``hrseg.data.dataset`` reoriented them to
 canonical RAS+ (x to the patient's Right, y Anterior, z Superior). Slices are shown the way a
 radiologist reads them (the DICOM display convention), identically for the three axes:
 
@@ -285,10 +285,3 @@ def save(fig, path, dpi: int = 120) -> Path:
         tmp.unlink(missing_ok=True)
     return path
 
-
-def slice_viewer(volume, labels=None, prediction=None, axis: int = 2, window=None, *,
-                 spacing=None):
-    """An ipywidgets slice viewer for JupyterLab (static PNG fallback in executed notebooks);
-    see :class:`hrseg.slice_viewer.SliceViewer`. Needs ``ipywidgets`` (``notebooks`` extra)."""
-    from hrseg.slice_viewer import SliceViewer
-    return SliceViewer(volume, labels, prediction, axis=axis, window=window, spacing=spacing)

@@ -12,8 +12,8 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from hrseg.napari._case import LABEL_COLOURS
-from hrseg.napari._synth import SYNTH_CT, SYNTH_LABELS, synthesize
+from hrseg.viz.napari._case import LABEL_COLOURS
+from hrseg.viz.napari._synth import SYNTH_CT, SYNTH_LABELS, synthesize
 
 
 def layers_of(viewer, kind, exclude):

@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hrseg import halo
+from hrseg.parallel import halo
 
 GAMMA_EPS = 1e-5  # in-place ABN scales by |γ| + GAMMA_EPS: never zero, always invertible
 INVERTIBLE = ("leaky_relu", "elu", "identity")

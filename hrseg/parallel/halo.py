@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hrseg.exchange import (  # noqa: F401  (re-exported: halo.psum, halo.ALL, …)
+from hrseg.parallel.exchange import (  # noqa: F401  (re-exported: halo.psum, halo.ALL, …)
     ALL,
     SPATIAL,
     after,

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from hrseg import halo
+from hrseg.parallel import halo
 
 AXES = ("data", "x", "y", "z")
 EPS = 1e-6
