@@ -30,7 +30,9 @@ def _verify(args) -> int:
 
 def _train(args) -> int:
     from hrseg import config, train
+    from hrseg.train import compile_cache
     cfg = config.load(args.file, args.set)
+    compile_cache.enable()
     try:
         result = train.train(cfg, progress=not args.quiet)
     except FloatingPointError as e:  # NaN/Inf: the message names the step and the checkpoint
@@ -57,6 +59,8 @@ def _predict(args) -> int:
 
 def _run(args) -> int:
     from hrseg import pipeline
+    from hrseg.train import compile_cache
+    compile_cache.enable()  # the notebooks' kernels inherit it through the environment
     try:
         pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet)
     except pipeline.PipelineError as e:

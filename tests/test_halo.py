@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from hrseg.parallel import halo
+from hrseg.parallel import cpuconv, halo
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
 
-def test_unbound_conv_is_plain_same_conv_odd_shape():
+def test_unbound_conv_is_plain_same_conv_odd_shape(monkeypatch):
+    # bit-exact against XLA's own 3D conv; the CPU formulation is checked in test_cpuconv.py
+    monkeypatch.setenv(cpuconv.ENV, "0")
     x = jax.random.normal(jax.random.key(0), (1, 33, 34, 35, 2))
     for k in [(1, 1, 1), (3, 3, 3), (5, 3, 1)]:
         w = jax.random.normal(jax.random.key(1), k + (2, 3))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from hrseg.parallel import cpuconv
 from hrseg.parallel.exchange import (  # noqa: F401  (re-exported: halo.psum, halo.ALL, …)
     ALL,
     SPATIAL,
@@ -75,6 +76,8 @@ def conv(x, w, strides: int | Sequence[int] = 1, feature_group_count: int = 1,
 
 
 def _valid_conv(x, w, strides, groups, precision):
+    if cpuconv.applies(w.shape, strides, groups) and cpuconv.enabled():  # XLA:CPU: issue 16
+        return cpuconv.valid_conv3d(x, w, precision)
     return lax.conv_general_dilated(
         x, w, window_strides=strides, padding="VALID",
         dimension_numbers=_dimension_numbers(x.ndim - 2), feature_group_count=groups,

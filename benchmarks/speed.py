@@ -1,0 +1,323 @@
+"""CPU training-step and inference speed: hrseg vs the same U-Net in stock Flax and PyTorch.
+
+    python benchmarks/speed.py --json                        # 64³, 6 rounds (minutes)
+    python benchmarks/speed.py --json --size 16 --rounds 1 --no-torch     # a smoke run
+    python benchmarks/speed.py --json --torch-path /work/tools/extra-torch --generic
+
+Network: ``unet.preset("mtf")`` (3³ convs without bias, BatchNorm, LeakyReLU 0.1, max-pool,
+k2s2 transposed conv, 1³ head), one ``1×S³×1`` volume, 3 classes, fp32, mean cross-entropy,
+Adam. Each framework runs in its own worker process; the workers are asked in turn (one
+computes while the others wait), ``--rounds`` times, so a shared machine's load hits them
+alike. Per round and framework: one training step and one whole-volume inference (eval mode,
+argmax). Reported: medians, voxels/s, and the median of the per-round ratios (paired, which
+cancels most of the load drift). ``first_step_s``: the first training step (trace + compile
++ run) in a process whose persistent compilation cache is empty (cold) and in a second
+process that finds it filled (warm); ``*_overhead_s`` subtracts the median step.
+
+PyTorch (never a dependency) runs when ``torch`` imports in ``--torch-python`` (default: this
+interpreter, plus ``--torch-path``); ``--threads`` sets its intra-op threads (XLA uses every core it sees).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FRAMEWORKS = ("hrseg", "flax", "torch", "hrseg_xla")
+
+
+# ---------------------------------------------------------------- workers (one per process)
+def _jax_worker(name: str, size: int):
+    """(step(), infer()) closures for hrseg or stock Flax; each blocks until done."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from hrseg.nn import losses, unet
+    from hrseg.parallel import partition
+    from hrseg.train import step as hstep
+
+    cfg = unet.preset("mtf")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, size, size, size, 1)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, cfg.classes, (1, size, size, size)).astype(np.int32))
+    opt = optax.adam(1e-4)
+    if name == "hrseg":
+        mesh = partition.make_mesh((1, 1, 1), 1, devices=jax.devices()[:1])
+        graphdef, state = hstep.init_state(unet.build(cfg), opt)
+        loss_fn = lambda logits, labels: losses.weighted_ce(logits, labels, (1.0,) * 3)
+        train = hstep.make_train_step(graphdef, opt, loss_fn, mesh, "none")
+        predict = hstep.make_predict(graphdef, mesh, "none")
+        box = [state]
+
+        def step():
+            box[0], m = train(box[0], x, y)
+            jax.block_until_ready(m["loss"])
+
+        def infer():
+            jax.block_until_ready(predict(box[0].params, box[0].rest, x)[0])
+        return step, infer
+
+    sys.path.insert(0, HERE)
+    from memory import _plain_flax_unet  # the stock-Flax U-Net of the memory benchmark
+    graphdef, params, rest = nnx.split(_plain_flax_unet(cfg), nnx.Param, ...)
+
+    def loss(params, rest):
+        params, rest = jax.tree.map(lambda v: v, (params, rest))  # (as hrseg's step._merge)
+        model = nnx.merge(graphdef, params, rest)
+        logits = model(x, train=True)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return ce, nnx.state(model, nnx.Not(nnx.Param))
+
+    @jax.jit
+    def train(params, rest, opt_state):
+        (l, rest), g = jax.value_and_grad(loss, has_aux=True)(params, rest)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), rest, opt_state, l
+
+    @jax.jit
+    def predict(params, rest):
+        return jnp.argmax(nnx.merge(graphdef, params, rest)(x, train=False), -1)
+
+    box = [params, rest, opt.init(params)]
+
+    def step():
+        box[0], box[1], box[2], l = train(*box)
+        jax.block_until_ready(l)
+
+    def infer():
+        jax.block_until_ready(predict(box[0], box[1]))
+    return step, infer
+
+
+def _torch_worker(size: int, threads: int):
+    import numpy as np
+    import torch
+    from torch import nn
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    levels, base, convs, classes = 4, 32, 2, 3   # unet.preset("mtf"), written out
+
+    def block(a, b):
+        mods = []
+        for i in range(convs):
+            mods += [nn.Conv3d(a if i == 0 else b, b, 3, padding=1, bias=False),
+                     nn.BatchNorm3d(b, eps=1e-6, momentum=0.1), nn.LeakyReLU(0.1)]
+        return nn.Sequential(*mods)
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            f = [base * 2 ** i for i in range(levels)]
+            self.down = nn.ModuleList([block(1 if i == 0 else f[i - 1], f[i])
+                                       for i in range(levels)])
+            self.ups = nn.ModuleList([nn.ConvTranspose3d(f[i + 1], f[i], 2, 2, bias=False)
+                                      for i in range(levels - 1)])
+            self.up = nn.ModuleList([block(2 * f[i], f[i]) for i in range(levels - 1)])
+            self.head = nn.Conv3d(f[0], classes, 1, bias=False)
+
+        def forward(self, x):  # (B, C, X, Y, Z)
+            skips = []
+            for i, blk in enumerate(self.down):
+                x = blk(x)
+                if i < levels - 1:
+                    skips.append(x)
+                    x = nn.functional.max_pool3d(x, 2)
+            for i in reversed(range(levels - 1)):
+                x = self.up[i](torch.cat([self.ups[i](x), skips[i]], 1))
+            return self.head(x)
+
+    model = UNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((1, 1, size, size, size)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, classes, (1, size, size, size)).astype(np.int64))
+
+    def step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        float(loss.detach())
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            model(x).argmax(1)
+    return step, infer
+
+
+def worker(args) -> int:
+    """Build, time the first step, then answer "step"/"infer"/"quit" lines on stdin."""
+    t0 = time.perf_counter()
+    if args.worker == "torch":
+        step, infer = _torch_worker(args.size, args.threads)
+    else:
+        if args.cache_dir:
+            import jax
+            jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        step, infer = _jax_worker(args.worker.removesuffix("_xla"), args.size)
+    setup = time.perf_counter() - t0
+    t = time.perf_counter()
+    step()
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    infer()
+    first_infer = time.perf_counter() - t
+    print(json.dumps({"setup_s": setup, "first_step_s": first, "first_infer_s": first_infer}),
+          flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "quit":
+            break
+        t = time.perf_counter()
+        (step if cmd == "step" else infer)()
+        print(json.dumps({cmd: time.perf_counter() - t}), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- the driver
+class Worker:
+    def __init__(self, name: str, args, cache_dir: str | None = None):
+        py = args.torch_python if name == "torch" else sys.executable
+        cmd = [py, os.path.abspath(__file__), "--worker", name, "--size", str(args.size),
+               "--threads", str(args.threads)]
+        if cache_dir:
+            cmd += ["--cache-dir", cache_dir]
+        env = dict(os.environ)
+        env.setdefault("JAX_PLATFORMS", "cpu")
+        if name == "hrseg_xla":  # hrseg with XLA's own 3D conv (parallel/cpuconv.py off)
+            env["HRSEG_CPU_CONV"] = "0"
+        extra = [args.torch_path] if name == "torch" and args.torch_path else []
+        env["PYTHONPATH"] = os.pathsep.join(
+            [os.path.dirname(HERE)] + extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        self.name = name
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self.first = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} worker exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, cmd: str) -> float:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read()[cmd]
+
+    def close(self):
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait()
+
+
+def torch_available(python: str, path: str | None) -> bool:
+    env = dict(os.environ)
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
+    return subprocess.run([python, "-c", "import torch"], capture_output=True, check=False,
+                          env=env).returncode == 0
+
+
+def measure(args) -> dict:
+    names = (["hrseg", "flax"] + (["torch"] if args.torch else [])
+             + (["hrseg_xla"] if args.generic else []))
+    voxels = args.size ** 3
+    with tempfile.TemporaryDirectory() as cache:
+        workers = {}
+        for n in names:  # started one after another: compiles do not overlap
+            workers[n] = Worker(n, args, cache_dir=os.path.join(cache, n) if n != "torch" else None)
+        times = {n: {"step": [], "infer": []} for n in names}
+        try:
+            for _ in range(args.rounds):
+                for n in names:
+                    for kind in ("step", "infer"):
+                        times[n][kind].append(workers[n].ask(kind))
+        finally:
+            for w in workers.values():
+                w.close()
+        warm = {}
+        for n in ("hrseg", "flax"):  # a second process on the filled cache
+            w = Worker(n, args, cache_dir=os.path.join(cache, n))
+            warm[n] = w.first
+            w.close()
+    out = {"size": args.size, "rounds": args.rounds, "frameworks": names, "threads_torch": args.threads}
+    for n in names:
+        med = {k: statistics.median(v) for k, v in times[n].items()}
+        out[n] = {"step_s": med["step"], "infer_s": med["infer"],
+                  "step_voxels_per_s": voxels / med["step"],
+                  "infer_voxels_per_s": voxels / med["infer"],
+                  "steps": times[n]["step"], "infers": times[n]["infer"],
+                  "first_step_cold_s": workers[n].first["first_step_s"],
+                  "setup_s": workers[n].first["setup_s"],
+                  "first_step_cold_overhead_s": workers[n].first["first_step_s"] - med["step"]}
+        if n in warm:
+            out[n]["first_step_warm_s"] = warm[n]["first_step_s"]
+            out[n]["first_step_warm_overhead_s"] = warm[n]["first_step_s"] - med["step"]
+
+    def paired(a, b, kind):
+        return statistics.median(x / y for x, y in zip(times[a][kind], times[b][kind]))
+
+    summary = {"hrseg_over_flax": paired("hrseg", "flax", "step"),
+               "hrseg_over_flax_infer": paired("hrseg", "flax", "infer")}
+    if args.generic:
+        summary["hrseg_over_hrseg_xla"] = paired("hrseg", "hrseg_xla", "step")
+        summary["hrseg_over_hrseg_xla_infer"] = paired("hrseg", "hrseg_xla", "infer")
+    if "torch" in names:
+        summary["hrseg_over_torch"] = paired("hrseg", "torch", "step")
+        summary["hrseg_over_torch_infer"] = paired("hrseg", "torch", "infer")
+    for n in names:
+        summary[f"{n}_voxels_per_s"] = out[n]["step_voxels_per_s"]
+    for n in ("hrseg", "flax"):
+        summary[f"{n}_first_step_cold_s"] = out[n]["first_step_cold_s"]
+        summary[f"{n}_first_step_warm_s"] = out[n]["first_step_warm_s"]
+        summary[f"{n}_first_step_warm_overhead_s"] = out[n]["first_step_warm_overhead_s"]
+    return {**{k: round(v, 4) for k, v in summary.items()}, **out}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object (the default)")
+    ap.add_argument("--size", type=int, default=64, help="cube size S of the 1×S³×1 volume "
+                                                         "(a multiple of 8)")
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
+    ap.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+    ap.add_argument("--torch-python", default=sys.executable,
+                    help="interpreter whose `import torch` works (default: this one)")
+    ap.add_argument("--torch-path", help="a folder with torch installed in it (pip --target), "
+                                         "added to the PyTorch worker's PYTHONPATH only")
+    ap.add_argument("--no-torch", dest="torch", action="store_false",
+                    help="leave PyTorch out even if it imports")
+    ap.add_argument("--generic", action="store_true",
+                    help="also run hrseg with XLA's own 3D conv (HRSEG_CPU_CONV=0): before/after")
+    ap.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.size % 8 or args.size < 8 or args.rounds < 1:
+        ap.error(f"--size must be a positive multiple of 8 (3 poolings) and --rounds >= 1, "
+                 f"got {args.size}, {args.rounds}")
+    args.torch = args.torch and torch_available(args.torch_python, args.torch_path)
+    print(json.dumps(measure(args), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""parallel/cpuconv.py: the depth-stacked 3D conv equals XLA's, values and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from hrseg.parallel import cpuconv, halo
+
+DN = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def _close(a, b, tol=2e-6):  # fp32 round-off of a different summation order, relative to max
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1e-6), np.abs(a - b).max()
+
+
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (5, 3, 1), (3, 1, 1)])
+def test_valid_conv3d_equals_lax_values_and_gradients(kernel):
+    xp = jax.random.normal(jax.random.key(0), (2, 9, 8, 7, 3))    # odd, unequal sizes
+    w = jax.random.normal(jax.random.key(1), kernel + (3, 4))
+    ref = lambda xp, w: lax.conv_general_dilated(xp, w, (1, 1, 1), "VALID", dimension_numbers=DN)
+    y, vjp = jax.vjp(cpuconv.valid_conv3d, xp, w)
+    y_ref, vjp_ref = jax.vjp(ref, xp, w)
+    _close(y, y_ref)
+    g = jax.random.normal(jax.random.key(2), y.shape)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+        _close(got, want)
+    # by hand: one output voxel is the sum over its window
+    win = xp[1, 2:2 + kernel[0], 3:3 + kernel[1], 1:1 + kernel[2]]
+    np.testing.assert_allclose(y[1, 2, 3, 1], np.einsum("abcI,abcIO->O", win, w), rtol=1e-5)
+
+
+def test_applies_only_to_plain_3d_convs():
+    assert cpuconv.applies((3, 3, 3, 4, 4), (1, 1, 1), 1)
+    assert not cpuconv.applies((3, 3, 3, 1, 4), (1, 1, 1), 4)     # depthwise
+    assert not cpuconv.applies((3, 3, 3, 4, 4), (2, 2, 2), 1)     # strided
+    assert not cpuconv.applies((1, 1, 1, 4, 4), (1, 1, 1), 1)     # no depth taps
+    assert not cpuconv.applies((3, 3, 4, 4), (1, 1), 1)           # 2D
+
+
+def test_selected_on_cpu_and_switched_off_by_env(monkeypatch):
+    assert jax.default_backend() != "cpu" or cpuconv.enabled()
+    monkeypatch.setenv(cpuconv.ENV, "0")
+    assert not cpuconv.enabled()
+
+
+def test_halo_conv_cpu_path_equals_generic_path(monkeypatch):
+    # the choice is made when a function is traced (custom_vjp keeps its trace): clear caches
+    x = jax.random.normal(jax.random.key(0), (1, 9, 10, 11, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 5))
+    stacked = "tensor<9x12x13x9xf32>"  # (B·X, Y+2, Z+2, 3·Cin): the 2D conv's input
+
+    def run():
+        text = jax.jit(lambda x, w: halo.conv(x, w)).lower(x, w).as_text()
+        y, vjp = jax.vjp(jax.jit(lambda x, w: halo.conv(x, w)), x, w)
+        return (y, *vjp(jnp.cos(y))), text
+
+    fast, text = run()
+    assert stacked in text
+    monkeypatch.setenv(cpuconv.ENV, "0")
+    jax.clear_caches()
+    generic, text = run()
+    jax.clear_caches()
+    assert stacked not in text
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(generic)):
+        _close(a, b, 1e-5)
