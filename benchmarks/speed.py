@@ -33,7 +33,7 @@ FRAMEWORKS = ("hrseg", "flax", "torch", "hrseg_xla")
 
 
 # ---------------------------------------------------------------- workers (one per process)
-def _jax_worker(name: str, size: int):
+def _jax_worker(name: str, size: int, preset: str):
     """(step(), infer()) closures for hrseg or stock Flax; each blocks until done."""
     import jax
     import jax.numpy as jnp
@@ -45,7 +45,7 @@ def _jax_worker(name: str, size: int):
     from hrseg.parallel import partition
     from hrseg.train import step as hstep
 
-    cfg = unet.preset("mtf")
+    cfg = unet.preset(preset)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((1, size, size, size, 1)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, cfg.classes, (1, size, size, size)).astype(np.int32))
@@ -98,13 +98,13 @@ def _jax_worker(name: str, size: int):
     return step, infer
 
 
-def _torch_worker(size: int, threads: int):
+def _torch_worker(size: int, threads: int, arch: str):
     import numpy as np
     import torch
     from torch import nn
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    levels, base, convs, classes = 4, 32, 2, 3   # unet.preset("mtf"), written out
+    levels, base, convs, classes = map(int, arch.split(","))  # of the hrseg preset
 
     def block(a, b):
         mods = []
@@ -160,14 +160,14 @@ def worker(args) -> int:
     """Build, time the first step, then answer "step"/"infer"/"quit" lines on stdin."""
     t0 = time.perf_counter()
     if args.worker == "torch":
-        step, infer = _torch_worker(args.size, args.threads)
+        step, infer = _torch_worker(args.size, args.threads, args.arch)
     else:
         if args.cache_dir:
             import jax
             jax.config.update("jax_compilation_cache_dir", args.cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        step, infer = _jax_worker(args.worker.removesuffix("_xla"), args.size)
+        step, infer = _jax_worker(args.worker.removesuffix("_xla"), args.size, args.preset)
     setup = time.perf_counter() - t0
     t = time.perf_counter()
     step()
@@ -192,7 +192,7 @@ class Worker:
     def __init__(self, name: str, args, cache_dir: str | None = None):
         py = args.torch_python if name == "torch" else sys.executable
         cmd = [py, os.path.abspath(__file__), "--worker", name, "--size", str(args.size),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--preset", args.preset, "--arch", args.arch]
         if cache_dir:
             cmd += ["--cache-dir", cache_dir]
         env = dict(os.environ)
@@ -257,7 +257,7 @@ def measure(args) -> dict:
             w = Worker(n, args, cache_dir=os.path.join(cache, n))
             warm[n] = w.first
             w.close()
-    out = {"size": args.size, "rounds": args.rounds, "frameworks": names, "threads_torch": args.threads}
+    out = {"preset": args.preset, "size": args.size, "rounds": args.rounds, "frameworks": names, "threads_torch": args.threads}
     for n in names:
         med = {k: statistics.median(v) for k, v in times[n].items()}
         out[n] = {"step_s": med["step"], "infer_s": med["infer"],
@@ -296,6 +296,8 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object (the default)")
     ap.add_argument("--size", type=int, default=64, help="cube size S of the 1×S³×1 volume "
                                                          "(a multiple of 8)")
+    ap.add_argument("--preset", default="mtf", help="hrseg.nn.unet preset (plain blocks, "
+                                                    "batch norm: mtf or tiny)")
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
     ap.add_argument("--torch-python", default=sys.executable,
@@ -308,12 +310,20 @@ def main() -> int:
                     help="also run hrseg with XLA's own 3D conv (HRSEG_CPU_CONV=0): before/after")
     ap.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--arch", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    if args.size % 8 or args.size < 8 or args.rounds < 1:
-        ap.error(f"--size must be a positive multiple of 8 (3 poolings) and --rounds >= 1, "
+    from hrseg.nn import unet
+    cfg = unet.preset(args.preset)
+    if cfg.block != "plain" or cfg.norm != "batch" or cfg.dims != 3:
+        ap.error(f"--preset {args.preset}: the Flax and PyTorch copies are plain-block, "
+                 f"batch-norm 3D U-Nets")
+    m = 2 ** unet.levels_of(cfg)
+    if args.size % m or args.size < m or args.rounds < 1:
+        ap.error(f"--size must be a positive multiple of {m} and --rounds >= 1, "
                  f"got {args.size}, {args.rounds}")
+    args.arch = f"{cfg.levels},{cfg.base},{cfg.convs_per_block},{cfg.classes}"
     args.torch = args.torch and torch_available(args.torch_python, args.torch_path)
     print(json.dumps(measure(args), indent=1))
     return 0

@@ -1,0 +1,56 @@
+"""The CPU conv formulation (parallel/cpuconv.py) on a 2×2×2 mesh == the generic XLA conv,
+values and gradients: through halo.conv (check_vma off, as partition.spmd runs it), and the
+formulation itself under shard_map's default check_vma=True (it adds no custom_vjp: autodiff
+types the replicated weight's gradient; halo._conv's own rule is issue 11's)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from hrseg.parallel import cpuconv, halo, partition
+
+
+def _run(mesh, check_vma, x, w):
+    vs = partition.volume_spec()
+    conv = jax.shard_map(lambda x, w: halo.conv(x, w), mesh=mesh, in_specs=(vs, P()),
+                         out_specs=vs, check_vma=check_vma)
+    text = jax.jit(conv).lower(x, w).as_text()
+    y, vjp = jax.vjp(jax.jit(conv), x, w)
+    return (y, *vjp(jnp.cos(y))), text
+
+
+def test_sharded_cpu_conv_equals_generic_conv(monkeypatch, check_vma=False):
+    mesh = partition.make_mesh((2, 2, 2), 1)
+    x = partition.shard(mesh, jax.random.normal(jax.random.key(0), (1, 8, 12, 10, 3)))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
+    stacked = "tensor<4x8x7x9xf32>"  # per shard (B·X/2, Y/2+2, Z/2+2, 3·Cin): the 2D conv
+    jax.clear_caches()  # the choice is made at trace time
+    fast, text = _run(mesh, check_vma, x, w)
+    assert stacked in text
+    monkeypatch.setenv(cpuconv.ENV, "0")
+    jax.clear_caches()
+    generic, text = _run(mesh, check_vma, x, w)
+    jax.clear_caches()
+    assert stacked not in text
+    for a, b in zip(fast, generic):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_formulation_under_check_vma():
+    mesh = partition.make_mesh((2, 2, 2), 1)
+    vs = partition.volume_spec()
+    xp = partition.shard(mesh, jax.random.normal(jax.random.key(0), (1, 10, 12, 14, 3)))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
+    ref = lambda xp, w: lax.conv_general_dilated(xp, w, (1, 1, 1), "VALID",
+                                                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    outs = []
+    for f in (cpuconv.valid_conv3d, ref):  # each shard: a VALID conv of its own block
+        g = jax.shard_map(f, mesh=mesh, in_specs=(vs, P()), out_specs=vs)  # check_vma=True
+        y, vjp = jax.vjp(jax.jit(g), xp, w)
+        outs.append((y, *vjp(jnp.cos(y))))
+    assert outs[0][2].shape == w.shape   # the weight gradient, summed over the 8 shards
+    for a, b in zip(*outs):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()

@@ -1,0 +1,38 @@
+"""benchmarks/speed.py end to end at toy size: workers start, answer in turn, JSON is sane.
+
+No timing is asserted (speed targets live in the benchmark's output, not in unit tests)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speed_benchmark_json_at_toy_size():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--json",
+                           "--preset", "tiny", "--size", "8", "--rounds", "2", "--no-torch"],
+                          capture_output=True, text=True, env=env, check=False, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["frameworks"] == ["hrseg", "flax"] and "hrseg_over_torch" not in out
+    for n in ("hrseg", "flax"):
+        r = out[n]
+        assert len(r["steps"]) == len(r["infers"]) == 2
+        assert all(t > 0 for t in r["steps"] + r["infers"])
+        assert math.isclose(r["step_voxels_per_s"], 8 ** 3 / r["step_s"], rel_tol=1e-9)
+        assert r["first_step_cold_s"] > 0 and r["first_step_warm_s"] > 0
+        assert out[f"{n}_voxels_per_s"] > 0
+    ratios = [a / b for a, b in zip(out["hrseg"]["steps"], out["flax"]["steps"])]
+    assert math.isclose(out["hrseg_over_flax"], sum(ratios) / 2,
+                        rel_tol=1e-3)   # the median of the paired per-round ratios
+
+
+def test_speed_benchmark_refuses_bad_size():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--size", "12"],
+                          capture_output=True, text=True, check=False,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 2 and "multiple of 8" in proc.stderr
