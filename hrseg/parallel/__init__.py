@@ -3,4 +3,5 @@
     partition   axis names, meshes, shardings, divisibility, the backend registry
     exchange    halo exchange between neighbouring shards (lax.ppermute) and its transpose
     halo        per-shard ops for shard_map: conv, max-pool, up-conv, moments, psum helpers
+    cpuconv     the 3D conv as one depth-stacked 2D conv, chosen on XLA:CPU (faster there)
 """

@@ -5,6 +5,7 @@
     checkpoint  orbax checkpoints, newest-first restore
     distributed jax.distributed start for multi-host runs
     inference   whole-volume prediction and evaluation of a run
+    compile_cache  JAX's persistent compilation cache under .cache/jax (CLI, notebooks)
 
 ``hrseg.train`` re-exports the loop's API: ``train.train(cfg)``, ``train.evaluate(run_dir)``, ...
 """

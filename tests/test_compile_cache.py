@@ -1,0 +1,30 @@
+"""train/compile_cache.py: the persistent cache folder, for this process and its children."""
+import os
+
+import jax
+
+from hrseg.train import compile_cache
+
+KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes")
+
+
+def test_enable_points_jax_and_the_environment_at_the_project_folder(tmp_path, monkeypatch):
+    before = {k: getattr(jax.config, k) for k in KEYS}
+    monkeypatch.delenv(compile_cache.ENV_DIR, raising=False)
+    for k in compile_cache.ENV:
+        monkeypatch.delenv(k, raising=False)
+    try:
+        path = compile_cache.enable(tmp_path)
+        assert path == (tmp_path / ".cache" / "jax").resolve() and path.is_dir()
+        assert jax.config.jax_compilation_cache_dir == str(path)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.3  # CPU steps stored
+        # papermill's kernels are children: they read the same settings from the environment
+        assert os.environ[compile_cache.ENV_DIR] == str(path)
+        assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0.3"
+        # an explicit folder wins over the project's
+        monkeypatch.setenv(compile_cache.ENV_DIR, str(tmp_path / "elsewhere"))
+        assert compile_cache.cache_dir(tmp_path) == tmp_path / "elsewhere"
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
