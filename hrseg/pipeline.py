@@ -15,6 +15,7 @@ notebook stops the pipeline with its cell and error named in one line.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -199,6 +200,24 @@ def run(params_dir: str | Path = "params/default", only: list[str] | None = None
     if progress:
         print(f"{len(done)} notebook(s) executed in {time.perf_counter() - t0:.0f} s -> {out}/")
     return done
+
+
+def notebook_setup(devices: int | None = None) -> Path:
+    """The first code cell of every notebook; returns the working directory.
+
+    Moves into the folder that holds ``params/`` when the kernel started one level below it
+    (JupyterLab starts kernels in ``notebooks/``; papermill runs from the repository root), so
+    paths in params files resolve alike. With ``devices``, asks XLA for that many fake CPU
+    devices: call it before jax is imported (each notebook is its own kernel).
+    """
+    if not Path("params").is_dir() and Path("../params").is_dir():
+        os.chdir("..")
+    if devices:
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                       os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"  # fake devices exist on the CPU platform only
+    return Path.cwd()
 
 
 def ensure_phantom(root: str | Path, cases: int, seed: int = 0, shape=None,

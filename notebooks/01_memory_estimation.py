@@ -38,19 +38,14 @@ budget_resolution = 512        # planner: cube edge (the paper preset schedule)
 out_dir = "runs"               # figures and tables go to <out_dir>/01_memory_estimation/
 
 # %%
-import os
-from pathlib import Path
+from hrseg import pipeline
 
-if not Path("params").is_dir() and Path("../params").is_dir():  # JupyterLab: kernel in notebooks/
-    os.chdir("..")
-import re
-
-flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-os.environ["JAX_PLATFORMS"] = "cpu"  # fake devices exist on the CPU platform only
+pipeline.notebook_setup(devices)  # cwd: the repo root; fake CPU devices before jax is imported
 
 # %%
 # %matplotlib inline
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 from IPython.display import Markdown, display

@@ -36,19 +36,14 @@ hlo_backends = ["halo", "gspmd"]  # compiled steps compared
 out_dir = "runs"             # figures and tables go to <out_dir>/02_halo_correctness/
 
 # %%
-import os
-from pathlib import Path
+from hrseg import pipeline
 
-if not Path("params").is_dir() and Path("../params").is_dir():  # JupyterLab: kernel in notebooks/
-    os.chdir("..")
-import re
-
-flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-os.environ["JAX_PLATFORMS"] = "cpu"  # fake devices exist on the CPU platform only
+pipeline.notebook_setup(devices)  # cwd: the repo root; fake CPU devices before jax is imported
 
 # %%
 # %matplotlib inline
+from pathlib import Path
+
 import jax
 from flax import nnx
 from IPython.display import Markdown, display
@@ -61,7 +56,6 @@ from hrseg.train import equivalence
 figures = Path(out_dir) / "02_halo_correctness"
 figures.mkdir(parents=True, exist_ok=True)
 assert jax.device_count() >= devices, "jax was imported before XLA_FLAGS was set: restart the kernel"
-jax.devices()
 
 # %% [markdown]
 # ## Forward and gradients, sharded vs unsharded

@@ -34,14 +34,14 @@ open_napari = True             # open the case in napari when a display is avail
 out_dir = "runs"               # figures and tables go to <out_dir>/03_augmentation/
 
 # %%
-import os
-from pathlib import Path
+from hrseg import pipeline
 
-if not Path("params").is_dir() and Path("../params").is_dir():  # JupyterLab: kernel in notebooks/
-    os.chdir("..")
+pipeline.notebook_setup()  # cwd: the repo root (JupyterLab starts kernels in notebooks/)
 
 # %%
 # %matplotlib inline
+from pathlib import Path
+
 import jax
 import numpy as np
 from IPython.display import Markdown, display

@@ -32,15 +32,14 @@ show_cases = 2                 # validation cases drawn with their predictions
 out_dir = "runs"               # the run goes to <out_dir>/<train.name>/
 
 # %%
-import os
-from pathlib import Path
+from hrseg import pipeline
 
-if not Path("params").is_dir() and Path("../params").is_dir():  # JupyterLab: kernel in notebooks/
-    os.chdir("..")
+pipeline.notebook_setup()  # cwd: the repo root (JupyterLab starts kernels in notebooks/)
 
 # %%
 # %matplotlib inline
 import json
+from pathlib import Path
 
 import numpy as np
 from IPython.display import Markdown, display

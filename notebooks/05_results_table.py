@@ -34,14 +34,14 @@ paper_resolutions = [64, 128, 256, 512]  # reference: the paper's U-Net schedule
 out_dir = "runs"               # the table goes to <out_dir>/results/
 
 # %%
-import os
-from pathlib import Path
+from hrseg import pipeline
 
-if not Path("params").is_dir() and Path("../params").is_dir():  # JupyterLab: kernel in notebooks/
-    os.chdir("..")
+pipeline.notebook_setup()  # cwd: the repo root (JupyterLab starts kernels in notebooks/)
 
 # %%
 # %matplotlib inline
+from pathlib import Path
+
 from IPython.display import Markdown, display
 
 from hrseg import memory, results, viz

@@ -3,6 +3,8 @@
 The tests use a folder of throw-away notebooks (two cells; a real kernel, ~2 s each, for the
 execution tests); the real notebooks run in tests/test_notebooks.py.
 """
+import os
+
 import nbformat
 import pytest
 
@@ -156,3 +158,18 @@ def test_ensure_phantom_writes_only_into_a_missing_or_empty_folder(tmp_path):
     (lits / "volume-0.nii").write_bytes(b"not ours")
     assert "not a phantom: left untouched" in pipeline.ensure_phantom(lits, 2, progress=False)
     assert [p.name for p in lits.iterdir()] == ["volume-0.nii"]
+
+
+def test_notebook_setup_moves_to_the_params_folder_and_asks_for_devices(tmp_path, monkeypatch):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")             # where JupyterLab starts the kernel
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_a=1 --xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    assert pipeline.notebook_setup(8) == tmp_path
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_a=1  --xla_force_host_platform_device_count=8"
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    assert pipeline.notebook_setup() == tmp_path          # already there: stays (papermill's case)
+    (tmp_path / "params" / "smoke").mkdir()
+    monkeypatch.chdir(tmp_path / "params" / "smoke")
+    assert pipeline.notebook_setup() == tmp_path / "params" / "smoke"   # no params/ above: stays
