@@ -3,6 +3,7 @@
     footprint   analytic estimate, traced residuals, compiled measurement
     planner     the smallest partition that fits a per-device budget
     ablation    Wang et al.'s memory ablation table
+    study       the notebooks' tables: analytic vs compiled, memory vs devices, paper schedule
 
 ``hrseg.memory`` re-exports them: ``memory.estimate``, ``memory.measure``, ``memory.plan``, ...
 """
@@ -31,4 +32,10 @@ from hrseg.memory.footprint import (  # noqa: F401
 from hrseg.memory.planner import (  # noqa: F401
     Plan,
     plan,
+)
+from hrseg.memory.study import (  # noqa: F401
+    Compiled,
+    analytic_vs_compiled,
+    memory_vs_devices,
+    paper_schedule,
 )
