@@ -18,11 +18,12 @@ import orbax.checkpoint as ocp
 from hrseg import atomic
 
 # orbax logs every save and restore at INFO through absl; a training log wants none of that.
-# A read-only manager (evaluate, predict) is expected to be read-only: drop orbax's warnings
-# that say so ("Given directory is read only=...").
+# A read-only manager (evaluate, predict) is read-only by design: drop orbax's warnings that
+# say so ("Given directory is read only=...", "read_only=True, setting max_to_keep=None").
 logging.getLogger("absl").setLevel(logging.WARNING)
 logging.getLogger("absl").addFilter(
-    lambda record: "Given directory is read only" not in record.getMessage())
+    lambda record: not any(s in record.getMessage()
+                           for s in ("Given directory is read only", "read_only=True")))
 
 
 class DamagedCheckpoint(ValueError):
