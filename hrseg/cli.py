@@ -200,8 +200,22 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def _drop_closed_loop_noise() -> None:
+    """After a failed background checkpoint write (a full disk) tensorstore's callbacks can
+    reach orbax's closed event loop and print "RuntimeError: Event loop is closed" tracebacks;
+    the failure itself is reported as one line, so these are dropped."""
+    def noise(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda t, e, tb: None if noise(e) else excepthook(t, e, tb)
+    sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisablehook(u)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "evaluate", "predict"):
+        _drop_closed_loop_noise()
     try:
         return int(args.func(args) or 0)
     except Exception as e:

@@ -225,3 +225,65 @@ def test_predict_refuses_nan_voxels_unless_asked_to_clean(trained, dataset, tmp_
     assert f"{bad}: 25 NaN/Inf voxels" in line and not out.exists(), line
     assert cli.main(["predict", str(trained), str(bad), "-o", str(out), "--clean-nonfinite"]) == 0
     assert nib.load(out).shape == vol.shape
+
+
+FULL_DISK = r"""
+set -u
+mount -t tmpfs -o size=2m tmpfs "$MNT" || exit 99
+fill() { avail=$(df -k --output=avail "$MNT" | tail -1)
+         dd if=/dev/zero of="$MNT/filler" bs=1K count=$((avail - $1)) status=none; }
+train() { "$PY" -m hrseg.cli train -f "$SMOKE" --quiet --set $SETS; }
+fill "$FREE_KB"
+train 2> "$OUT/train.err"; echo $? > "$OUT/train.rc"
+find "$MNT/full" -name '.tmp-*' > "$OUT/partial.txt"
+rm "$MNT/filler"
+train > /dev/null 2>&1; echo $? > "$OUT/resume.rc"
+find "$MNT/full" -name '*tmp*' >> "$OUT/partial.txt"
+cp -r "$MNT/full" "$OUT/run"
+fill 0
+"$PY" -m hrseg.cli evaluate "$MNT/full" 2> "$OUT/evaluate.err"; echo $? > "$OUT/evaluate.rc"
+"$PY" -m hrseg.cli predict "$MNT/full" "$VOLUME" -o "$MNT/p.nii.gz" 2> "$OUT/predict.err"
+echo $? > "$OUT/predict.rc"
+"""
+
+
+def _mount_namespace(tmp_path) -> list[str] | str:
+    """The command that runs a shell in a private mount namespace, or why there is none."""
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for cmd in (["unshare", "-m"], ["unshare", "-rm"]):       # root; user namespace
+        r = subprocess.run([*cmd, "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {probe}"],
+                           capture_output=True, text=True, check=False)
+        if r.returncode == 0:
+            return cmd
+    return f"cannot mount a tmpfs here: {r.stderr.strip()}"
+
+
+def test_a_real_full_disk_tmpfs_then_a_bit_identical_resume(trained, dataset, tmp_path):
+    ns = _mount_namespace(tmp_path)
+    if isinstance(ns, str):
+        print(f"SKIP full-disk tmpfs test: {ns}")
+        pytest.skip(ns)
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    env = {**__import__("os").environ, "MNT": str(mnt), "OUT": str(out), "PY": sys.executable,
+           "SMOKE": str(SMOKE), "FREE_KB": "300", "PYTHONPATH": str(ROOT),
+           "VOLUME": str(min(Path(dataset).glob("volume-*.nii*"))),
+           "SETS": " ".join(sets(dataset, mnt, "train.name=full"))}
+    subprocess.run([*ns, "bash", "-c", FULL_DISK], env=env, check=True, timeout=600, cwd=ROOT)
+    read = lambda name: (out / name).read_text().strip()
+    for cmd in ("train", "evaluate", "predict"):
+        assert read(f"{cmd}.rc") == "1", (cmd, read(f"{cmd}.err"))
+        line = one_error_line(read(f"{cmd}.err"), cmd)
+        assert line.startswith(f"hrseg {cmd}: error: no space left on device writing {mnt}/")
+        assert len(read(f"{cmd}.err").splitlines()) == 1, read(f"{cmd}.err")
+    assert read("resume.rc") == "0" and read("partial.txt") == ""
+    _, _, a, _, step_a = train.load_run(out / "run")
+    _, _, b, _, step_b = train.load_run(trained)
+    assert step_a == step_b == 4
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(a)),
+                            jax.tree.leaves(jax.device_get(b))):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))

@@ -17,13 +17,22 @@ import orbax.checkpoint as ocp
 
 from hrseg import atomic
 
+
 # orbax logs every save and restore at INFO through absl; a training log wants none of that.
 # A read-only manager (evaluate, predict) is read-only by design: drop orbax's warnings that
 # say so ("Given directory is read only=...", "read_only=True, setting max_to_keep=None").
+# A full disk is reported once, as one line (atomic.DiskFull), not as the tracebacks orbax's
+# background threads log.
+def _quiet(record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    if any(s in msg for s in ("Given directory is read only", "read_only=True")):
+        return False
+    return not (atomic.is_disk_full(record.exc_info[1] if record.exc_info else None)
+                or "No space left on device" in msg)
+
+
 logging.getLogger("absl").setLevel(logging.WARNING)
-logging.getLogger("absl").addFilter(
-    lambda record: not any(s in record.getMessage()
-                           for s in ("Given directory is read only", "read_only=True")))
+logging.getLogger("absl").addFilter(_quiet)
 
 
 class DamagedCheckpoint(ValueError):
@@ -59,7 +68,7 @@ class Checkpoints:
     def save(self, step: int, state) -> None:
         """Start saving (returns once the arrays are copied off the devices, so the caller
         may donate ``state`` to the next step; the write finishes in the background)."""
-        with _disk_full_names(self.directory / str(int(step))):
+        with _disk_full_names(self.directory):
             self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
 
     def restore(self, like, step: int | None = None):
