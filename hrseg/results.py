@@ -96,12 +96,12 @@ class Run:
 
 def find_runs(root: str | Path = "runs") -> list[Run]:
     """Every run directory directly under ``root`` with a config and ≥ 1 evaluation."""
-    from hrseg import config
+    from hrseg.train import rundir
     runs = []
-    for cfg_path in sorted(Path(root).glob("*/config.yaml")):
+    for cfg_path in sorted(Path(root).glob(f"*/{rundir.CONFIG}")):
         d = cfg_path.parent
         evals = {}
-        for p in sorted((d / "checkpoints").glob("eval_*.json")):
+        for p in sorted(rundir.checkpoints(d).glob("eval_*.json")):
             try:
                 rec = json.loads(p.read_text())
             except json.JSONDecodeError:
@@ -110,7 +110,7 @@ def find_runs(root: str | Path = "runs") -> list[Run]:
                 evals[int(rec.get("step", p.stem.split("_")[1]))] = rec["metrics"]
         if not evals:
             continue
-        runs.append(Run(d.name, d, config.load(cfg_path), evals))
+        runs.append(Run(d.name, d, rundir.read_config(d), evals))
     return runs
 
 
