@@ -226,8 +226,7 @@ def _train(cfg, run_dir, mesh, graphdef, state, optimizer, batches, evaluator, p
         result = _loop(cfg, run_dir, mesh, graphdef, state, optimizer, batches, evaluator,
                        ckpts, start, progress, on_step)
         ckpts.wait()
-        if main:
-            ckpts.prune()
+        ckpts.prune()            # orbax calls are collective: every process makes them
     finally:
         ckpts.close()
     result.resumed_from = resumed_from
