@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from hrseg import atomic
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -174,7 +176,10 @@ def parse_overrides(items: list[str] | None) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set '{item}': the value is not valid YAML") from None
     return out
 
 
@@ -200,19 +205,79 @@ def read_mapping(path: str | Path, what: str = "keys") -> dict:
     return raw
 
 
+def _keys(raw: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in raw.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+# (key, test, what it must be): checked at load, so a bad value is one line naming its key
+# instead of an error deep inside a run.
+_RULES = (
+    ("train.lr", lambda v: v > 0, "> 0"),
+    ("train.steps", lambda v: v >= 0, ">= 0"),
+    ("train.batch", lambda v: v >= 1, ">= 1"),
+    ("train.eval_every", lambda v: v >= -1, ">= -1 (0 = only at the end, -1 = never)"),
+    ("train.ckpt_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("train.keep_ckpts", lambda v: v >= 1, ">= 1"),
+    ("train.lr_decay_every", lambda v: v >= 0, ">= 0 (0 = never)"),
+    ("train.lr_decay", lambda v: v > 0, "> 0"),
+    ("train.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("mesh.spatial", lambda v: all(n >= 1 for n in v), "devices >= 1 on every axis"),
+    ("mesh.data", lambda v: v >= 1, ">= 1"),
+    ("model.levels", lambda v: v >= 1, ">= 1"),
+    ("model.base", lambda v: v >= 1, ">= 1"),
+    ("data.resolution", lambda v: all(n >= 1 for n in v), "sizes >= 1"),
+    ("data.n_val", lambda v: v >= 0, ">= 0"),
+    ("data.max_cases", lambda v: v >= 0, ">= 0"),
+)
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks of the values (types were checked when the config was built)."""
+    for key, ok, what in _RULES:
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if not ok(value):
+            raise ValueError(f"config key '{key}' must be {what}, got {_plain(value)}")
+    if len(cfg.data.resolution) != cfg.model.dims:
+        raise ValueError(f"config key 'data.resolution' must have {cfg.model.dims} sizes for "
+                         f"model.dims={cfg.model.dims}, got {_plain(cfg.data.resolution)}")
+    return cfg
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML run config (missing keys keep their defaults) and apply ``--set`` items."""
+    """Read a YAML run config (missing keys keep their defaults) and apply ``--set`` items.
+    An error names where the bad key came from: the file, or ``--set``."""
     raw = {} if path is None else read_mapping(path, "sections")
-    raw = _merge(raw, parse_overrides(overrides))
     try:
-        return from_dict(raw)
+        over = parse_overrides(overrides)
+        from_dict(over)                   # unknown keys / bad types of the overrides alone
     except ValueError as e:
-        raise ValueError(f"{path or '<overrides>'}: {e}") from None
+        raise ValueError(f"--set: {str(e).removeprefix('--set ')}") from None
+    try:
+        from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path or '<defaults>'}: {e}") from None
+    try:
+        return validate(from_dict(_merge(raw, over)))
+    except ValueError as e:
+        where = "--set" if any(f"'{k}'" in str(e) for k in _keys(over)) else path or "<defaults>"
+        raise ValueError(f"{where}: {e}") from None
 
 
 def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def dumps(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic.write_text(path, dumps(cfg))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hrseg import atomic
+
 METRICS = ("tumour_dice_per_case", "tumour_dice_global", "liver_dice_per_case",
            "liver_dice_global")
 HEADERS = {"tumour_dice_per_case": "Tumour Dice per case",
@@ -60,7 +62,7 @@ def write_csv(rows: Sequence[dict], path: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
+    with atomic.open_atomic(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -94,12 +96,12 @@ class Run:
 
 def find_runs(root: str | Path = "runs") -> list[Run]:
     """Every run directory directly under ``root`` with a config and ≥ 1 evaluation."""
-    from hrseg import config
+    from hrseg.train import rundir
     runs = []
-    for cfg_path in sorted(Path(root).glob("*/config.yaml")):
+    for cfg_path in sorted(Path(root).glob(f"*/{rundir.CONFIG}")):
         d = cfg_path.parent
         evals = {}
-        for p in sorted((d / "checkpoints").glob("eval_*.json")):
+        for p in sorted(rundir.checkpoints(d).glob("eval_*.json")):
             try:
                 rec = json.loads(p.read_text())
             except json.JSONDecodeError:
@@ -108,7 +110,7 @@ def find_runs(root: str | Path = "runs") -> list[Run]:
                 evals[int(rec.get("step", p.stem.split("_")[1]))] = rec["metrics"]
         if not evals:
             continue
-        runs.append(Run(d.name, d, config.load(cfg_path), evals))
+        runs.append(Run(d.name, d, rundir.read_config(d), evals))
     return runs
 
 
@@ -125,17 +127,9 @@ def row_key(cfg) -> tuple[int, int, str]:
 def step_time(run_dir: str | Path) -> float:
     """Median wall time of the training steps logged in ``metrics.jsonl`` (robust to the
     compiling first step of each invocation); NaN without a log."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return math.nan
-    times = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue   # a line being written
-        if isinstance(rec.get("step_time_s"), (int, float)):
-            times.append(rec["step_time_s"])
+    from hrseg.train import rundir
+    times = [rec["step_time_s"] for rec in rundir.read_metrics(Path(run_dir) / rundir.METRICS)
+             if isinstance(rec.get("step_time_s"), (int, float))]
     return float(np.median(times)) if times else math.nan
 
 
@@ -258,7 +252,7 @@ def write_table(rows: Sequence[dict], out_dir: str | Path, title: str | None = N
     md = markdown_table(table(rows))
     if title:
         md = f"# {title}\n\n{md}"
-    (out / "results.md").write_text(md)
+    atomic.write_text(out / "results.md", md)
     csv_rows = [{**r, "runs": " ".join(r["runs"])} for r in rows]
     columns = ["resolution", "runs", "n"] + [k for m in METRICS
                                              for k in (m, f"{m}_std", f"{m}_n")] + [

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hrseg import cli, config, data, train
+from hrseg import atomic, cli, config, data, train
 from hrseg.data import phantom
 from hrseg.train import checkpoint, distributed
 
@@ -73,10 +73,10 @@ def test_local_rows_on_one_process():
 
 def test_write_json_is_atomic(tmp_path):
     path = tmp_path / "a" / "eval.json"
-    checkpoint.write_json(path, {"x": np.float32(0.5), "v": np.arange(3)})
+    atomic.write_json(path, {"x": np.float32(0.5), "v": np.arange(3)})
     assert json.loads(path.read_text()) == {"x": 0.5, "v": [0, 1, 2]}
     with pytest.raises(TypeError):
-        checkpoint.write_json(path, {"x": object()})
+        atomic.write_json(path, {"x": object()})
     assert json.loads(path.read_text())["x"] == 0.5          # the old file survives a failure
     assert [p.name for p in path.parent.iterdir()] == ["eval.json"]   # no temp files left
 

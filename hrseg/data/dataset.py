@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hrseg import atomic
 from hrseg.config import DataConfig
 from hrseg.data import integrity, nifti, resample
 from hrseg.data.integrity import verify_dataset  # noqa: F401  (public: hrseg.data.verify_dataset)
@@ -134,13 +135,8 @@ def _cache_stem(case: Case, cfg: DataConfig) -> Path:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.open_atomic(path, "wb") as f:
+        np.save(f, array)
 
 
 def preprocess_case(case: Case, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -179,9 +175,7 @@ def load_volume(case: Case, cfg: DataConfig) -> Volume:
         stem.parent.mkdir(parents=True, exist_ok=True)
         _save_npy(img_path, image.astype(np.float32))
         _save_npy(lab_path, label.astype(np.uint8))
-        tmp = meta_path.with_name(f".tmp-{os.getpid()}-{meta_path.name}")
-        tmp.write_text(json.dumps(meta))      # written last: the entry's commit marker
-        os.replace(tmp, meta_path)
+        atomic.write_json(meta_path, meta, indent=None)  # last: the entry's commit marker
     meta = json.loads(meta_path.read_text())
     return Volume(case.id, np.load(img_path, mmap_mode="r"), np.load(lab_path, mmap_mode="r"),
                   meta)

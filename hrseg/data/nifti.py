@@ -8,7 +8,6 @@ of LiTS) and one stored RAS give the same array.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import zlib
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from hrseg import atomic
 
 NII = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
 LITS_IMAGE = re.compile(r"^volume-(?P<n>\d+)\.nii(\.gz)?$")
@@ -109,8 +110,7 @@ def read_nifti(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def write_nifti(path, array: np.ndarray, affine, dtype=None) -> Path:
-    """Write ``array`` with ``affine`` (sform and qform, mm) atomically: a hidden temporary
-    file in the same folder, then a rename, so readers never see half a file."""
+    """Write ``array`` with ``affine`` (sform and qform, mm) atomically (hrseg.atomic)."""
     import nibabel as nib
     path = Path(path)
     array = np.asarray(array)
@@ -119,13 +119,8 @@ def write_nifti(path, array: np.ndarray, affine, dtype=None) -> Path:
     img.header.set_xyzt_units("mm", "sec")
     img.set_sform(img.affine, code=1)
     img.set_qform(img.affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")   # find_cases skips dot files
-    try:
+    with atomic.temp_path(path) as tmp:        # a dot file: find_cases skips it
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

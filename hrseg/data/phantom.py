@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from hrseg import atomic
 from hrseg.data import anatomy, nifti, painter
 
 VERSION = 1                 # bump when the generator changes: stale datasets get rewritten
@@ -182,7 +183,5 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
                 bar.update(1)
     if bar is not None:
         bar.close()
-    tmp = manifest.with_name(f".tmp-{os.getpid()}-{MANIFEST}")
-    tmp.write_text(json.dumps(want, indent=1) + "\n")
-    os.replace(tmp, manifest)
+    atomic.write_text(manifest, json.dumps(want, indent=1) + "\n")
     return expected

@@ -2,7 +2,8 @@
 
     step        TrainState, the jitted donated train step and predict, per backend
     loop        the training loop: batches, evaluation, NaN guard, resume (``train``)
-    checkpoint  orbax checkpoints, newest-first restore
+    rundir      the run directory: paths, lock, fixed config, history, metrics.jsonl
+    checkpoint  orbax checkpoints, newest-intact restore, retention
     distributed jax.distributed start for multi-host runs
     inference   whole-volume prediction and evaluation of a run
     equivalence sharded against one device: errors of a conv and a U-Net, compiled collectives
@@ -12,7 +13,6 @@
 from hrseg.train.loop import (  # noqa: F401
     CLASSES,
     Batches,
-    MetricsLog,
     RunResult,
     batch_shape,
     build,
@@ -26,3 +26,4 @@ from hrseg.train.loop import (  # noqa: F401
     prediction_path,
     train,
 )
+from hrseg.train.rundir import MetricsLog, read_metrics  # noqa: F401

@@ -103,7 +103,10 @@ def make_loss(graphdef, loss_fn: Callable, mesh: Mesh, backend: str, ndim: int =
 
 
 def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    """One boolean: every float leaf finite (integer counters and RNG keys are skipped)."""
+    leaves = [x for x in jax.tree.leaves(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] + [jnp.bool_(True)]))
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: Callable,
@@ -111,7 +114,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
                     loss_scaling: bool = False, donate: bool = True, jit: bool = True):
     """``train_step(state, images, labels) -> (state, metrics)``; the state is donated.
 
-    ``metrics``: loss, grad_norm, finite (False = NaN/Inf loss or gradients), loss_scale,
+    ``metrics``: loss, grad_norm, finite (False = NaN/Inf loss, gradients or new state), loss_scale,
     counts (K, 3) of argmax-vs-label overlap for a training Dice. A non-finite step under fp16
     loss scaling is skipped and the scale halved; otherwise the caller must stop (train.py does,
     keeping the last good checkpoint).
@@ -132,6 +135,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
+        # a good step leaves a finite state: batch statistics or optimizer moments can
+        # overflow with a finite loss and gradients (lr 1e6), so all of it is checked
+        finite = finite & _all_finite((params, rest, opt_state))
         if loss_scaling:
             keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
             grow = finite & (state.good_steps + 1 >= SCALE_PERIOD)
