@@ -48,7 +48,7 @@ import jax
 from flax import nnx
 from IPython.display import Markdown, display
 
-from hrseg import data, results, viz
+from hrseg import atomic, data, results, viz
 from hrseg.data import phantom
 from hrseg.nn import losses, unet
 from hrseg.train import equivalence
@@ -77,7 +77,7 @@ rows = [comparison.row(m[:3], m[3]) for m in meshes]
 
 # %%
 errors_md = results.markdown_table(rows, floatfmt=".1e")
-(figures / "max_errors.md").write_text(errors_md)
+atomic.write_text(figures / "max_errors.md", errors_md)
 results.write_csv(rows, figures / "max_errors.csv")
 display(Markdown(errors_md))
 

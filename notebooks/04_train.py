@@ -76,7 +76,7 @@ print(train.describe(result))
 # the validation Dice global of each evaluation (markers).
 
 # %%
-log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+log = train.read_metrics(run_dir / "metrics.jsonl")
 fig = viz.training_curves(log, loss_name=cfg.train.loss)
 viz.save(fig, run_dir / "curves.png")
 fig
