@@ -9,6 +9,8 @@ running anything.
 """
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 
@@ -33,17 +35,14 @@ def measures_peak(device=None) -> bool:
     return peak_bytes_in_use(device) is not None
 
 
-def train_step_peak_bytes(model_cfg: ModelConfig, input_shape, batch: int = 1,
-                          in_channels: int = 1, optimizer: str = "adafactor",
-                          model_fn=None, steps: int = 1) -> int | None:
-    """Allocator peak after ``steps`` real training steps of one device (zeros as data).
+def single_device_step(model_cfg: ModelConfig, input_shape, batch: int = 1,
+                       in_channels: int = 1, optimizer: str = "adafactor", model_fn=None):
+    """``run(n) -> seconds``: ``n`` real training steps of one device on zeros (blocking).
 
-    ``input_shape``: the spatial sizes or ``(B, *spatial, C)``. Returns None on devices
-    without memory statistics (CPU) before building anything.
+    ``input_shape``: the spatial sizes or ``(B, *spatial, C)``; ``model_fn`` builds another
+    network of the same input/output (e.g. a stock flax U-Net). The first call compiles.
     """
     device = jax.devices()[0]
-    if not measures_peak(device):
-        return None
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == model_cfg.dims:
         shape = (batch,) + shape + (in_channels,)                         # (B, *S, C)
@@ -54,10 +53,29 @@ def train_step_peak_bytes(model_cfg: ModelConfig, input_shape, batch: int = 1,
     graphdef, state = step.init_state(model, opt, pol.loss_scaling)
     fn = step.make_train_step(graphdef, opt, footprint.cross_entropy, mesh, "none",
                               ndim=model_cfg.dims, loss_scaling=pol.loss_scaling)
-    x = np.zeros(shape, np.float32)                                       # (B, *S, C)
-    y = np.zeros(shape[:-1], np.int32)                                    # (B, *S)
-    state = step.replicate(mesh, state)
-    for _ in range(steps):
-        state, metrics = fn(state, *step.place_batch(mesh, "none", x, y, model_cfg.dims))
-    jax.block_until_ready(metrics["loss"])
-    return peak_bytes_in_use(device)
+    x, y = step.place_batch(mesh, "none", np.zeros(shape, np.float32),    # (B, *S, C)
+                            np.zeros(shape[:-1], np.int32), model_cfg.dims)  # (B, *S)
+    box = [step.replicate(mesh, state)]
+
+    def run(n: int = 1) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            box[0], metrics = fn(box[0], x, y)
+        jax.block_until_ready(metrics["loss"])
+        return time.perf_counter() - t0
+
+    return run
+
+
+def train_step_peak_bytes(model_cfg: ModelConfig, input_shape, batch: int = 1,
+                          in_channels: int = 1, optimizer: str = "adafactor",
+                          model_fn=None, steps: int = 1) -> int | None:
+    """Allocator peak after ``steps`` real training steps of one device (zeros as data).
+
+    ``input_shape``: the spatial sizes or ``(B, *spatial, C)``. Returns None on devices
+    without memory statistics (CPU) before building anything.
+    """
+    if not measures_peak():
+        return None
+    single_device_step(model_cfg, input_shape, batch, in_channels, optimizer, model_fn)(steps)
+    return peak_bytes_in_use()
