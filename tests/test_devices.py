@@ -35,7 +35,11 @@ def test_fake_devices_only_without_an_accelerator():
     assert (laptop.platform, laptop.fake_devices) == ("cpu", 64)
     assert laptop.env(env) == {"XLA_FLAGS": f"--xla_cpu_foo=1 {FLAG}=64", "JAX_PLATFORMS": "cpu"}
     gpu = devices.choose(64, found=["gpu"], environ=env)
-    assert (gpu.platform, gpu.fake_devices, gpu.env(env)) == ("gpu", 0, {})
+    assert (gpu.platform, gpu.fake_devices) == ("gpu", 0)
+    assert gpu.env(env) == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}  # real peaks, no pool
+    assert gpu.env({"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}) == {}    # the user's choice
+    tpu = devices.choose(8, found=["tpu"], environ={})
+    assert (tpu.platform, tpu.fake_devices, tpu.env({})) == ("tpu", 0, {})
     assert "not used" in gpu.reason
     forced = devices.choose(8, force_fake=True, found=["tpu"], environ={})
     assert (forced.platform, forced.fake_devices) == ("cpu", 8) and "forced" in forced.reason

@@ -56,7 +56,11 @@ class Choice:
     reason: str         # one line for the notebook's output
 
     def env(self, environ) -> dict[str, str]:
-        """The environment variables to set (before jax is imported) for this choice."""
+        """The environment variables to set (before jax is imported) for this choice: the
+        fake-device flag, or on a GPU an allocator without a preallocated pool (so that
+        ``memory_stats()["peak_bytes_in_use"]`` is the program's own peak) unless set."""
+        if self.platform == "gpu" and "XLA_PYTHON_CLIENT_PREALLOCATE" not in environ:
+            return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
         if not self.fake_devices:
             return {}
         flags = re.sub(FLAG + r"=\d+", "", environ.get("XLA_FLAGS", "")).strip()
@@ -91,7 +95,8 @@ def setup(fake_devices: int = 0, force_fake: bool = False, environ=None) -> Choi
     environ = os.environ if environ is None else environ
     choice = choose(fake_devices, force_fake, environ=environ)
     changes = choice.env(environ)
-    if changes and _backends_started() and any(environ.get(k) != v for k, v in changes.items()):
+    if (choice.fake_devices and _backends_started()
+            and any(environ.get(k) != v for k, v in changes.items())):
         raise RuntimeError("jax already started its devices in this process, so fake CPU "
                            "devices can no longer be requested: restart the kernel and run "
                            "the set-up cell first")
