@@ -4,6 +4,7 @@
     planner     the smallest partition that fits a per-device budget
     ablation    Wang et al.'s memory ablation table
     study       the notebooks' tables: analytic vs compiled, memory vs devices, paper schedule
+    peak        real allocator peak of a training step on a GPU/TPU (None on CPU)
 
 ``hrseg.memory`` re-exports them: ``memory.estimate``, ``memory.measure``, ``memory.plan``, ...
 """
@@ -28,6 +29,10 @@ from hrseg.memory.footprint import (  # noqa: F401
     peak_bytes_on_device,
     residuals,
     tensors,
+)
+from hrseg.memory.peak import (  # noqa: F401
+    peak_bytes_in_use,
+    train_step_peak_bytes,
 )
 from hrseg.memory.planner import (  # noqa: F401
     Plan,

@@ -3,4 +3,5 @@
     partition   axis names, meshes, shardings, divisibility, the backend registry
     exchange    halo exchange between neighbouring shards (lax.ppermute) and its transpose
     halo        per-shard ops for shard_map: conv, max-pool, up-conv, moments, psum helpers
+    devices     real accelerator or fake CPU devices (set before jax is imported)
 """
