@@ -202,21 +202,21 @@ def run(params_dir: str | Path = "params/default", only: list[str] | None = None
     return done
 
 
-def notebook_setup(devices: int | None = None) -> Path:
+def notebook_setup(devices: int | None = None, fake_devices: bool = False) -> Path:
     """The first code cell of every notebook; returns the working directory.
 
     Moves into the folder that holds ``params/`` when the kernel started one level below it
     (JupyterLab starts kernels in ``notebooks/``; papermill runs from the repository root), so
-    paths in params files resolve alike. With ``devices``, asks XLA for that many fake CPU
-    devices: call it before jax is imported (each notebook is its own kernel).
+    paths in params files resolve alike. With ``devices`` (notebooks that compile meshes), uses
+    the GPUs/TPUs that exist, or — only without one, or with ``fake_devices`` — asks XLA for that
+    many fake CPU devices (hrseg.parallel.devices): call it before jax is imported (each notebook
+    is its own kernel).
     """
     if not Path("params").is_dir() and Path("../params").is_dir():
         os.chdir("..")
     if devices:
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                       os.environ.get("XLA_FLAGS", ""))
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-        os.environ["JAX_PLATFORMS"] = "cpu"  # fake devices exist on the CPU platform only
+        from hrseg.parallel import devices as hrseg_devices
+        print(hrseg_devices.setup(devices, force_fake=fake_devices).reason)
     return Path.cwd()
 
 

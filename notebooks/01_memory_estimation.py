@@ -23,7 +23,8 @@
 # Oda & Mori (2020); and the planner's answer for a device budget.
 
 # %% tags=["parameters"]
-devices = 64                   # fake CPU devices, requested before jax is imported
+devices = 64                   # devices of the meshes: real GPUs/TPUs, else fake CPU devices
+fake_devices = False           # True: fake CPU devices even on a GPU/TPU
 paper_layer = {"batch": 8, "size": 512, "filters": 64, "dtype": "float16"}  # the 137 GB layer
 model = "mtf"                  # hrseg.nn.unet preset of the compiled measurements
 resolutions = [64, 128]        # cube edges compared analytic vs compiled
@@ -40,7 +41,7 @@ out_dir = "runs"               # figures and tables go to <out_dir>/01_memory_es
 # %%
 from hrseg import pipeline
 
-pipeline.notebook_setup(devices)  # cwd: the repo root; fake CPU devices before jax is imported
+pipeline.notebook_setup(devices, fake_devices)  # cwd: the repo root; devices before jax starts
 
 # %%
 # %matplotlib inline
@@ -51,11 +52,15 @@ import jax.numpy as jnp
 from IPython.display import Markdown, display
 
 from hrseg import memory, results, viz
+from hrseg.parallel import devices as hrseg_devices
 
+# %%
 GB, GiB = 1e9, memory.GiB
 figures = Path(out_dir) / "01_memory_estimation"
 figures.mkdir(parents=True, exist_ok=True)
-assert jax.device_count() >= devices, "jax was imported before XLA_FLAGS was set: restart the kernel"
+print(hrseg_devices.describe(jax.devices()))
+meshes = hrseg_devices.usable_meshes(meshes, jax.device_count())
+scaling_meshes = hrseg_devices.usable_meshes(scaling_meshes, jax.device_count())
 
 # %% [markdown]
 # ## 137 GB for one layer
@@ -104,6 +109,22 @@ fig = viz.memory_vs_devices_figure(
     scaling, title=f"{model} U-Net training step, {scaling_resolution}³, batch 1")
 viz.save(fig, figures / "memory_vs_devices.png")
 fig
+
+# %% [markdown]
+# ## Real peak bytes on the device
+#
+# On a GPU or TPU: one real training step of the `model` preset at `scaling_resolution` on one
+# device, and the allocator's peak (`memory_stats()["peak_bytes_in_use"]`, one measurement per
+# process; set `XLA_PYTHON_CLIENT_PREALLOCATE=false`), to set beside the compiled figure of the
+# 1-device row above. A CPU has no allocator statistics.
+
+# %%
+from hrseg.memory import peak
+from hrseg.nn import unet
+
+real = peak.train_step_peak_bytes(unet.preset(model), (scaling_resolution,) * 3)
+print("CPU: no allocator statistics" if real is None else
+      f"real peak of one step on {jax.devices()[0].device_kind}: {real / GiB:.2f} GiB")
 
 # %% [markdown]
 # ## Wang et al.'s memory ablation

@@ -23,7 +23,8 @@
 # are `collective-permute`s; an `all-gather` would mean a device holds more than its block).
 
 # %% tags=["parameters"]
-devices = 8                  # fake CPU devices, requested before jax is imported
+devices = 8                  # devices of the meshes: real GPUs/TPUs, else fake CPU devices
+fake_devices = False         # True: fake CPU devices even on a GPU/TPU
 meshes = [[2, 1, 1, 1], [2, 2, 2, 1], [1, 2, 4, 1], [8, 1, 1, 1], [2, 2, 1, 2]]  # x, y, z, data
 shape = [16, 16, 16]         # X, Y, Z of the compared volumes (batch 2)
 model = "tiny"               # hrseg.nn.unet preset compared end to end
@@ -38,7 +39,7 @@ out_dir = "runs"             # figures and tables go to <out_dir>/02_halo_correc
 # %%
 from hrseg import pipeline
 
-pipeline.notebook_setup(devices)  # cwd: the repo root; fake CPU devices before jax is imported
+pipeline.notebook_setup(devices, fake_devices)  # cwd: the repo root; devices before jax starts
 
 # %%
 # %matplotlib inline
@@ -49,13 +50,16 @@ from flax import nnx
 from IPython.display import Markdown, display
 
 from hrseg import atomic, data, results, viz
+from hrseg.parallel import devices as hrseg_devices
 from hrseg.data import phantom
 from hrseg.nn import losses, unet
 from hrseg.train import equivalence
 
+# %%
 figures = Path(out_dir) / "02_halo_correctness"
 figures.mkdir(parents=True, exist_ok=True)
-assert jax.device_count() >= devices, "jax was imported before XLA_FLAGS was set: restart the kernel"
+print(hrseg_devices.describe(jax.devices()))
+meshes = hrseg_devices.usable_meshes(meshes, jax.device_count())
 
 # %% [markdown]
 # ## Forward and gradients, sharded vs unsharded

@@ -13,11 +13,9 @@ from hrseg.train.loop import batch_shape
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "params").rglob("*.yaml"))
-RUNS = [f for f in FILES if pipeline._notebook_of(f.stem)]
-CONFIGS = [f for f in FILES if not pipeline._notebook_of(f.stem)]
-# Notebook parameters the accelerator param sets use before the notebooks define them (the
-# set-up cells of 01/02 gain `fake_devices`; see hrseg/parallel/devices.py). Remove when added.
-PENDING = {"01_memory_estimation": {"fake_devices"}, "02_halo_correctness": {"fake_devices"}}
+NOTEBOOKS = tuple(pipeline.notebook_names())
+RUNS = [f for f in FILES if pipeline._notebook_of(f.stem, NOTEBOOKS)]
+CONFIGS = [f for f in FILES if not pipeline._notebook_of(f.stem, NOTEBOOKS)]
 MEMORY_LINE = re.compile(r"^# memory per device: ([0-9.]+ ?[A-Za-z]+)", re.MULTILINE)
 
 
@@ -51,9 +49,8 @@ def test_training_config_loads_and_divides_by_its_mesh(path):
 @pytest.mark.parametrize("path", RUNS, ids=_rel)
 def test_notebook_run_has_known_parameters_and_a_loadable_config(path):
     params = pipeline.load_params(path)
-    nb = pipeline._notebook_of(path.stem)
-    known = {k: v for k, v in params.items() if k not in PENDING.get(nb, ())}
-    pipeline.check_params(pipeline.notebooks_dir() / f"{nb}.ipynb", known, path)
+    nb = pipeline._notebook_of(path.stem, NOTEBOOKS)
+    pipeline.check_params(pipeline.notebooks_dir() / f"{nb}.ipynb", params, path)
     if "config" in params:  # 04_train: the run config it names, with its overrides
         cfg = config.load(ROOT / params["config"], params.get("overrides") or [])
         _check_fits_mesh(cfg, _rel(path))

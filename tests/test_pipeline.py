@@ -167,7 +167,7 @@ def test_notebook_setup_moves_to_the_params_folder_and_asks_for_devices(tmp_path
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_a=1 --xla_force_host_platform_device_count=2")
     monkeypatch.setenv("JAX_PLATFORMS", "")
     assert pipeline.notebook_setup(8) == tmp_path
-    assert os.environ["XLA_FLAGS"] == "--xla_cpu_a=1  --xla_force_host_platform_device_count=8"
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_a=1 --xla_force_host_platform_device_count=8"
     assert os.environ["JAX_PLATFORMS"] == "cpu"
     assert pipeline.notebook_setup() == tmp_path          # already there: stays (papermill's case)
     (tmp_path / "params" / "smoke").mkdir()

@@ -6,7 +6,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-MEMORY_SERIES = (("halo MiB", "o-"), ("gspmd MiB", "s--"), ("ideal MiB", "k:"))
+# (column of memory.study.memory_vs_devices, line style, legend label)
+MEMORY_SERIES = (("halo MiB", "o-", "halo (explicit exchange)"),
+                 ("gspmd MiB", "s--", "gspmd (XLA partitions)"),
+                 ("ideal MiB", "k:", "ideal: whole state + 1-device temporaries / P"))
 
 
 def memory_vs_devices_figure(rows: Sequence[dict], title: str = ""):
@@ -16,13 +19,13 @@ def memory_vs_devices_figure(rows: Sequence[dict], title: str = ""):
     fig = Figure(figsize=(6.5, 4), layout="constrained")
     ax = fig.add_subplot()
     p = [r["devices"] for r in rows]
-    for key, style in MEMORY_SERIES:
-        ax.plot(p, [r[key] for r in rows], style, label=key.split()[0])
+    for key, style, label in MEMORY_SERIES:
+        ax.plot(p, [r[key] for r in rows], style, label=label)
     ax.set(xscale="log", yscale="log", xlabel="devices", ylabel="MiB per device (compiled)",
            title=title)
     ax.set_xticks(p, [str(v) for v in p])
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize="small")
     return fig
 
 
