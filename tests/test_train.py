@@ -228,8 +228,8 @@ def test_2d_network_trains_on_slices_and_evaluates_whole_volumes(dataset, tmp_pa
     result = train.train(cfg, progress=False)
     assert result.steps == 2 and math.isfinite(result.final_loss)
     assert result.eval["cases"] == 1 and "tumour_dice_global" in result.eval
-    _, graphdef, state, mesh, _ = train.load_run(result.run_dir)
+    _, graphdef, state, layout, _ = train.load_run(result.run_dir)
     from hrseg.train import inference
     vol = np.random.default_rng(0).random((16, 16, 7), np.float32)
-    [labels] = inference.Predictor(cfg, graphdef, mesh)(state, [vol])
+    [labels] = inference.Predictor(cfg, graphdef, layout)(state, [vol])
     assert labels.shape == (16, 16, 7) and labels.dtype == np.int32

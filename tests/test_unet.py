@@ -128,13 +128,13 @@ def test_training_steps_reduce_the_loss():
     cfg = dataclasses.replace(unet.preset("tiny"), norm="inplace_abn")
     opt = optax.adam(1e-2)
     graphdef, state = step.init_state(unet.build(cfg), opt)
-    mesh = partition.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    fn = step.make_train_step(graphdef, opt, memory.cross_entropy, mesh, "none")
+    layout = partition.layout(partition.make_mesh((1, 1, 1), devices=jax.devices()[:1]), "none")
+    fn = step.make_train_step(graphdef, opt, memory.cross_entropy, layout)
     x = np.asarray(jax.random.normal(jax.random.key(1), (2, 8, 8, 8, 1)))
     labels = (x[..., 0] > 0.5).astype(np.int32) + (x[..., 0] > 1.5)
     losses = []
     for _ in range(8):
-        state, metrics = fn(state, *step.place_batch(mesh, "none", x, labels))
+        state, metrics = fn(state, *step.place_batch(layout, x, labels))
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.7 * losses[0], losses
 

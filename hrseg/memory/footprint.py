@@ -72,7 +72,7 @@ def mesh_shape(mesh) -> tuple[int, int, int, int]:
     """``(data, sx, sy, sz)`` of a Mesh, ``(sx, sy, sz)``, ``(data, sx, sy, sz)`` or an int
     (that many devices along x)."""
     if hasattr(mesh, "shape") and not isinstance(mesh, tuple):
-        return (int(mesh.shape["data"]),) + partition.spatial_shape(mesh)
+        return (int(mesh.shape[partition.DATA]),) + partition.spatial_shape(mesh)
     if isinstance(mesh, int):
         return (1, mesh, 1, 1)
     mesh = tuple(int(m) for m in mesh)
@@ -196,7 +196,7 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     pol = precision.policy(policy or model_cfg.precision)
     model_cfg = _with_precision(model_cfg, pol.name)
     shape = _batch_shape(model_cfg, input_shape, batch, in_channels)
-    ms = (1, 1, 1, 1) if backend == "none" else mesh_shape(mesh)
+    ms = partition.devices_used(mesh_shape(mesh), backend)
     lead = _local(shape, ms, model_cfg.dims, unet.levels_of(model_cfg))
     model = nnx.eval_shape(lambda: unet.build(model_cfg, shape[-1]))
     params = nnx.state(model, nnx.Param)
@@ -205,7 +205,7 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     acts = tensors(model, model_cfg, lead + (shape[-1],), dt)
     saved = sum(t.bytes for t in acts)
     largest = max(t.bytes for t in _feature_maps(acts))
-    split = backend == "halo" and math.prod(ms[1:]) > 1
+    split = partition.backend(backend).shard_map and math.prod(ms[1:]) > 1
     halo_bytes = _halo_staging(acts) if split else 0
     p = _tree_bytes(params)
     out = {
@@ -242,7 +242,7 @@ def cross_entropy(logits, labels):
     return -halo.psum(jnp.sum(picked)) / halo.psum(jnp.float32(labels.size))
 
 
-def abstract_step(model_cfg: ModelConfig, batch_shape, mesh, backend: str = "halo",
+def abstract_step(model_cfg: ModelConfig, batch_shape, layout: partition.Layout,
                   optimizer: str = "adafactor", loss_fn=None, model_fn=None):
     """(jitted train_step, abstract args) for ``.lower(*args)``, without allocating."""
     pol = precision.policy(model_cfg.precision)
@@ -250,9 +250,9 @@ def abstract_step(model_cfg: ModelConfig, batch_shape, mesh, backend: str = "hal
     opt = make_optimizer(optimizer)
     graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, ...)[0]
     state = jax.eval_shape(lambda: step.init_state(build(), opt, pol.loss_scaling)[1])
-    fn = step.make_train_step(graphdef, opt, loss_fn or cross_entropy, mesh, backend,
+    fn = step.make_train_step(graphdef, opt, loss_fn or cross_entropy, layout,
                               ndim=model_cfg.dims, loss_scaling=pol.loss_scaling)
-    return fn, step.abstract_inputs(state, mesh, backend, batch_shape, ndim=model_cfg.dims)
+    return fn, step.abstract_inputs(state, layout, batch_shape, ndim=model_cfg.dims)
 
 
 def make_mesh(mesh):
@@ -276,15 +276,17 @@ def measure(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     pol = precision.policy(policy or model_cfg.precision)
     model_cfg = _with_precision(model_cfg, pol.name)
     shape = _batch_shape(model_cfg, input_shape, batch, in_channels)
-    m = make_mesh((1, 1, 1) if backend == "none" else mesh)
-    fn, args = abstract_step(model_cfg, shape, m, backend, optimizer, loss_fn=loss_fn,
+    if not hasattr(mesh, "devices"):  # a shape: only the devices the backend uses
+        mesh = partition.devices_used(mesh_shape(mesh), backend)
+    lay = partition.layout(make_mesh(mesh), backend)
+    fn, args = abstract_step(model_cfg, shape, lay, optimizer, loss_fn=loss_fn,
                              model_fn=model_fn)
     t0 = time.perf_counter()
     compiled = fn.lower(*args).compile()
     ma = compiled.memory_analysis()
     out = {"argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
            "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes),
-           "compile_s": round(time.perf_counter() - t0, 2), "mesh": mesh_shape(m),
+           "compile_s": round(time.perf_counter() - t0, 2), "mesh": mesh_shape(lay.mesh),
            "backend": backend, "policy": pol.name}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     if hlo:
@@ -332,16 +334,15 @@ def peak_bytes_on_device(model_cfg: ModelConfig, input_shape, batch: int = 1,
     ``XLA_PYTHON_CLIENT_PREALLOCATE=false``; CPU devices report no memory stats)."""
     import numpy as np
     shape = _batch_shape(model_cfg, input_shape, batch, in_channels)
-    mesh = make_mesh((1, 1, 1))
+    lay = partition.layout(make_mesh((1, 1, 1)), "none")
     pol = precision.policy(model_cfg.precision)
     opt = make_optimizer(optimizer)
     graphdef, state = step.init_state(unet.build(model_cfg, shape[-1]), opt, pol.loss_scaling)
-    fn = step.make_train_step(graphdef, opt, cross_entropy, mesh, "none", ndim=model_cfg.dims,
+    fn = step.make_train_step(graphdef, opt, cross_entropy, lay, ndim=model_cfg.dims,
                               loss_scaling=pol.loss_scaling)
     x = np.zeros(shape, np.float32)
     y = np.zeros(shape[:-1], np.int32)
-    state, metrics = fn(step.replicate(mesh, state), *step.place_batch(mesh, "none", x, y,
-                                                                       model_cfg.dims))
+    state, metrics = fn(step.replicate(lay, state), *step.place_batch(lay, x, y, model_cfg.dims))
     jax.block_until_ready(metrics["loss"])
     stats = jax.devices()[0].memory_stats() or {}
     return int(stats.get("peak_bytes_in_use", -1))

@@ -76,14 +76,19 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return opt
 
 
-def build(cfg: Config, mesh):
-    """``(graphdef, state on the mesh, optimizer)`` of a config, freshly initialised."""
+def build(cfg: Config, layout: partition.Layout):
+    """``(graphdef, state on the layout's mesh, optimizer)`` of a config, freshly initialised."""
     model = unet.build(cfg.model, cfg.in_channels, rngs=nnx.Rngs(cfg.train.seed))
     optimizer = make_optimizer(cfg.train)
     loss_scaling = precision.policy(cfg.model.precision).loss_scaling
     graphdef, state = step.init_state(model, optimizer, loss_scaling)
-    run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
-    return graphdef, step.replicate(run_mesh, state), optimizer
+    return graphdef, step.replicate(layout, state), optimizer
+
+
+def make_layout(cfg: Config) -> partition.Layout:
+    """The run's mesh and backend, decided once (the first devices of the host)."""
+    return partition.layout(partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data),
+                            cfg.mesh.backend)
 
 
 def batch_shape(cfg: Config) -> tuple[int, ...]:
@@ -110,13 +115,12 @@ class Batches:
     that is the whole batch.
     """
 
-    def __init__(self, cfg: Config, mesh):
+    def __init__(self, cfg: Config, layout: partition.Layout):
         self.cfg = cfg
-        run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
         ndim = cfg.model.dims
         self.shape = batch_shape(cfg)
-        self.img_sharding = partition.sharding(run_mesh, partition.volume_spec(ndim))
-        self.lab_sharding = partition.sharding(run_mesh, partition.label_spec(ndim))
+        self.img_sharding = layout.sharding(partition.volume_spec(ndim))
+        self.lab_sharding = layout.sharding(partition.label_spec(ndim))
         self.group, self.groups = distributed.local_rows(self.img_sharding, self.shape)
         if jax.process_count() > 1:
             b = self.shape[0] // self.groups
@@ -188,10 +192,9 @@ def train(cfg: Config, *, progress: bool = True,
     t = cfg.train
     main = distributed.is_main()
     run_dir = _run_dir(cfg)
-    mesh = partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data)
-    run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
-    partition.check_divisible(batch_shape(cfg), run_mesh, unet.levels_of(cfg.model))
-    graphdef, state, optimizer = build(cfg, mesh)
+    layout = make_layout(cfg)
+    partition.check_divisible(batch_shape(cfg), layout.mesh, unet.levels_of(cfg.model))
+    graphdef, state, optimizer = build(cfg, layout)
     ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", keep=t.keep_ckpts)
     resumed_from = ckpts.latest()
     if resumed_from is not None and not t.resume:
@@ -208,10 +211,10 @@ def train(cfg: Config, *, progress: bool = True,
 
     loss_fn = losses.get(t.loss, t.ce_weights)
     policy = precision.policy(cfg.model.precision)
-    train_step = step.make_train_step(graphdef, optimizer, loss_fn, mesh, cfg.mesh.backend,
-                                      cfg.model.dims, policy.loss_scaling)
-    batches = Batches(cfg, mesh)
-    evaluator = inference.Evaluator(cfg, graphdef, mesh, batches.ds.val)
+    train_step = step.make_train_step(graphdef, optimizer, loss_fn, layout, cfg.model.dims,
+                                      policy.loss_scaling)
+    batches = Batches(cfg, layout)
+    evaluator = inference.Evaluator(cfg, graphdef, layout, batches.ds.val)
     log = MetricsLog(run_dir / "metrics.jsonl", start, main)
     schedule = make_schedule(t)
     voxels = t.batch * math.prod(cfg.data.resolution)
@@ -271,7 +274,7 @@ def train(cfg: Config, *, progress: bool = True,
                        final_loss=last_loss, eval=last_eval, step_time_s=step_time,
                        compile_s=compile_s,
                        voxels_per_s=voxels / step_time if step_time else None,
-                       devices=int(run_mesh.devices.size))
+                       devices=int(layout.mesh.devices.size))
     if main:
         checkpoint.write_json(run_dir / "result.json", result.to_dict())
     return result
@@ -285,7 +288,7 @@ def describe(result: RunResult) -> str:
 
 
 def load_run(run_dir: str | Path, step_no: int | None = None):
-    """``(cfg, graphdef, state, mesh, step)`` of a run directory's checkpoint (default: newest).
+    """``(cfg, graphdef, state, layout, step)`` of a run directory's checkpoint (default: newest).
 
     The run's mesh is used when this machine has its devices; otherwise one device (backend
     "none"): a run trained on a pod can be evaluated on a laptop.
@@ -295,22 +298,22 @@ def load_run(run_dir: str | Path, step_no: int | None = None):
     if cfg.mesh.data * math.prod(cfg.mesh.spatial) > jax.device_count():
         cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(
             cfg.mesh, backend="none", spatial=(1, 1, 1), data=1, distributed=False))
-    mesh = partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data)
-    graphdef, state, _ = build(cfg, mesh)
+    layout = make_layout(cfg)
+    graphdef, state, _ = build(cfg, layout)
     ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", read_only=True)
     step_no = ckpts.latest() if step_no is None else step_no
     if step_no is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint in {ckpts.directory}")
     state = ckpts.restore(state, step_no)
     ckpts.close()
-    return cfg, graphdef, state, mesh, step_no
+    return cfg, graphdef, state, layout, step_no
 
 
 def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
     """Validation Dice of a run's checkpoint, written to ``checkpoints/eval_<step>.json``."""
-    cfg, graphdef, state, mesh, step_no = load_run(run_dir, step)
+    cfg, graphdef, state, layout, step_no = load_run(run_dir, step)
     dataset = data.load_dataset(cfg.data)
-    result = inference.Evaluator(cfg, graphdef, mesh, dataset.val)(state, step_no)
+    result = inference.Evaluator(cfg, graphdef, layout, dataset.val)(state, step_no)
     if distributed.is_main():
         path = Path(run_dir) / "checkpoints" / f"eval_{step_no:08d}.json"
         checkpoint.write_json(path, {"step": step_no, "config": config.to_dict(cfg),
@@ -333,10 +336,10 @@ def predict(run_dir: str | Path, volume: str | Path, out: str | Path | None = No
     in any viewer. ``out`` defaults to :func:`prediction_path`."""
     import nibabel as nib
 
-    cfg, graphdef, state, mesh, _ = load_run(run_dir)
+    cfg, graphdef, state, layout, _ = load_run(run_dir)
     hu, _, spacing = data.read_nifti(volume)                  # canonical RAS+
     image = data.preprocess(hu, spacing, cfg.data)
-    [labels] = inference.Predictor(cfg, graphdef, mesh)(state, [image])
+    [labels] = inference.Predictor(cfg, graphdef, layout)(state, [image])
     meta = {"grid": data.grid_for(hu.shape, spacing, cfg.data).to_dict(),
             "affine": nib.load(str(volume)).affine}             # the file's own orientation
     labels, affine = data.to_original_geometry(labels, meta)
