@@ -55,15 +55,6 @@ def test_step_decay_schedule_and_optimizers():
         train.make_optimizer(config.TrainConfig(optimizer="sgd"))
 
 
-def test_dice_from_counts():
-    # rows: class k -> (intersection, predicted, true) voxels
-    counts = [[90, 100, 100], [30, 40, 50], [0, 0, 0]]
-    d = train.dice_from_counts(counts)
-    assert d["background"] == pytest.approx(0.9)      # 2·90 / 200
-    assert d["liver"] == pytest.approx(60 / 90)       # 2·30 / (40 + 50)
-    assert math.isnan(d["tumour"])                    # neither predicted nor present
-
-
 def test_local_rows_on_one_process():
     from hrseg.parallel import partition
     mesh = partition.make_mesh()

@@ -29,11 +29,10 @@ from tqdm.auto import tqdm
 from hrseg import config, data
 from hrseg.config import Config, TrainConfig
 from hrseg.data import augment, nifti
+from hrseg.metrics import region_dice
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.train import checkpoint, distributed, inference, step
-
-CLASSES = ("background", "liver", "tumour")
 
 
 @dataclasses.dataclass
@@ -94,18 +93,6 @@ def make_layout(cfg: Config) -> partition.Layout:
 def batch_shape(cfg: Config) -> tuple[int, ...]:
     """Global ``(B, *spatial, C)`` of a training batch."""
     return (cfg.train.batch, *cfg.data.resolution, cfg.in_channels)
-
-
-def dice_from_counts(counts) -> dict[str, float]:
-    """Per-class Dice of step.py's (K, 3) intersection / predicted / true voxel counts (NaN
-    if neither prediction nor label has the class). Class 1 is the tumour-free liver here;
-    hrseg.metrics scores the liver with its tumours (LiTS), so the two differ a little."""
-    counts = np.asarray(counts, np.float64)
-    out = {}
-    for k, name in enumerate(CLASSES[:len(counts)]):
-        inter, pred, true = counts[k]
-        out[name] = float(2 * inter / (pred + true)) if pred + true > 0 else float("nan")
-    return out
 
 
 class Batches:
@@ -237,7 +224,7 @@ def train(cfg: Config, *, progress: bool = True,
             n = s + 1
             if not (policy.loss_scaling and not metrics["finite"]):
                 _finite_or_raise(metrics, n, ckpts)
-            dice = dice_from_counts(metrics["counts"])
+            dice = region_dice(metrics["counts"])   # this batch's Dice; liver with tumours
             last_loss = float(metrics["loss"])
             record = {"step": n, "loss": last_loss, "grad_norm": float(metrics["grad_norm"]),
                       "dice_liver": dice["liver"], "dice_tumour": dice["tumour"],

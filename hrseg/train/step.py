@@ -17,6 +17,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from hrseg import metrics as scores
 from hrseg.parallel import halo, partition
 from hrseg.parallel.partition import Layout
 
@@ -67,14 +68,16 @@ def make_forward(graphdef: nnx.GraphDef, layout: Layout, ndim: int = 3,
     return layout.spmd(local, in_specs=(P(), P(), vspec), out_specs=(vspec, P()))
 
 
-def count_overlap(pred, labels, classes: int):
-    """Per class (intersection, predicted, true) voxel counts, summed over every shard."""
-    onehot_p = jax.nn.one_hot(pred, classes, dtype=jnp.float32)    # (B, *S, K)
-    onehot_t = jax.nn.one_hot(labels, classes, dtype=jnp.float32)
-    axes = tuple(range(pred.ndim))
-    counts = jnp.stack([jnp.sum(onehot_p * onehot_t, axes), jnp.sum(onehot_p, axes),
-                        jnp.sum(onehot_t, axes)], axis=-1)           # (K, 3)
-    return halo.psum(counts)
+def count_overlap(pred, labels):
+    """``(R, 3)`` int32 (|P∩T|, |P|, |T|) voxel counts of hrseg.metrics.REGIONS (liver with its
+    tumours, tumour), summed over every shard; hrseg.metrics.region_dice turns them into Dice.
+    Integer sums: float32 stops counting at 2²⁴ voxels (256³)."""
+    rows = []
+    for label in scores.REGIONS.values():
+        p, t = scores.region(pred, label), scores.region(labels, label)   # (B, *S) bool
+        rows.append(jnp.stack([jnp.sum(p & t, dtype=jnp.int32), jnp.sum(p, dtype=jnp.int32),
+                               jnp.sum(t, dtype=jnp.int32)]))
+    return halo.psum(jnp.stack(rows))
 
 
 def make_loss(graphdef, loss_fn: Callable, layout: Layout, ndim: int = 3):
@@ -89,7 +92,7 @@ def make_loss(graphdef, loss_fn: Callable, layout: Layout, ndim: int = 3):
         model = _merge(graphdef, params, rest)
         logits = model(images, train=True)                           # (B, *S, K) float32
         loss = loss_fn(logits, labels)
-        counts = count_overlap(jnp.argmax(logits, -1), labels, logits.shape[-1])
+        counts = count_overlap(jnp.argmax(logits, -1), labels)
         return loss, nnx.state(model, nnx.Not(nnx.Param)), counts
 
     fwd = layout.spmd(local, in_specs=(P(), P(), vspec, lspec), out_specs=(P(), P(), P()))
@@ -111,9 +114,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     """``train_step(state, images, labels) -> (state, metrics)``; the state is donated.
 
     ``metrics``: loss, grad_norm, finite (False = NaN/Inf loss or gradients), loss_scale,
-    counts (K, 3) of argmax-vs-label overlap for a training Dice. A non-finite step under fp16
-    loss scaling is skipped and the scale halved; otherwise the caller must stop (train.py does,
-    keeping the last good checkpoint).
+    counts (R, 3) of argmax-vs-label overlap per scored region (count_overlap). A non-finite
+    step under fp16 loss scaling is skipped and the scale halved; otherwise the caller must stop
+    (train.py does, keeping the last good checkpoint).
     """
     grad_fn = jax.value_and_grad(make_loss(graphdef, loss_fn, layout, ndim),
                                  has_aux=True)
