@@ -104,8 +104,8 @@ def _view(args) -> int:
 
 
 def _memory(args) -> int:
-    from hrseg import memory
-    budget = memory.parse_bytes(args.budget)
+    from hrseg import config, memory
+    budget = config.parse_bytes(args.budget)
     res = args.resolution[0] if len(args.resolution) == 1 else tuple(args.resolution)
     plan = memory.plan(budget, args.devices, res, batch=args.batch, preset=args.preset,
                        optimizer=args.optimizer)

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from hrseg.config import ModelConfig
-from hrseg.memory import footprint as memory
+from hrseg.memory import analytic
 from hrseg.nn import unet
 
 # (label, changes to the ModelConfig), cumulative, least intrusive first
@@ -28,7 +28,7 @@ LADDER = (
 
 
 def _fmt(b: float) -> str:
-    return f"{b / memory.GiB:.2f} GiB"
+    return f"{b / analytic.GiB:.2f} GiB"
 
 
 def _divisors(n: int) -> list[int]:
@@ -127,7 +127,7 @@ def plan(budget_bytes_per_device: int, n_devices: int, resolution, batch: int = 
             if not splits:
                 result.considered.append((tech, mesh_txt, None))
                 continue
-            est = memory.estimate(cfg, shape, (data,) + splits[0], optimizer=optimizer,
+            est = analytic.estimate(cfg, shape, (data,) + splits[0], optimizer=optimizer,
                                   batch=batch, in_channels=in_channels)
             result.considered.append((tech, mesh_txt, est["total"]))
             if est["total"] <= budget_bytes_per_device:

@@ -1,7 +1,8 @@
 """UNet3D / UNet2D (Flax NNX) and the presets of the two papers.
 
 Parts are named in data-flow order — ``down_1 … down_{L-1}``, ``bottom``, ``up_{L-1} … up_1``,
-``head`` — and each is built from layers.py, so one model runs on the halo, gspmd and none
+``head`` — and listed by ``UNet.parts()``, which the forward pass and hrseg.memory's estimate
+both walk (so a part cannot be in one and not the other); each is built from layers.py, so one model runs on the halo, gspmd and none
 backends. ``model(x, train) -> logits``: x ``(B, X, Y, Z, Cin)`` (2D ``(B, X, Y, Cin)``),
 logits float32 ``(B, X, Y, Z, classes)``. Every spatial size must be a multiple of
 ``2 ** levels_of(cfg)`` per shard (partition.check_divisible).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +93,16 @@ def opts(cfg: ModelConfig) -> Opts:
                 dtype=precision.policy(cfg.precision).compute_dtype)
 
 
+@dataclass(frozen=True)
+class Part:
+    """One step of the network's data flow (see :meth:`UNet.parts`)."""
+    name: str
+    module: nnx.Module
+    level: int    # resolution level: the input's spatial sizes / 2**level
+    role: str     # "down": block, its output is a skip, then a 2× max-pool; "bottom": block;
+                  # "up": k2s2 up-conv, concatenate the skip, block; "head": 1³ conv -> logits
+
+
 class UNet(nnx.Module):
     """Encoder blocks + max-pool, bottom block, k2s2 up + concat + block, 1³ head."""
 
@@ -114,21 +126,34 @@ class UNet(nnx.Module):
         self.head = Conv(f[0], cfg.classes, 1, ndim=cfg.dims, bias=cfg.head_bias,
                          dtype=o.dtype, rngs=rngs)
 
+    def parts(self) -> list[Part]:
+        """The network in data-flow order; ``__call__`` runs exactly this list."""
+        down = [Part(f"down_{i + 1}", getattr(self, f"down_{i + 1}"), i, "down")
+                for i in range(self.levels - 1)]
+        up = [Part(f"up_{i + 1}", getattr(self, f"up_{i + 1}"), i, "up")
+              for i in reversed(range(self.levels - 1))]
+        return [*down, Part("bottom", self.bottom, self.levels - 1, "bottom"), *up,
+                Part("head", self.head, 0, "head")]
+
     def __call__(self, x, train: bool = False):
         if x.ndim != self.ndim + 2:
             raise ValueError(f"UNet{self.ndim}D expects (B, {'X, Y, Z' if self.ndim == 3 else 'X, Y'}"
                              f", C), got shape {tuple(x.shape)}")
         skips = []
-        for i in range(self.levels - 1):
-            x = getattr(self, f"down_{i + 1}")(x, train)
-            skips.append(x)
-            x = halo.max_pool(x)
-        x = self.bottom(x, train)
-        for i in reversed(range(self.levels - 1)):
-            x = getattr(self, f"up_{i + 1}")(x, skips[i], train)
-        if self.dropout is not None:
-            x = self.dropout(x, deterministic=not train)
-        return self.head(x).astype(jnp.float32)
+        for part in self.parts():
+            if part.role == "down":
+                x = part.module(x, train)
+                skips.append(x)
+                x = halo.max_pool(x)
+            elif part.role == "bottom":
+                x = part.module(x, train)
+            elif part.role == "up":
+                x = part.module(x, skips.pop(), train)
+            else:
+                if self.dropout is not None:
+                    x = self.dropout(x, deterministic=not train)
+                x = part.module(x)
+        return x.astype(jnp.float32)
 
 
 class UNet3D(UNet):
