@@ -49,6 +49,8 @@ def test_check_divisible_names_axis_size_and_nearest():
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend 'mpi' is not one of halo, gspmd, none"):
         partition.layout(partition.make_mesh(), "mpi")
+    with pytest.raises(ValueError, match="backend 'mpi'"):
+        partition.spmd(lambda x: x, partition.make_mesh(), "mpi", None, None)
 
 
 def test_layout_decides_the_backend_once():

@@ -198,6 +198,11 @@ class Layout:
         return shard(self.mesh, array, spec, spatial_ndim)
 
 
+def spmd(fn: Callable, mesh: Mesh, backend_name: str, in_specs, out_specs) -> Callable:
+    """:meth:`Layout.spmd` of a backend on a mesh as given (per-shard tests and notebooks)."""
+    return Layout(mesh, backend(backend_name)).spmd(fn, in_specs, out_specs)
+
+
 def layout(mesh: Mesh, backend_name: str) -> Layout:
     """The :class:`Layout` of a backend on a mesh (``"none"`` collapses it to its first device)."""
     b = backend(backend_name)
