@@ -75,7 +75,7 @@ def test_every_params_file_loads_and_divides(path):
     assert cfg.train.batch % cfg.mesh.data == 0
     # a pooling window never straddles two devices: each shard must pool evenly
     shape = (cfg.train.batch, *cfg.data.resolution, 1)
-    partition.check_divisible(shape, _FakeMesh(cfg.mesh), unet.levels_of(cfg.model))
+    partition.check_divisible(shape, _FakeMesh(cfg.mesh), unet.poolings_of(cfg.model))
 
 
 class _FakeMesh:  # check_divisible reads only mesh.shape: no devices needed for a 512³ plan

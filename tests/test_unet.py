@@ -68,7 +68,7 @@ def test_paper_schedule(res, levels, base):
     cfg = unet.preset("paper", res)
     assert (cfg.levels, cfg.base, cfg.convs_per_block, cfg.precision) == (levels, base, 4, "bf16")
     assert unet.filters(cfg)[-1] == 1024                  # every resolution ends at 1024
-    assert unet.levels_of(cfg) == levels - 1
+    assert unet.poolings_of(cfg) == levels - 1
     assert unet.param_count(cfg) == plain_unet_params(1, base, levels, 4, 3)
 
 

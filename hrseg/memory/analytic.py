@@ -198,7 +198,7 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     model_cfg = with_precision(model_cfg, pol.name)
     shape = batch_shape(model_cfg, input_shape, batch, in_channels)
     ms = partition.devices_used(mesh_shape(mesh), backend)
-    lead = local_shape(shape, ms, model_cfg.dims, unet.levels_of(model_cfg))
+    lead = local_shape(shape, ms, model_cfg.dims, unet.poolings_of(model_cfg))
     model = nnx.eval_shape(lambda: unet.build(model_cfg, shape[-1]))
     params = nnx.state(model, nnx.Param)
     opt_state = jax.eval_shape(make_optimizer(TrainConfig(optimizer=optimizer)).init, params)

@@ -112,7 +112,7 @@ def plan(budget_bytes_per_device: int, n_devices: int, resolution, batch: int = 
         model_cfg = (unet.preset(preset, shape[0]) if preset == "paper"
                      else unet.preset(preset))
     shape = shape[:model_cfg.dims]
-    levels = unet.levels_of(model_cfg)
+    levels = unet.poolings_of(model_cfg)
     result = Plan(int(budget_bytes_per_device), n_devices, shape, batch, None, None)
     tried = []
     for tech, changes in LADDER:

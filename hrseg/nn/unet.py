@@ -5,7 +5,7 @@ Parts are named in data-flow order — ``down_1 … down_{L-1}``, ``bottom``, ``
 both walk (so a part cannot be in one and not the other); each is built from layers.py, so one model runs on the halo, gspmd and none
 backends. ``model(x, train) -> logits``: x ``(B, X, Y, Z, Cin)`` (2D ``(B, X, Y, Cin)``),
 logits float32 ``(B, X, Y, Z, classes)``. Every spatial size must be a multiple of
-``2 ** levels_of(cfg)`` per shard (partition.check_divisible).
+``2 ** poolings_of(cfg)`` per shard (partition.check_divisible).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from hrseg.nn.layers import Conv, ConvBlock, Opts, UpBlock
 from hrseg.parallel import halo
 
 
-def levels_of(cfg: ModelConfig) -> int:
+def poolings_of(cfg: ModelConfig) -> int:
     """Number of 2× poolings (for partition.check_divisible)."""
     return cfg.levels - 1
 

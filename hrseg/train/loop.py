@@ -180,7 +180,7 @@ def train(cfg: Config, *, progress: bool = True,
     main = distributed.is_main()
     run_dir = _run_dir(cfg)
     layout = make_layout(cfg)
-    partition.check_divisible(batch_shape(cfg), layout.mesh, unet.levels_of(cfg.model))
+    partition.check_divisible(batch_shape(cfg), layout.mesh, unet.poolings_of(cfg.model))
     graphdef, state, optimizer = build(cfg, layout)
     ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", keep=t.keep_ckpts)
     resumed_from = ckpts.latest()

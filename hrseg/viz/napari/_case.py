@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-CT_CONTRAST_HU = (-200.0, 300.0)
 LABEL_COLOURS = {0: "transparent", 1: "#00ff00", 2: "#ff0000", None: "#ff00ff"}
 PREDICTION_COLOURS = {0: "transparent", 1: "#ffff00", 2: "#ffa500", None: "#ff00ff"}
 _LITS = re.compile(r"^(volume|segmentation|prediction)-(\d+)\.nii(\.gz)?$")
