@@ -136,13 +136,23 @@ def flip_rotate(key, image, label, flips: bool = True, rotate180: bool = True):
     return image, label
 
 
+def split_key(key, synthesis_p: float):
+    """How one case's key is used: ``(synthesise? (bool array), synthesis key, flip key)``.
+
+    :func:`augment` and the napari synthesis widget both draw from here, so a seed shows in
+    the widget the tumours the training augmentation would draw.
+    """
+    k_apply, k_synth, k_flip = jax.random.split(key, 3)
+    return jax.random.uniform(k_apply) < synthesis_p, k_synth, k_flip
+
+
 def augment(key, image, label, cfg: AugmentConfig):
     """Tumour synthesis with probability ``cfg.tumour_synthesis_p``, then flips/rotation."""
     image, label = jnp.asarray(image), jnp.asarray(label)
-    k_apply, k_synth, k_flip = jax.random.split(key, 3)
+    synthesise, k_synth, k_flip = split_key(key, cfg.tumour_synthesis_p)
     if cfg.tumour_synthesis_p > 0:
         image, label = jax.lax.cond(
-            jax.random.uniform(k_apply) < cfg.tumour_synthesis_p,
+            synthesise,
             lambda im, lb: synthesize_tumours(k_synth, im, lb, tuple(cfg.tumour_fraction)),
             lambda im, lb: (im, lb), image, label)
     if cfg.flip or cfg.rotate180:
