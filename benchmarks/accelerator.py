@@ -138,7 +138,7 @@ def largest_cube(size: dict, on_device: bool, budget: int) -> dict:
     out = {"criterion": ("a real training step in a fresh process" if on_device else
                          f"compiled step <= --budget {budget} bytes (no accelerator)")}
     for label, row in (("baseline", "baseline"), ("memory_efficient", "+mixed precision")):
-        mult = 2 ** unet.levels_of(rows[row])
+        mult = 2 ** unet.poolings_of(rows[row])
         cubes = [c for c in size["cubes"] if c % mult == 0]
         lo, hi, best = 0, len(cubes) - 1, None             # bisection: fits is monotone
         while lo <= hi:
@@ -168,7 +168,6 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     import jax
 
-    from hrseg import memory
     from hrseg.memory import peak
     from hrseg.parallel import devices
     size = SIZES["small" if args.small else "full"]
@@ -180,7 +179,7 @@ def main(argv=None) -> dict:
     if "throughput" in args.part:
         out["throughput"] = throughput(size)
     if "largest_cube" in args.part:
-        out["largest_cube"] = largest_cube(size, on_device, memory.parse_bytes(args.budget))
+        out["largest_cube"] = largest_cube(size, on_device, config.parse_bytes(args.budget))
     print(json.dumps(out) if args.json else json.dumps(out, indent=1))
     return out
 

@@ -107,11 +107,11 @@ def _view(args) -> int:
 def _memory(args) -> int:
     import re
 
-    from hrseg import memory
+    from hrseg import config, memory
     if re.fullmatch(r"\s*[0-9.eE+-]+\s*", str(args.budget)):
         raise ValueError(f"--budget {args.budget}: give a unit, e.g. {args.budget}GiB or "
                          f"{args.budget}GB (a bare number would be bytes)")
-    budget = memory.parse_bytes(args.budget)
+    budget = config.parse_bytes(args.budget)
     res = args.resolution[0] if len(args.resolution) == 1 else tuple(args.resolution)
     plan = memory.plan(budget, args.devices, res, batch=args.batch, preset=args.preset,
                        optimizer=args.optimizer)

@@ -43,7 +43,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "mtf"                 # "mtf" | "paper" | "paper2d" | "wang_baseline" | "wang_compact" | "tiny" | "custom"
+    preset: str = "mtf"                 # sets every key below (explicit keys override it); "custom": none
     dims: int = 3                       # 3 = UNet3D, 2 = UNet2D
     levels: int = 4                     # resolution levels (poolings = levels - 1)
     base: int = 32                      # filters at the first level, doubling per level
@@ -59,6 +59,60 @@ class ModelConfig:
     head_bias: bool = False             # bias of the 1×1×1 head (Mesh-TF: none)
     classes: int = 3                    # background, liver, tumour
     precision: str = "fp32"             # "fp32" | "bf16" | "fp16"
+
+
+PRESETS = ("tiny", "mtf", "paper", "paper2d", "wang_baseline", "wang_compact")
+
+# Hou et al. (2019), Sec. 3: at 64³ three blocks of four 3³ convs starting at 256 filters and
+# doubling after each pool (levels 256, 512, 1024); each doubling of the resolution puts one
+# more block in front with half the filters, so every resolution ends at 1024 filters and a
+# similar receptive field in millimetres.  resolution -> (levels, base filters)
+PAPER_SCHEDULE = {64: (3, 256), 128: (4, 128), 256: (5, 64), 512: (6, 32)}
+
+
+def preset(name: str, resolution: int | None = None) -> ModelConfig:
+    """The ModelConfig of a named architecture (``resolution`` only for ``"paper"``).
+
+    * ``tiny``   levels 2, base 4: the test variant of every other preset.
+    * ``mtf``    tensorflow/mesh ``experimental/unet.py`` flag defaults: ``network_depth 4``
+      levels, ``n_base_filters 32`` doubling, ``n_conv_per_block 2``, conv without bias ->
+      ``batch_norm(momentum 0.90, epsilon 1e-6)`` -> ``leaky_relu(0.1)``, k2s2 transposed conv
+      (``n_base_filters * 2**depth`` filters) then concat, 1×1×1 head without bias. (Its
+      ``dropout_keep_p 0.5`` flag is left out: dropout defaults to off here.)
+    * ``paper``  Hou et al. 3D schedule (PAPER_SCHEDULE), 4 convs per block, bfloat16 as in
+      the released code's ``mtf_dtype`` flag.
+    * ``paper2d`` the same architecture as paper(512) in 2D, for 512² slices with the
+      adjacent slices as channels (``build(cfg, in_channels=5)``).
+    * ``wang_baseline`` / ``wang_compact`` Wang, Oda & Mori (2020): a 3D U-Net baseline and
+      the same network with Compact ConvBlocks (their Table 1 reports ~9.5 M and ~2.6 M
+      parameters). Their layer widths are not published in what we could read; this is our
+      reconstruction: the mtf network with 3 convs per block (8,533,059 parameters) and 4
+      levels, so 256×256×152 pools evenly; compact = 1³ reduce by K = 4, three depthwise-
+      separable convs, 1³ restore per block (430,235, i.e. 5 % of the baseline, inside the
+      issue's ≤ 30 %; hand counts in tests/test_unet.py).
+    """
+    mtf = ModelConfig(preset="mtf", dims=3, levels=4, base=32, convs_per_block=2,
+                      block="plain", norm="batch", bn_momentum=0.9, bn_eps=1e-6,
+                      activation="leaky_relu", head_bias=False, classes=3, precision="fp32")
+    if name == "mtf":
+        return mtf
+    if name == "tiny":
+        return dataclasses.replace(mtf, preset="tiny", levels=2, base=4)
+    if name in ("paper", "paper2d"):
+        res = 512 if name == "paper2d" else resolution
+        if res not in PAPER_SCHEDULE:
+            raise ValueError(f"preset 'paper' needs resolution in {sorted(PAPER_SCHEDULE)}, "
+                             f"got {resolution}")
+        levels, base = PAPER_SCHEDULE[res]
+        return dataclasses.replace(mtf, preset=name, dims=2 if name == "paper2d" else 3,
+                                   levels=levels, base=base, convs_per_block=4,
+                                   precision="bf16")
+    if name == "wang_baseline":
+        return dataclasses.replace(mtf, preset=name, convs_per_block=3, head_bias=True)
+    if name == "wang_compact":
+        return dataclasses.replace(preset("wang_baseline"), preset=name, block="compact",
+                                   reduction=4)
+    raise ValueError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
 
 
 @dataclass(frozen=True)
@@ -161,8 +215,25 @@ def _build(cls, raw: dict, prefix: str):
     return cls(**kwargs)
 
 
+def _with_preset(raw: dict) -> dict:
+    """``raw`` with its model section on top of the named preset's values (explicit keys win)."""
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        return raw  # _build names the bad section
+    name = str(model.get("preset", ModelConfig.preset))
+    if name == "custom":
+        return raw
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    res = data.get("resolution", DataConfig.resolution)
+    try:
+        base = preset(name, int(max(res if isinstance(res, (list, tuple)) else [res])))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config key 'model.preset': {e}") from None
+    return {**raw, "model": {**dataclasses.asdict(base), **model}}
+
+
 def from_dict(raw: dict) -> Config:
-    return _build(Config, raw or {}, "")
+    return _build(Config, _with_preset(raw or {}), "")
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -269,6 +340,21 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     except ValueError as e:
         where = "--set" if any(f"'{k}'" in str(e) for k in _keys(over)) else path or "<defaults>"
         raise ValueError(f"{where}: {e}") from None
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text) -> int:
+    """``"16GiB"``, ``"24 GB"``, ``"800MiB"``, ``"1e9"`` -> bytes."""
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        return int(float(num) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"cannot read '{text}' as a size: use e.g. 16GiB, 24GB, 800MiB") from None
 
 
 def to_dict(cfg) -> dict:

@@ -45,7 +45,7 @@ def notebook_names(directory: str | Path | None = None) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Run:
+class NotebookRun:
     name: str          # output stem: <out>/<name>.ipynb
     notebook: str      # one of notebook_names()
     params_file: Path  # its papermill parameters
@@ -62,7 +62,7 @@ def _notebook_of(stem: str, notebooks: tuple[str, ...]) -> str | None:
     return None
 
 
-def discover(params_dir: str | Path, only: list[str] | None = None) -> list[Run]:
+def discover(params_dir: str | Path, only: list[str] | None = None) -> list[NotebookRun]:
     """The runs of a params directory in notebook order (then by file name).
 
     ``only`` selects runs by run name, notebook name or number prefix (``"02"``, ``"04_train"``,
@@ -79,10 +79,10 @@ def discover(params_dir: str | Path, only: list[str] | None = None) -> list[Run]
     for f in sorted(params_dir.glob("*.yaml")):
         nb = _notebook_of(f.stem, notebooks)
         if nb is not None:
-            runs.append(Run(f.stem, nb, f))
+            runs.append(NotebookRun(f.stem, nb, f))
     runs.sort(key=lambda r: (notebooks.index(r.notebook), r.name))
 
-    def matches(sel: str, r: Run) -> bool:
+    def matches(sel: str, r: NotebookRun) -> bool:
         return sel in (r.name, r.notebook) or (sel.isdigit() and r.notebook.startswith(sel + "_"))
 
     if only:
@@ -136,7 +136,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CELL_LINE = re.compile(r"Cell In ?\[\d*\], line (\d+)")
 
 
-def describe_failure(run: Run, output: Path, err: BaseException) -> str:
+def describe_failure(run: NotebookRun, output: Path, err: BaseException) -> str:
     """One line: which notebook, which cell, which error, where the executed notebook is."""
     from papermill.exceptions import PapermillExecutionError
     if isinstance(err, PapermillExecutionError):
@@ -155,7 +155,7 @@ def describe_failure(run: Run, output: Path, err: BaseException) -> str:
             f"— see {output}")
 
 
-def execute(run: Run, out_dir: Path, progress: bool = True, kernel: str = KERNEL,
+def execute(run: NotebookRun, out_dir: Path, progress: bool = True, kernel: str = KERNEL,
             extra: dict | None = None, position: str = "") -> Path:
     """Execute one run with papermill into ``<out_dir>/<run.name>.ipynb``; raises PipelineError."""
     import papermill as pm

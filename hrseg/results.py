@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hrseg import atomic
+from hrseg import atomic, metrics
 
 METRICS = ("tumour_dice_per_case", "tumour_dice_global", "liver_dice_per_case",
            "liver_dice_global")
@@ -68,13 +68,6 @@ def write_csv(rows: Sequence[dict], path: str | Path,
         for r in rows:
             w.writerow({c: r.get(c, "") for c in columns})
     return path
-
-
-def mean_std(values) -> tuple[float, float, int]:
-    """hrseg.metrics.mean_std (ddof 1; 0 for one value) of the finite values, and their count."""
-    from hrseg import metrics
-    v = [float(x) for x in values if x is not None and math.isfinite(x)]
-    return (*metrics.mean_std(v), len(v))
 
 
 def format_mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
@@ -179,12 +172,12 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
         evals = [run.evals[s] for run in runs for s in sorted(run.evals)[-last:]]
         row = {"resolution": label, "runs": [r.name for r in runs], "n": len(evals)}
         for m in METRICS:
-            mean, std, n = mean_std(e.get(m) for e in evals)
+            mean, std, n = metrics.mean_std(e.get(m) for e in evals)
             row.update({m: mean, f"{m}_std": std, f"{m}_n": n})
         cfg = runs[0].cfg
         row["devices"] = int(cfg.mesh.data * math.prod(cfg.mesh.spatial))
         row["memory_bytes"] = step_memory(cfg) if memory else math.nan
-        row["step_time_s"] = mean_std(step_time(r.path) for r in runs)[0]
+        row["step_time_s"] = metrics.mean_std(step_time(r.path) for r in runs)[0]
         # network input voxels per second (a 2D step sees `batch` slices)
         row["voxels_per_s"] = (cfg.train.batch * math.prod(cfg.data.resolution)
                                / row["step_time_s"])

@@ -97,9 +97,9 @@ print(json.dumps(result.eval, indent=1)[:3000])
 # NIfTI, so `hrseg view` shows it in napari next to the ground truth.
 
 # %%
-cfg_run, graphdef, state, mesh, ckpt_step = train.load_run(run_dir)
+cfg_run, graphdef, state, layout, ckpt_step = train.load_run(run_dir)
 val = data.load_dataset(cfg_run.data).val[:show_cases]
-predict = inference.Predictor(cfg_run, graphdef, mesh)
+predict = inference.Predictor(cfg_run, graphdef, layout)
 predictions = predict(state, [np.asarray(v.image) for v in val])  # label volumes (X, Y, Z)
 print(f"checkpoint step {ckpt_step}: {len(val)} validation case(s) {[v.id for v in val]}")
 

@@ -1,7 +1,7 @@
 """The package's layers: imports point down the stack, never up, and never in a cycle.
 
 A package's ``__init__`` may re-export its own modules (``hrseg.memory`` re-exports
-``hrseg.memory.footprint``); every other import is an edge of the graph walked here.
+``hrseg.memory.analytic``); every other import is an edge of the graph walked here.
 """
 import ast
 from pathlib import Path

@@ -75,9 +75,30 @@ def test_every_params_file_loads_and_divides(path):
     assert cfg.train.batch % cfg.mesh.data == 0
     # a pooling window never straddles two devices: each shard must pool evenly
     shape = (cfg.train.batch, *cfg.data.resolution, 1)
-    partition.check_divisible(shape, _FakeMesh(cfg.mesh), unet.levels_of(cfg.model))
+    partition.check_divisible(shape, _FakeMesh(cfg.mesh), unet.poolings_of(cfg.model))
 
 
 class _FakeMesh:  # check_divisible reads only mesh.shape: no devices needed for a 512³ plan
     def __init__(self, m):
         self.shape = {"data": m.data, "x": m.spatial[0], "y": m.spatial[1], "z": m.spatial[2]}
+
+
+def test_preset_sets_the_model_and_explicit_keys_override(tmp_path):
+    assert config.load(None).model == config.ModelConfig() == config.preset("mtf")  # default
+    cfg = config.load(None, ["model.preset=tiny"])
+    assert cfg.model == config.preset("tiny")                    # levels 2, base 4
+    cfg = config.load(None, ["model.preset=tiny", "model.base=8", "model.norm=inplace_abn"])
+    assert (cfg.model.levels, cfg.model.base, cfg.model.norm) == (2, 8, "inplace_abn")
+    # "paper" follows the schedule of the run's resolution (Hou et al.: 256³ -> 5 levels, 64)
+    cfg = config.load(None, ["model.preset=paper", "data.resolution=[256,256,256]"])
+    assert (cfg.model.levels, cfg.model.base, cfg.model.precision) == (5, 64, "bf16")
+    assert config.load(ROOT / "params" / "train_512.yaml").model == config.preset("paper", 512)
+    # "custom" takes only the keys given; the dump of a preset run reloads to the same model
+    cfg = config.load(None, ["model.preset=custom", "model.levels=3"])
+    assert cfg.model.levels == 3 and cfg.model.base == config.ModelConfig.base
+    config.dump(config.load(None, ["model.preset=tiny", "model.base=8"]), tmp_path / "c.yaml")
+    assert config.load(tmp_path / "c.yaml").model.base == 8
+    with pytest.raises(ValueError, match=r"model.preset': unknown preset 'huge'"):
+        config.load(None, ["model.preset=huge"])
+    with pytest.raises(ValueError, match=r"model.preset': preset 'paper' needs resolution"):
+        config.load(None, ["model.preset=paper", "data.resolution=[96,96,96]"])

@@ -27,7 +27,7 @@ def _check_fits_mesh(cfg: config.Config, where: str) -> None:
     m = cfg.mesh
     fake = SimpleNamespace(shape={"data": m.data, "x": m.spatial[0], "y": m.spatial[1],
                                   "z": m.spatial[2]})
-    levels = unet.levels_of(cfg.model)
+    levels = unet.poolings_of(cfg.model)
     try:
         partition.check_divisible(batch_shape(cfg), fake, levels)  # (B, *S, C)
     except ValueError as e:
@@ -69,7 +69,7 @@ def test_accelerator_configs_state_device_memory_and_time():
 @pytest.mark.parametrize("path", ACCEL, ids=_rel)
 def test_accelerator_config_fits_its_stated_memory(path):
     cfg = config.load(path)
-    budget = memory.parse_bytes(MEMORY_LINE.search(path.read_text()).group(1))
+    budget = config.parse_bytes(MEMORY_LINE.search(path.read_text()).group(1))
     m = cfg.mesh
     est = memory.estimate(cfg.model, cfg.data.resolution, (m.data, *m.spatial),
                           optimizer=cfg.train.optimizer, batch=cfg.train.batch,

@@ -55,15 +55,6 @@ def test_step_decay_schedule_and_optimizers():
         train.make_optimizer(config.TrainConfig(optimizer="sgd"))
 
 
-def test_dice_from_counts():
-    # rows: class k -> (intersection, predicted, true) voxels
-    counts = [[90, 100, 100], [30, 40, 50], [0, 0, 0]]
-    d = train.dice_from_counts(counts)
-    assert d["background"] == pytest.approx(0.9)      # 2·90 / 200
-    assert d["liver"] == pytest.approx(60 / 90)       # 2·30 / (40 + 50)
-    assert math.isnan(d["tumour"])                    # neither predicted nor present
-
-
 def test_local_rows_on_one_process():
     from hrseg.parallel import partition
     mesh = partition.make_mesh()
@@ -228,8 +219,8 @@ def test_2d_network_trains_on_slices_and_evaluates_whole_volumes(dataset, tmp_pa
     result = train.train(cfg, progress=False)
     assert result.steps == 2 and math.isfinite(result.final_loss)
     assert result.eval["cases"] == 1 and "tumour_dice_global" in result.eval
-    _, graphdef, state, mesh, _ = train.load_run(result.run_dir)
+    _, graphdef, state, layout, _ = train.load_run(result.run_dir)
     from hrseg.train import inference
     vol = np.random.default_rng(0).random((16, 16, 7), np.float32)
-    [labels] = inference.Predictor(cfg, graphdef, mesh)(state, [vol])
+    [labels] = inference.Predictor(cfg, graphdef, layout)(state, [vol])
     assert labels.shape == (16, 16, 7) and labels.dtype == np.int32

@@ -7,6 +7,7 @@
     augment     flips and tumour synthesis (Hou et al.): remove real tumours, paint blurred ones
     phantom     the embedded synthetic abdomen dataset (``hrseg phantom``)
     anatomy     the phantom's geometry: body, liver, tumours as ellipsoids
+    field       smooth random fields (cubic B-splines): the phantom's and augment's
     painter     rendering an anatomy onto voxels, slab by slab
 
 ``hrseg.data`` re-exports the dataset API: ``data.load_dataset(cfg)``, ``data.batch_for_step``, ...

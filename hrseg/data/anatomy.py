@@ -17,45 +17,10 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from hrseg.data import resample
+from hrseg.data.field import Field
 
 F32 = np.float32
 
-
-class Field:
-    """Smooth random field over a box: a cubic B-spline through iid normal lattice values.
-
-    Standard deviation ~1; correlation length ~``cell`` mm. Evaluating it on a block is three
-    small matrix products (the spline is separable), exact at any voxel size.
-    """
-
-    def __init__(self, rng: np.random.Generator, lo, hi, cell: float):
-        self.cell = float(cell)
-        self.origin = np.asarray(lo, np.float64) - 2 * self.cell
-        n = np.ceil((np.asarray(hi, np.float64) - self.origin) / self.cell).astype(int) + 3
-        # B-spline smoothing of iid values leaves ~0.48 of the variance per axis: rescale to 1.
-        self.coef = (rng.standard_normal(tuple(n)) / 0.48 ** 1.5).astype(F32)
-        self._yz: dict = {}
-
-    def _weights(self, coords, axis: int) -> np.ndarray:
-        t = (np.asarray(coords, np.float64) - self.origin[axis]) / self.cell
-        return resample.cubic_bspline_weights(t, self.coef.shape[axis])
-
-    def __call__(self, xs, ys, zs) -> np.ndarray:
-        # The (y, z) part is shared by every slab of a volume: computed once per grid.
-        # einsum without optimize stays off BLAS, whose threads thrash on busy small machines.
-        key = (np.asarray(ys, F32).tobytes(), np.asarray(zs, F32).tobytes())
-        u = self._yz.get(key)
-        if u is None:
-            v = np.einsum("abc,zc->abz", self.coef, self._weights(zs, 2))
-            u = np.einsum("yb,abz->ayz", self._weights(ys, 1), v)
-            if len(self._yz) >= 8:
-                self._yz.clear()
-            self._yz[key] = u
-        wx = self._weights(xs, 0)
-        used = np.nonzero(wx.any(axis=0))[0]      # the few lattice planes under this block
-        s = slice(used[0], used[-1] + 1)
-        return np.einsum("xa,ayz->xyz", wx[:, s], u[s])
 
 def _u(rng, lo, hi):
     return float(rng.uniform(lo, hi))

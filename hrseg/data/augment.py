@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hrseg.config import AugmentConfig
-from hrseg.data import resample
+from hrseg.data.field import field_nodes, smooth_field
 
 # Intensity drop used when a case has no tumour (or no liver) to measure it on, in window
 # units: 1.15 × 40 HU / 1024 HU ≈ 0.045. 40 HU is a typical liver − tumour contrast
 # (portal-venous liver ~100–110 HU, hypodense metastases/HCC ~60–70 HU); with the default
 # window HU [-512, 512] -> [0, 1] one HU is 1/1024. The phantom's tumours are 20–50 HU darker.
 DEFAULT_DIFFERENCE = 1.15 * 40.0 / 1024.0
-_OCTAVES = ((8, 1.0), (16, 0.5))   # (cells per axis, amplitude) of the blob field
 _BINOMIAL = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 
 
@@ -39,27 +37,6 @@ def _blur(mask: jax.Array) -> jax.Array:
         xp = jnp.pad(x, pad)
         x = sum(w * jax.lax.slice_in_dim(xp, i, i + n, axis=ax) for i, w in enumerate(_BINOMIAL))
     return x
-
-
-def _smooth_field(u: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Random field, smooth over ~1/8 of each axis with finer detail: cubic B-splines through
-    coarse uniform noise ``u`` (flat, _field_nodes(ndim) values in [0, 1)). The spline weights
-    are constants of the static shape, so this is a few small matmuls."""
-    out = jnp.zeros(shape, jnp.float32)
-    start = 0
-    for cells, amp in _OCTAVES:
-        size = (cells + 3) ** len(shape)
-        field = 2 * u[start:start + size].reshape((cells + 3,) * len(shape)) - 1
-        start += size
-        for ax, n in enumerate(shape):
-            w = resample.cubic_bspline_weights((np.arange(n) + 0.5) * cells / n + 1, cells + 3)
-            field = jnp.moveaxis(jnp.tensordot(jnp.asarray(w), field, axes=(1, ax)), 0, ax)
-        out = out + amp * field
-    return out
-
-
-def _field_nodes(ndim: int) -> int:
-    return sum((cells + 3) ** ndim for cells, _ in _OCTAVES)
 
 
 def _threshold(field: jax.Array, inside: jax.Array, fraction: jax.Array) -> jax.Array:
@@ -104,10 +81,10 @@ def synthesize_tumours(key, image, label, fraction=(0.05, 0.25), difference=None
     d = (liver_tumour_difference(image, label) if difference is None
          else jnp.asarray(difference, jnp.float32))
     # One draw for everything: each random op costs XLA seconds of compile time on CPU.
-    u = jax.random.uniform(key, (1 + _field_nodes(label.ndim),), jnp.float32)
+    u = jax.random.uniform(key, (1 + field_nodes(label.ndim),), jnp.float32)
     frac = fraction[0] + (fraction[1] - fraction[0]) * u[0]
     liver = label >= 1
-    field = _smooth_field(u[1:], label.shape)
+    field = smooth_field(u[1:], label.shape)
     blob = (field > _threshold(field, liver, frac)) & liver
     delta = d * (_blur(label == 2) - _blur(blob)) * liver
     out = jnp.clip(image.astype(jnp.float32) + _channels_last(delta, image), 0.0, 1.0)
@@ -136,13 +113,23 @@ def flip_rotate(key, image, label, flips: bool = True, rotate180: bool = True):
     return image, label
 
 
+def split_key(key, synthesis_p: float):
+    """How one case's key is used: ``(synthesise? (bool array), synthesis key, flip key)``.
+
+    :func:`augment` and the napari synthesis widget both draw from here, so a seed shows in
+    the widget the tumours the training augmentation would draw.
+    """
+    k_apply, k_synth, k_flip = jax.random.split(key, 3)
+    return jax.random.uniform(k_apply) < synthesis_p, k_synth, k_flip
+
+
 def augment(key, image, label, cfg: AugmentConfig):
     """Tumour synthesis with probability ``cfg.tumour_synthesis_p``, then flips/rotation."""
     image, label = jnp.asarray(image), jnp.asarray(label)
-    k_apply, k_synth, k_flip = jax.random.split(key, 3)
+    synthesise, k_synth, k_flip = split_key(key, cfg.tumour_synthesis_p)
     if cfg.tumour_synthesis_p > 0:
         image, label = jax.lax.cond(
-            jax.random.uniform(k_apply) < cfg.tumour_synthesis_p,
+            synthesise,
             lambda im, lb: synthesize_tumours(k_synth, im, lb, tuple(cfg.tumour_fraction)),
             lambda im, lb: (im, lb), image, label)
     if cfg.flip or cfg.rotate180:

@@ -15,7 +15,6 @@ import numpy as np
 
 from hrseg.data import nifti
 
-LABELS = (0, 1, 2)          # background, liver, tumour
 AFFINE_TOL_MM = 1e-3        # image and label affines must agree to this (mm)
 
 

@@ -113,17 +113,3 @@ def to_input_grid(g: Grid, y: np.ndarray) -> np.ndarray:
                                     mode="constant" if g.pad else "nearest", cval=0)
 
 
-def cubic_bspline_weights(t, n: int) -> np.ndarray:
-    """``(len(t), n)`` float32 matrix: cubic B-spline weights of lattice nodes ``0…n-1`` at
-    lattice coordinates ``t`` (clamped to ``[1, n-2)`` so the 4 nodes exist). Smooth (C²)
-    interpolation of random node values is a cheap smooth random field."""
-    t = np.clip(np.asarray(t, np.float64), 1.0, n - 2.0 - 1e-6)
-    i = np.floor(t).astype(int)
-    f = t - i
-    w = np.zeros((len(t), n), np.float32)
-    rows = np.arange(len(t))
-    w[rows, i - 1] = (1 - f) ** 3 / 6
-    w[rows, i] = (3 * f ** 3 - 6 * f ** 2 + 4) / 6
-    w[rows, i + 1] = (-3 * f ** 3 + 3 * f ** 2 + 3 * f + 1) / 6
-    w[rows, i + 2] = f ** 3 / 6
-    return w

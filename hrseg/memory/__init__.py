@@ -1,6 +1,7 @@
 """Memory of a training step per device: what a user needs before renting devices.
 
-    footprint   analytic estimate, traced residuals, compiled measurement
+    analytic    the estimate counted from the model's parts (no compilation)
+    compiled    the real step compiled on shapes (XLA's figures), and autodiff's residuals
     planner     the smallest partition that fits a per-device budget
     ablation    Wang et al.'s memory ablation table
     study       the notebooks' tables: analytic vs compiled, memory vs devices, paper schedule
@@ -13,22 +14,19 @@ from hrseg.memory.ablation import (  # noqa: F401
     ablation,
     format_table,
 )
-from hrseg.memory.footprint import (  # noqa: F401
+from hrseg.memory.analytic import (  # noqa: F401
     MASK_BYTES,
     GiB,
     Tensor,
-    abstract_step,
     activation_bytes,
-    cross_entropy,
     estimate,
-    make_mesh,
-    make_optimizer,
-    measure,
     mesh_shape,
-    parse_bytes,
-    peak_bytes_on_device,
-    residuals,
     tensors,
+)
+from hrseg.memory.compiled import (  # noqa: F401
+    abstract_step,
+    measure,
+    residuals,
 )
 from hrseg.memory.peak import (  # noqa: F401
     peak_bytes_in_use,

@@ -14,11 +14,11 @@ import time
 import jax
 import numpy as np
 
-from hrseg.config import ModelConfig
-from hrseg.memory import footprint
-from hrseg.nn import precision, unet
+from hrseg.config import ModelConfig, TrainConfig
+from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.train import step
+from hrseg.train.loop import make_optimizer
 
 
 def peak_bytes_in_use(device=None) -> int | None:
@@ -46,16 +46,16 @@ def single_device_step(model_cfg: ModelConfig, input_shape, batch: int = 1,
     shape = tuple(int(s) for s in input_shape)
     if len(shape) == model_cfg.dims:
         shape = (batch,) + shape + (in_channels,)                         # (B, *S, C)
-    mesh = partition.make_mesh((1, 1, 1), 1, devices=[device])
+    layout = partition.layout(partition.make_mesh((1, 1, 1), 1, devices=[device]), "none")
     pol = precision.policy(model_cfg.precision)
-    opt = footprint.make_optimizer(optimizer)
+    opt = make_optimizer(TrainConfig(optimizer=optimizer))
     model = model_fn() if model_fn else unet.build(model_cfg, shape[-1])
     graphdef, state = step.init_state(model, opt, pol.loss_scaling)
-    fn = step.make_train_step(graphdef, opt, footprint.cross_entropy, mesh, "none",
+    fn = step.make_train_step(graphdef, opt, losses.cross_entropy, layout,
                               ndim=model_cfg.dims, loss_scaling=pol.loss_scaling)
-    x, y = step.place_batch(mesh, "none", np.zeros(shape, np.float32),    # (B, *S, C)
+    x, y = step.place_batch(layout, np.zeros(shape, np.float32),          # (B, *S, C)
                             np.zeros(shape[:-1], np.int32), model_cfg.dims)  # (B, *S)
-    box = [step.replicate(mesh, state)]
+    box = [step.replicate(layout, state)]
 
     def run(n: int = 1) -> float:
         t0 = time.perf_counter()

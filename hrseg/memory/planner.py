@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from hrseg.config import ModelConfig
-from hrseg.memory import footprint as memory
+from hrseg.memory import analytic
 from hrseg.nn import unet
 
 # (label, changes to the ModelConfig), cumulative, least intrusive first
@@ -33,7 +33,7 @@ ESTIMATE_OVER_COMPILED = "19 % (bf16) to 44 % (fp32)"
 
 
 def _fmt(b: float) -> str:
-    return f"{b / memory.GiB:.2f} GiB"
+    return f"{b / analytic.GiB:.2f} GiB"
 
 
 def _primes(n: int) -> list[int]:
@@ -179,7 +179,7 @@ def plan(budget_bytes_per_device: int, n_devices: int, resolution, batch: int = 
         model_cfg = (unet.preset(preset, shape[0]) if preset == "paper"
                      else unet.preset(preset))
     shape = shape[:model_cfg.dims]
-    levels = unet.levels_of(model_cfg)
+    levels = unet.poolings_of(model_cfg)
     if n_devices < 1:
         raise ValueError(f"--devices {n_devices}: need at least 1 device")
     result = Plan(int(budget_bytes_per_device), n_devices, shape, batch, None, None,
@@ -197,7 +197,7 @@ def plan(budget_bytes_per_device: int, n_devices: int, resolution, batch: int = 
             if not splits:
                 result.considered.append((tech, mesh_txt, None))
                 continue
-            est = memory.estimate(cfg, shape, (data,) + splits[0], optimizer=optimizer,
+            est = analytic.estimate(cfg, shape, (data,) + splits[0], optimizer=optimizer,
                                   batch=batch, in_channels=in_channels)
             result.considered.append((tech, mesh_txt, est["total"]))
             if est["total"] <= budget_bytes_per_device:
@@ -223,7 +223,7 @@ def _suggest(failed: Plan, model_cfg: ModelConfig, optimizer: str, in_channels: 
         splits = spatial_splits(n, failed.shape, failed.levels, model_cfg.dims)
         if not splits:
             return None
-        total = memory.estimate(cfg, failed.shape, (1,) + splits[0], optimizer=optimizer,
+        total = analytic.estimate(cfg, failed.shape, (1,) + splits[0], optimizer=optimizer,
                                 batch=failed.batch, in_channels=in_channels)["total"]
         if total <= failed.budget:
             return plan(failed.budget, n, failed.shape, failed.batch, model_cfg=model_cfg,

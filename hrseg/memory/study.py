@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hrseg.memory.footprint import estimate, measure
+from hrseg.memory.analytic import estimate
+from hrseg.memory.compiled import measure
 from hrseg.nn import unet
 
 MiB = 2 ** 20

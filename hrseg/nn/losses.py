@@ -1,7 +1,7 @@
 """Segmentation losses, exact on a spatially partitioned mesh.
 
 ``logits (B, *spatial, K)`` in any float dtype (computed in float32), ``labels (B, *spatial)``
-integer. Every sum over voxels goes through ``halo.psum`` over ("data", "x", "y", "z"): inside
+integer. Every sum over voxels goes through ``halo.psum`` over every mesh axis (partition.AXES): inside
 ``shard_map`` each shard sums its block and the psum makes the batch-global total, so the loss
 (and its gradient) equals the unpartitioned one; outside shard_map the psum is the identity.
 
@@ -17,16 +17,15 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from hrseg.parallel import halo
+from hrseg.parallel import halo, partition
 
-AXES = ("data", "x", "y", "z")
 EPS = 1e-6
 NAMES = ("gdice", "wce", "dice_ce")
 
 
 def _voxel_sum(x):
     """Sum over every axis but the last (classes), then over the mesh."""
-    return halo.psum(jnp.sum(x, axis=tuple(range(x.ndim - 1))), AXES)
+    return halo.psum(jnp.sum(x, axis=tuple(range(x.ndim - 1))), partition.AXES)
 
 
 def _one_hot(logits, labels):
@@ -71,6 +70,13 @@ def weighted_ce(logits, labels, weights: Sequence[float] = (1.0, 8.0, 16.0)) -> 
     num = _voxel_sum((wv * nll)[..., None])[0]
     den = _voxel_sum(wv[..., None])[0]
     return num / jnp.maximum(den, EPS)
+
+
+def cross_entropy(logits, labels):
+    """Mean cross-entropy over every voxel of every shard (unweighted; memory measurements)."""
+    logp = jax.nn.log_softmax(logits)
+    picked = jnp.sum(logp * jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype), -1)
+    return -halo.psum(jnp.sum(picked)) / halo.psum(jnp.float32(labels.size))
 
 
 def combined(logits, labels, weights: Sequence[float] = (1.0, 8.0, 16.0),

@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hrseg.parallel import halo
+from hrseg.parallel import halo, partition
 
 GAMMA_EPS = 1e-5  # in-place ABN scales by |γ| + GAMMA_EPS: never zero, always invertible
 INVERTIBLE = ("leaky_relu", "elu", "identity")
@@ -117,7 +117,7 @@ normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def inplace_abn(x, gamma, beta, eps: float, act: str, slope: float,
-                mesh_axes: tuple[str, ...] = halo.ALL):
+                mesh_axes: tuple[str, ...] = partition.AXES):
     """``φ((|γ| + ε)·x̂ + β)`` with batch statistics; returns ``(y, mean, var)``.
 
     ``x (B, *S, C)``; statistics over batch and space of the global tensor; ``y`` in
@@ -152,7 +152,7 @@ inplace_abn.defvjp(_abn_fwd, _abn_bwd)
 
 
 def inplace_abn_reference(x, gamma, beta, eps: float, act: str, slope: float,
-                          mesh_axes: tuple[str, ...] = halo.ALL):
+                          mesh_axes: tuple[str, ...] = partition.AXES):
     """The same function through plain autodiff (for tests and memory comparisons)."""
     axes = tuple(range(x.ndim - 1))
     mean, var = halo.moments(x, axes, mesh_axes)

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from jax import lax
 
-SPATIAL = ("x", "y", "z")
-ALL = ("data", "x", "y", "z")
+from hrseg.parallel.partition import AXES, SPATIAL
 
 
 def axis_size(name: str) -> int | None:
@@ -31,7 +30,7 @@ def bound(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(n for n in names if (axis_size(n) or 1) > 1)
 
 
-def psum(x, names: Sequence[str] = ALL):
+def psum(x, names: Sequence[str] = AXES):
     """Sum over the bound mesh axes among ``names``; identity outside shard_map.
 
     Size-1 axes are included (free) so shard_map can prove the result replicated.

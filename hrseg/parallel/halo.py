@@ -18,9 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hrseg.parallel.exchange import (  # noqa: F401  (re-exported: halo.psum, halo.ALL, …)
-    ALL,
-    SPATIAL,
+from hrseg.parallel.exchange import (  # noqa: F401  (re-exported: halo.psum, …)
     after,
     axes_for,
     axis_size,
@@ -29,6 +27,7 @@ from hrseg.parallel.exchange import (  # noqa: F401  (re-exported: halo.psum, ha
     psum,
     return_margins,
 )
+from hrseg.parallel.partition import AXES
 
 
 def _dimension_numbers(nsp: int):
@@ -196,7 +195,7 @@ def conv_transpose_xla(x, w, precision=None):
                               precision=precision)
 
 
-def moments(x, axes: Sequence[int] | None = None, mesh_axes: Sequence[str] = ALL):
+def moments(x, axes: Sequence[int] | None = None, mesh_axes: Sequence[str] = AXES):
     """Mean and (biased) variance over array ``axes`` of the *global* tensor, in float32.
 
     Sums are psum'd over the bound ``mesh_axes`` (spatial for instance/group norm, plus

@@ -11,13 +11,11 @@
 ``hrseg.train`` re-exports the loop's API: ``train.train(cfg)``, ``train.evaluate(run_dir)``, ...
 """
 from hrseg.train.loop import (  # noqa: F401
-    CLASSES,
     Batches,
     RunResult,
     batch_shape,
     build,
     describe,
-    dice_from_counts,
     evaluate,
     load_run,
     make_optimizer,

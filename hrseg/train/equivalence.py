@@ -79,11 +79,11 @@ class Comparison:
 
     def unet_outputs(self, mesh, backend: str):
         """(logits, gradient of the loss w.r.t. the parameters) of the U-Net on ``mesh``."""
-        xs, ys = step.place_batch(mesh, backend, self.images, self.labels)
-        bmesh = partition.backend_mesh(mesh, backend)
-        forward = jax.jit(step.make_forward(self.graphdef, bmesh, backend))
+        layout = partition.layout(mesh, backend)
+        xs, ys = step.place_batch(layout, self.images, self.labels)
+        forward = jax.jit(step.make_forward(self.graphdef, layout))
         logits, _ = forward(self.params, self.rest, xs)
-        loss = step.make_loss(self.graphdef, self.loss_fn, bmesh, backend)
+        loss = step.make_loss(self.graphdef, self.loss_fn, layout)
         grads = jax.jit(jax.grad(lambda p: loss(p, self.rest, xs, ys, 1.0)[0]))(self.params)
         return logits, grads
 
@@ -128,6 +128,7 @@ def collectives(net: nnx.Module, loss_fn: Callable, spatial: Sequence[int], back
     optimizer = optimizer or optax.adam(1e-3)
     graphdef, state = step.init_state(net, optimizer)
     mesh = partition.make_mesh(tuple(spatial), devices=jax.devices()[:int(np.prod(spatial))])
-    train_step = step.make_train_step(graphdef, optimizer, loss_fn, mesh, backend)
-    args = step.abstract_inputs(state, mesh, backend, (1, size, size, size, 1))
+    layout = partition.layout(mesh, backend)
+    train_step = step.make_train_step(graphdef, optimizer, loss_fn, layout)
+    args = step.abstract_inputs(state, layout, (1, size, size, size, 1))
     return {"backend": backend, **count_collectives(train_step.lower(*args).compile().as_text())}

@@ -24,12 +24,11 @@ class Predictor:
     every axial slice, with its neighbours as channels, in chunks of slices.
     """
 
-    def __init__(self, cfg: Config, graphdef, mesh):
+    def __init__(self, cfg: Config, graphdef, layout: partition.Layout):
         self.cfg, self.ndim = cfg, cfg.model.dims
-        run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
-        self.sharding = partition.sharding(run_mesh, partition.volume_spec(self.ndim))
-        self.data = int(run_mesh.shape["data"])
-        self._predict = step.make_predict(graphdef, mesh, cfg.mesh.backend, self.ndim)
+        self.sharding = layout.sharding(partition.volume_spec(self.ndim))
+        self.data = layout.data
+        self._predict = step.make_predict(graphdef, layout, self.ndim)
 
     def _run(self, state, items, chunk: int) -> np.ndarray:
         """Items ``(*S, C)`` -> labels ``(N, *S)``, ``chunk`` (a multiple of the data axis) per
@@ -59,9 +58,9 @@ class Predictor:
 class Evaluator:
     """Dice per case / global for liver and tumour on whole validation volumes."""
 
-    def __init__(self, cfg: Config, graphdef, mesh, cases):
+    def __init__(self, cfg: Config, graphdef, layout: partition.Layout, cases):
         self.cfg, self.cases = cfg, list(cases)
-        self.predict = Predictor(cfg, graphdef, mesh)
+        self.predict = Predictor(cfg, graphdef, layout)
 
     def __call__(self, state, step_no: int | None = None) -> dict:
         if not self.cases:

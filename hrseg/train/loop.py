@@ -28,11 +28,10 @@ from tqdm.auto import tqdm
 from hrseg import atomic, config, data
 from hrseg.config import Config, TrainConfig
 from hrseg.data import augment, nifti
+from hrseg.metrics import region_dice
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.train import checkpoint, distributed, inference, rundir, step
-
-CLASSES = ("background", "liver", "tumour")
 
 
 @dataclasses.dataclass
@@ -75,31 +74,24 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return opt
 
 
-def build(cfg: Config, mesh):
-    """``(graphdef, state on the mesh, optimizer)`` of a config, freshly initialised."""
+def build(cfg: Config, layout: partition.Layout):
+    """``(graphdef, state on the layout's mesh, optimizer)`` of a config, freshly initialised."""
     model = unet.build(cfg.model, cfg.in_channels, rngs=nnx.Rngs(cfg.train.seed))
     optimizer = make_optimizer(cfg.train)
     loss_scaling = precision.policy(cfg.model.precision).loss_scaling
     graphdef, state = step.init_state(model, optimizer, loss_scaling)
-    run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
-    return graphdef, step.replicate(run_mesh, state), optimizer
+    return graphdef, step.replicate(layout, state), optimizer
+
+
+def make_layout(cfg: Config) -> partition.Layout:
+    """The run's mesh and backend, decided once (the first devices of the host)."""
+    return partition.layout(partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data),
+                            cfg.mesh.backend)
 
 
 def batch_shape(cfg: Config) -> tuple[int, ...]:
     """Global ``(B, *spatial, C)`` of a training batch."""
     return (cfg.train.batch, *cfg.data.resolution, cfg.in_channels)
-
-
-def dice_from_counts(counts) -> dict[str, float]:
-    """Per-class Dice of step.py's (K, 3) intersection / predicted / true voxel counts (NaN
-    if neither prediction nor label has the class). Class 1 is the tumour-free liver here;
-    hrseg.metrics scores the liver with its tumours (LiTS), so the two differ a little."""
-    counts = np.asarray(counts, np.float64)
-    out = {}
-    for k, name in enumerate(CLASSES[:len(counts)]):
-        inter, pred, true = counts[k]
-        out[name] = float(2 * inter / (pred + true)) if pred + true > 0 else float("nan")
-    return out
 
 
 class Batches:
@@ -109,13 +101,12 @@ class Batches:
     that is the whole batch.
     """
 
-    def __init__(self, cfg: Config, mesh):
+    def __init__(self, cfg: Config, layout: partition.Layout):
         self.cfg = cfg
-        run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
         ndim = cfg.model.dims
         self.shape = batch_shape(cfg)
-        self.img_sharding = partition.sharding(run_mesh, partition.volume_spec(ndim))
-        self.lab_sharding = partition.sharding(run_mesh, partition.label_spec(ndim))
+        self.img_sharding = layout.sharding(partition.volume_spec(ndim))
+        self.lab_sharding = layout.sharding(partition.label_spec(ndim))
         self.group, self.groups = distributed.local_rows(self.img_sharding, self.shape)
         if jax.process_count() > 1:
             b = self.shape[0] // self.groups
@@ -191,27 +182,25 @@ def train(cfg: Config, *, progress: bool = True,
     run_dir = rundir.path_of(cfg)
     if main and rundir.is_run(run_dir):
         rundir.check_resume(run_dir, cfg)          # before any work: a changed run is refused
-    mesh = partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data)
-    run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
-    partition.check_divisible(batch_shape(cfg), run_mesh, unet.levels_of(cfg.model))
-    graphdef, state, optimizer = build(cfg, mesh)
-    batches = Batches(cfg, mesh)
-    evaluator = inference.Evaluator(cfg, graphdef, mesh, batches.ds.val)
+    layout = make_layout(cfg)
+    partition.check_divisible(batch_shape(cfg), layout.mesh, unet.poolings_of(cfg.model))
+    graphdef, state, optimizer = build(cfg, layout)
+    batches = Batches(cfg, layout)
+    evaluator = inference.Evaluator(cfg, graphdef, layout, batches.ds.val)
 
     lock = rundir.Lock(run_dir).acquire() if main else None
     try:
-        return _train(cfg, run_dir, mesh, graphdef, state, optimizer, batches, evaluator,
+        return _train(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator,
                       progress, on_step)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg, run_dir, mesh, graphdef, state, optimizer, batches, evaluator, progress,
+def _train(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, progress,
            on_step) -> RunResult:
     t = cfg.train
     main = distributed.is_main()
-    run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
     ckpts = checkpoint.Checkpoints(rundir.checkpoints(run_dir), keep=t.keep_ckpts)
     try:
         if ckpts.latest() is not None and not t.resume:
@@ -223,27 +212,27 @@ def _train(cfg, run_dir, mesh, graphdef, state, optimizer, batches, evaluator, p
         if main:
             rundir.record_start(run_dir, cfg, start)
         distributed.barrier("config")
-        result = _loop(cfg, run_dir, mesh, graphdef, state, optimizer, batches, evaluator,
+        result = _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator,
                        ckpts, start, progress, on_step)
         ckpts.wait()
         ckpts.prune()            # orbax calls are collective: every process makes them
     finally:
         ckpts.close()
     result.resumed_from = resumed_from
-    result.devices = int(run_mesh.devices.size)
+    result.devices = int(layout.mesh.devices.size)
     if main:
         atomic.write_json(run_dir / rundir.RESULT, result.to_dict())
     return result
 
 
-def _loop(cfg, run_dir, mesh, graphdef, state, optimizer, batches, evaluator, ckpts, start,
+def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, ckpts, start,
           progress, on_step) -> RunResult:
     t = cfg.train
     main = distributed.is_main()
     loss_fn = losses.get(t.loss, t.ce_weights)
     policy = precision.policy(cfg.model.precision)
-    train_step = step.make_train_step(graphdef, optimizer, loss_fn, mesh, cfg.mesh.backend,
-                                      cfg.model.dims, policy.loss_scaling)
+    train_step = step.make_train_step(graphdef, optimizer, loss_fn, layout, cfg.model.dims,
+                                      policy.loss_scaling)
     log = rundir.MetricsLog(run_dir / rundir.METRICS, start, main)
     schedule = make_schedule(t)
     voxels = t.batch * math.prod(cfg.data.resolution)
@@ -275,7 +264,7 @@ def _loop(cfg, run_dir, mesh, graphdef, state, optimizer, batches, evaluator, ck
             n = s + 1
             if not (policy.loss_scaling and not metrics["finite"]):
                 _finite_or_raise(metrics, n, ckpts)
-            dice = dice_from_counts(metrics["counts"])
+            dice = region_dice(metrics["counts"])   # this batch's Dice; liver with tumours
             last_loss = float(metrics["loss"])
             record = {"step": n, "loss": last_loss, "grad_norm": float(metrics["grad_norm"]),
                       "dice_liver": dice["liver"], "dice_tumour": dice["tumour"],
@@ -317,7 +306,7 @@ def describe(result: RunResult) -> str:
 
 
 def load_run(run_dir: str | Path, step_no: int | None = None):
-    """``(cfg, graphdef, state, mesh, step)`` of a run directory's checkpoint (default: the
+    """``(cfg, graphdef, state, layout, step)`` of a run directory's checkpoint (default: the
     newest intact one; a damaged newer one is reported in one line and skipped).
 
     The run's mesh is used when this machine has its devices; otherwise one device (backend
@@ -328,8 +317,8 @@ def load_run(run_dir: str | Path, step_no: int | None = None):
     if cfg.mesh.data * math.prod(cfg.mesh.spatial) > jax.device_count():
         cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(
             cfg.mesh, backend="none", spatial=(1, 1, 1), data=1, distributed=False))
-    mesh = partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data)
-    graphdef, state, _ = build(cfg, mesh)
+    layout = make_layout(cfg)
+    graphdef, state, _ = build(cfg, layout)
     ckpts = checkpoint.Checkpoints(rundir.checkpoints(run_dir), read_only=True)
     try:
         if step_no is not None:
@@ -341,14 +330,14 @@ def load_run(run_dir: str | Path, step_no: int | None = None):
             state, step_no = found
     finally:
         ckpts.close()
-    return cfg, graphdef, state, mesh, step_no
+    return cfg, graphdef, state, layout, step_no
 
 
 def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
     """Validation Dice of a run's checkpoint, written to ``checkpoints/eval_<step>.json``."""
-    cfg, graphdef, state, mesh, step_no = load_run(run_dir, step)
+    cfg, graphdef, state, layout, step_no = load_run(run_dir, step)
     dataset = data.load_dataset(cfg.data)
-    result = inference.Evaluator(cfg, graphdef, mesh, dataset.val)(state, step_no)
+    result = inference.Evaluator(cfg, graphdef, layout, dataset.val)(state, step_no)
     if distributed.is_main():
         atomic.write_json(rundir.eval_path(run_dir, step_no),
                           {"step": step_no, "config": config.to_dict(cfg), "metrics": result})
@@ -381,9 +370,9 @@ def predict(run_dir: str | Path, volume: str | Path, out: str | Path | None = No
     if bad:
         lo, hi = rundir.read_config(run_dir).data.hu_window
         hu = np.nan_to_num(np.asarray(hu, np.float32), nan=lo, neginf=lo, posinf=hi)
-    cfg, graphdef, state, mesh, _ = load_run(run_dir)
+    cfg, graphdef, state, layout, _ = load_run(run_dir)
     image = data.preprocess(hu, spacing, cfg.data)
-    [labels] = inference.Predictor(cfg, graphdef, mesh)(state, [image])
+    [labels] = inference.Predictor(cfg, graphdef, layout)(state, [image])
     meta = {"grid": data.grid_for(hu.shape, spacing, cfg.data).to_dict(),
             "affine": nib.load(str(volume)).affine}             # the file's own orientation
     labels, affine = data.to_original_geometry(labels, meta)
