@@ -168,6 +168,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     import jax
 
+    from hrseg import config
     from hrseg.memory import peak
     from hrseg.parallel import devices
     size = SIZES["small" if args.small else "full"]
