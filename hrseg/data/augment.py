@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hrseg.data import resample
 from hrseg.config import AugmentConfig
+from hrseg.data import resample
 
 # Intensity drop used when a case has no tumour (or no liver) to measure it on, in window
 # units: 1.15 × 40 HU / 1024 HU ≈ 0.045. 40 HU is a typical liver − tumour contrast

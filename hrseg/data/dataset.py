@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hrseg.data import integrity, nifti, resample
 from hrseg.config import DataConfig
+from hrseg.data import integrity, nifti, resample
 from hrseg.data.integrity import verify_dataset  # noqa: F401  (public: hrseg.data.verify_dataset)
 from hrseg.data.nifti import Case, find_cases, read_nifti  # public here too
 
