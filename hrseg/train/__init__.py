@@ -4,7 +4,8 @@
     loop        the training loop: batches, evaluation, NaN guard, resume (``train``)
     checkpoint  orbax checkpoints, newest-first restore
     distributed jax.distributed start for multi-host runs
-    inference   whole-volume prediction and evaluation of a run
+    inference   prediction (whole volume or sliding window) and evaluation of a run
+    sliding     Gaussian-weighted sliding-window inference for patch-trained networks
 
 ``hrseg.train`` re-exports the loop's API: ``train.train(cfg)``, ``train.evaluate(run_dir)``, ...
 """

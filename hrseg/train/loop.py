@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from hrseg import config, data
 from hrseg.config import Config, TrainConfig
-from hrseg.data import augment, nifti
+from hrseg.data import augment, nifti, patches
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.train import checkpoint, distributed, inference, step
@@ -87,8 +87,18 @@ def build(cfg: Config, mesh):
 
 
 def batch_shape(cfg: Config) -> tuple[int, ...]:
-    """Global ``(B, *spatial, C)`` of a training batch."""
-    return (cfg.train.batch, *cfg.data.resolution, cfg.in_channels)
+    """Global ``(B, *spatial, C)`` of a training batch (spatial: the patch, if any)."""
+    return (cfg.train.batch, *(cfg.data.patch or cfg.data.resolution), cfg.in_channels)
+
+
+def check_batch_shape(cfg: Config, run_mesh) -> None:
+    """The batch must split over the mesh and pool evenly; the error names the config key."""
+    try:
+        partition.check_divisible(batch_shape(cfg), run_mesh, unet.levels_of(cfg.model))
+    except ValueError as e:
+        key = ("train.batch" if cfg.train.batch % run_mesh.shape["data"]
+               else "data.patch" if cfg.data.patch else "data.resolution")
+        raise ValueError(f"config key '{key}': {e}") from None
 
 
 def dice_from_counts(counts) -> dict[str, float]:
@@ -125,6 +135,8 @@ class Batches:
                   file=sys.stderr)
         self.ds = data.load_dataset(cfg.data, process_index=self.group,
                                     process_count=self.groups)
+        self.sampler = (patches.Sampler(self.ds, cfg.data.patch, cfg.data.patch_foreground)
+                        if cfg.data.patch else None)
         self._augment = jax.jit(lambda key, img, lab: augment.augment(key, img, lab, cfg.augment))
 
     def key(self, step_: int, row: int) -> jax.Array:
@@ -133,9 +145,9 @@ class Batches:
 
     def __call__(self, step_: int):
         t = self.cfg.train
-        images, labels = data.batch_for_step(self.ds, step_, t.batch, t.seed,
-                                             process_index=self.group,
-                                             process_count=self.groups)
+        fetch = self.sampler or (lambda *a, **k: data.batch_for_step(self.ds, *a, **k))
+        images, labels = fetch(step_, t.batch, t.seed, process_index=self.group,
+                               process_count=self.groups)
         images, labels = np.array(images, np.float32), np.array(labels, np.int32)
         rows = images.shape[0]
         for i in range(rows):
@@ -190,7 +202,7 @@ def train(cfg: Config, *, progress: bool = True,
     run_dir = _run_dir(cfg)
     mesh = partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data)
     run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
-    partition.check_divisible(batch_shape(cfg), run_mesh, unet.levels_of(cfg.model))
+    check_batch_shape(cfg, run_mesh)
     graphdef, state, optimizer = build(cfg, mesh)
     ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", keep=t.keep_ckpts)
     resumed_from = ckpts.latest()
@@ -214,7 +226,7 @@ def train(cfg: Config, *, progress: bool = True,
     evaluator = inference.Evaluator(cfg, graphdef, mesh, batches.ds.val)
     log = MetricsLog(run_dir / "metrics.jsonl", start, main)
     schedule = make_schedule(t)
-    voxels = t.batch * math.prod(cfg.data.resolution)
+    voxels = math.prod(batch_shape(cfg)[:-1])
 
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and main), desc=t.name,
                dynamic_ncols=True)
