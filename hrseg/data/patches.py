@@ -52,7 +52,7 @@ def class_locations(label: np.ndarray, limit: int = MAX_LOCATIONS) -> dict[int, 
         if k == 0:
             continue
         idx = np.flatnonzero(flat == k)
-        out[int(k)] = idx[::max(1, len(idx) // limit)]
+        out[int(k)] = idx[::-(-len(idx) // limit)]               # ceil: at most `limit`
     return out
 
 
