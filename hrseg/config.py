@@ -31,6 +31,30 @@ class DataConfig:
     slices_2d: int = 5                  # adjacent slices as channels for the 2D network
     cache_dir: str = "data/cache"       # preprocessed arrays, one file per case and resolution
     max_cases: int = 0                  # use only the first N cases (0 = all)
+    patch: tuple[int, ...] = ()         # training crop [px, py, pz] (empty = the whole volume);
+                                        # patch runs predict by sliding window (train/sliding.py)
+    patch_foreground: float = 1 / 3     # share of patches centred on a labelled voxel (nnU-Net)
+
+    def __post_init__(self):
+        if self.patch:
+            _check_patch(self.patch, self.resolution)
+        if not 0.0 <= self.patch_foreground <= 1.0:
+            raise ValueError(f"config key 'data.patch_foreground': must be in [0, 1], "
+                             f"got {self.patch_foreground}")
+
+
+def _check_patch(patch: tuple[int, ...], resolution: tuple[int, ...]) -> None:
+    """A patch is 3 sizes, each in [1, resolution]; the mesh's divisibility is checked where
+    the mesh is known (train/loop.py names this key in that error too)."""
+    where = "config key 'data.patch'"
+    if len(resolution) != 3:
+        raise ValueError(f"{where}: patches are for 3D networks; data.resolution is "
+                         f"{list(resolution)}")
+    if len(patch) != 3:
+        raise ValueError(f"{where}: expected 3 sizes [px, py, pz], got {list(patch)}")
+    if any(not 1 <= p <= r for p, r in zip(patch, resolution)):
+        raise ValueError(f"{where}: each size must be in [1, data.resolution], got "
+                         f"{list(patch)} for resolution {list(resolution)}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +191,8 @@ def _coerce(tp, value, where: str):
     try:
         if origin is tuple:
             args = typing.get_args(tp)
+            if value is None and args[-1] is Ellipsis:   # `patch: null` = empty
+                return ()
             if not isinstance(value, (list, tuple)):
                 value = [value] * (3 if args[-1] is not Ellipsis and len(args) == 3 else 1)
             elem = args[0]

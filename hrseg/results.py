@@ -114,6 +114,9 @@ def row_key(cfg) -> tuple[int, int, str]:
         return (1, math.prod(res), f"{res[0]}² 2D" if len(set(res)) == 1
                 else f"{'×'.join(map(str, res))} 2D")
     label = f"{res[0]}³" if len(set(res)) == 1 else "×".join(map(str, res))
+    if cfg.data.patch:   # patch-trained, sliding-window evaluated at the same resolution
+        p = cfg.data.patch
+        label += f", {p[0]}³ patches" if len(set(p)) == 1 else f", {'×'.join(map(str, p))} patches"
     return (0, math.prod(res), label)
 
 
@@ -142,7 +145,7 @@ def step_memory(cfg) -> float:
     """Analytic per-device bytes of the run's training step (hrseg.memory.estimate)."""
     from hrseg import memory
     m = cfg.mesh
-    est = memory.estimate(cfg.model, tuple(cfg.data.resolution),
+    est = memory.estimate(cfg.model, tuple(cfg.data.patch or cfg.data.resolution),
                           mesh=(m.data, *m.spatial), policy=cfg.model.precision,
                           optimizer=cfg.train.optimizer, batch=cfg.train.batch,
                           in_channels=cfg.in_channels, backend=m.backend)
@@ -179,7 +182,7 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
         row["memory_bytes"] = step_memory(cfg) if memory else math.nan
         row["step_time_s"] = metrics.mean_std(step_time(r.path) for r in runs)[0]
         # network input voxels per second (a 2D step sees `batch` slices)
-        row["voxels_per_s"] = (cfg.train.batch * math.prod(cfg.data.resolution)
+        row["voxels_per_s"] = (cfg.train.batch * math.prod(cfg.data.patch or cfg.data.resolution)
                                / row["step_time_s"])
         rows.append(row)
     return rows

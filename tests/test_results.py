@@ -60,6 +60,18 @@ def test_runs_of_one_resolution_with_different_recipes_are_separate_rows(runs):
     assert labels == ["32³", "64³ (r64_adam)", "64³ (r64_s0)", "64² 2D"]
 
 
+def test_a_patch_run_is_its_own_row_with_the_patch_throughput(runs):
+    d = make_run(runs, "p64", (64, 64, 64), {5: (0.1, 0.2)}, step_times=(9.0, 2.0, 2.0))
+    cfg = config.load(d / "config.yaml")
+    config.dump(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, patch=(32, 32, 16))),
+                d / "config.yaml")
+    rows = {r["resolution"]: r for r in results.collect(runs, last=2)}
+    assert list(rows) == ["32³", "64³, 32×32×16 patches", "64³", "64² 2D"]   # then by name
+    patch = rows["64³, 32×32×16 patches"]
+    assert patch["voxels_per_s"] == pytest.approx(32 * 32 * 16 / 2.0)   # median step 2 s
+    assert patch["memory_bytes"] < rows["64³"]["memory_bytes"] / 2      # a step on 1/8 voxels
+
+
 def test_collect_groups_by_resolution_and_averages_last_checkpoints(runs):
     rows = results.collect(runs, last=2, memory=False)
     assert [r["resolution"] for r in rows] == ["32³", "64³", "64² 2D"]

@@ -224,3 +224,31 @@ def test_2d_network_trains_on_slices_and_evaluates_whole_volumes(dataset, tmp_pa
     vol = np.random.default_rng(0).random((16, 16, 7), np.float32)
     [labels] = inference.Predictor(cfg, graphdef, layout)(state, [vol])
     assert labels.shape == (16, 16, 7) and labels.dtype == np.int32
+
+
+def test_patch_run_resumes_bit_identically_and_evaluates_by_sliding_window(dataset, tmp_path,
+                                                                           monkeypatch):
+    from hrseg.train import sliding
+    over = ["data.patch=[8,8,8]", "data.patch_foreground=0.5", "train.ckpt_every=2"]
+    first = train.train(smoke(dataset, tmp_path, "train.name=pieces", "train.steps=3",
+                              "train.eval_every=-1", *over), progress=False)
+    resumed = train.train(smoke(dataset, tmp_path, "train.name=pieces", "train.steps=6",
+                                "train.eval_every=-1", *over), progress=False)
+    assert (first.steps, resumed.resumed_from, resumed.steps) == (3, 3, 6)
+    straight = train.train(smoke(dataset, tmp_path, "train.name=straight", "train.steps=6",
+                                 "train.eval_every=0", *over), progress=False)
+    _, a = _final_state(tmp_path / "pieces")
+    _, b = _final_state(tmp_path / "straight")
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    steps = [r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    assert all(r["voxels_per_s"] == pytest.approx(8 ** 3 / r["step_time_s"]) for r in steps)
+    # `hrseg evaluate` of a patch run picks sliding windows from the run's config
+    calls = []
+    real = sliding.sliding_window
+    monkeypatch.setattr(sliding, "sliding_window",
+                        lambda fn, image, patch, **kw: calls.append(patch) or real(fn, image,
+                                                                                   patch, **kw))
+    again = train.evaluate(tmp_path / "pieces")
+    assert calls == [(8, 8, 8)] and again["cases"] == 1
+    assert same_json(again, straight.eval)                    # same weights, same Dice

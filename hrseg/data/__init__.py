@@ -4,6 +4,7 @@
     resample    the resampling grid (spacing, shape) and trilinear / nearest resampling
     integrity   ``hrseg verify``: every case readable, shapes and affines agree, labels in range
     dataset     windowing, preprocessing, the on-disk cache, splits, batches (``load_dataset``)
+    patches     random training crops with nnU-Net's foreground oversampling (``data.patch``)
     augment     flips and tumour synthesis (Hou et al.): remove real tumours, paint blurred ones
     phantom     the embedded synthetic abdomen dataset (``hrseg phantom``)
     anatomy     the phantom's geometry: body, liver, tumours as ellipsoids
@@ -28,6 +29,7 @@ from hrseg.data.dataset import (  # noqa: F401
     preprocess_case,
     preprocess_label,
     read_nifti,
+    sample_of_row,
     split,
     stack_slices,
     to_original_geometry,

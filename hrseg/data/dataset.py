@@ -220,6 +220,14 @@ def _items(ds: Dataset) -> list[tuple[int, int]]:
     return [(i, z) for i, v in enumerate(ds.train) for z in range(v.image.shape[2])]
 
 
+def sample_of_row(ds: Dataset, row: int, seed: int) -> tuple[int, int]:
+    """``(volume index, slice or -1)`` of global training row ``row = step × batch + j``:
+    the samples in a fresh permutation each epoch (patches.py crops the same volumes)."""
+    items = _items(ds)
+    epoch, pos = divmod(row, len(items))
+    return items[int(_permutation(int(seed), epoch, len(items))[pos])]
+
+
 def stack_slices(image: np.ndarray, z: int | None = None, slices: int = 5) -> np.ndarray:
     """2D inputs: ``slices`` adjacent axial slices (edge-clamped) as channels.
 
@@ -246,13 +254,10 @@ def batch_for_step(ds: Dataset, step: int, batch: int, seed: int, process_index:
                          f"(process_index {process_index})")
     if not ds.train:
         raise ValueError("the dataset has no training cases")
-    items = _items(ds)
     b = batch // process_count
     images, labels = [], []
     for j in range(b):
-        g = step * batch + process_index * b + j
-        epoch, pos = divmod(g, len(items))
-        vol, z = items[int(_permutation(int(seed), epoch, len(items))[pos])]
+        vol, z = sample_of_row(ds, step * batch + process_index * b + j, seed)
         v = ds.train[vol]
         if z < 0:
             images.append(np.asarray(v.image)[..., None])

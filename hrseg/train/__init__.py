@@ -5,8 +5,9 @@
     rundir      the run directory: paths, lock, fixed config, history, metrics.jsonl
     checkpoint  orbax checkpoints, newest-intact restore, retention
     distributed jax.distributed start for multi-host runs
-    inference   whole-volume prediction and evaluation of a run
     equivalence sharded against one device: errors of a conv and a U-Net, compiled collectives
+    inference   prediction (whole volume or sliding window) and evaluation of a run
+    sliding     Gaussian-weighted sliding-window inference for patch-trained networks
 
 ``hrseg.train`` re-exports the loop's API: ``train.train(cfg)``, ``train.evaluate(run_dir)``, ...
 """

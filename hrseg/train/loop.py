@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from hrseg import atomic, config, data
 from hrseg.config import Config, TrainConfig
-from hrseg.data import augment, nifti
+from hrseg.data import augment, nifti, patches
 from hrseg.metrics import region_dice
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
@@ -90,8 +90,19 @@ def make_layout(cfg: Config) -> partition.Layout:
 
 
 def batch_shape(cfg: Config) -> tuple[int, ...]:
-    """Global ``(B, *spatial, C)`` of a training batch."""
-    return (cfg.train.batch, *cfg.data.resolution, cfg.in_channels)
+    """Global ``(B, *spatial, C)`` of a training batch (spatial: the patch, if any)."""
+    return (cfg.train.batch, *(cfg.data.patch or cfg.data.resolution), cfg.in_channels)
+
+
+def check_batch_shape(cfg: Config, mesh) -> None:
+    """The batch must split over the run's mesh (``layout.mesh``) and pool evenly; the error
+    names the config key."""
+    try:
+        partition.check_divisible(batch_shape(cfg), mesh, unet.poolings_of(cfg.model))
+    except ValueError as e:
+        key = ("train.batch" if cfg.train.batch % mesh.shape["data"]
+               else "data.patch" if cfg.data.patch else "data.resolution")
+        raise ValueError(f"config key '{key}': {e}") from None
 
 
 class Batches:
@@ -115,6 +126,8 @@ class Batches:
                   file=sys.stderr)
         self.ds = data.load_dataset(cfg.data, process_index=self.group,
                                     process_count=self.groups)
+        self.sampler = (patches.Sampler(self.ds, cfg.data.patch, cfg.data.patch_foreground)
+                        if cfg.data.patch else None)
         self._augment = jax.jit(lambda key, img, lab: augment.augment(key, img, lab, cfg.augment))
 
     def key(self, step_: int, row: int) -> jax.Array:
@@ -123,9 +136,9 @@ class Batches:
 
     def __call__(self, step_: int):
         t = self.cfg.train
-        images, labels = data.batch_for_step(self.ds, step_, t.batch, t.seed,
-                                             process_index=self.group,
-                                             process_count=self.groups)
+        fetch = self.sampler or (lambda *a, **k: data.batch_for_step(self.ds, *a, **k))
+        images, labels = fetch(step_, t.batch, t.seed, process_index=self.group,
+                               process_count=self.groups)
         images, labels = np.array(images, np.float32), np.array(labels, np.int32)
         rows = images.shape[0]
         for i in range(rows):
@@ -183,7 +196,7 @@ def train(cfg: Config, *, progress: bool = True,
     if main and rundir.is_run(run_dir):
         rundir.check_resume(run_dir, cfg)          # before any work: a changed run is refused
     layout = make_layout(cfg)
-    partition.check_divisible(batch_shape(cfg), layout.mesh, unet.poolings_of(cfg.model))
+    check_batch_shape(cfg, layout.mesh)
     graphdef, state, optimizer = build(cfg, layout)
     batches = Batches(cfg, layout)
     evaluator = inference.Evaluator(cfg, graphdef, layout, batches.ds.val)
@@ -235,7 +248,7 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
                                       policy.loss_scaling)
     log = rundir.MetricsLog(run_dir / rundir.METRICS, start, main)
     schedule = make_schedule(t)
-    voxels = t.batch * math.prod(cfg.data.resolution)
+    voxels = math.prod(batch_shape(cfg)[:-1])
 
     def evaluate_and_log(n):
         result = evaluator(state, n)
