@@ -13,11 +13,14 @@ rows, labelled with their first run's name. Next to them: the per-device memory 
     paths = results.write_table(rows, "runs/results")   # results.md / .csv / .png
 
 NaN Dice values (no such class in prediction nor label with ``empty_dice`` None) are left
-out of the mean; a row with none left shows "–".
+out of the mean; a row with none left shows "–". A row whose validation cases hold no tumour
+at all shows ``n/a`` for the tumour columns (a 0.000 there would be a false positive's score,
+not a measurement). :func:`summary` says in one sentence what the table shows.
 """
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -174,6 +177,9 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
         label = key[2] if shared[key[:3]] == 1 else f"{key[2]} ({runs[0].name})"
         evals = [run.evals[s] for run in runs for s in sorted(run.evals)[-last:]]
         row = {"resolution": label, "runs": [r.name for r in runs], "n": len(evals)}
+        with_tumour = [e["cases_with_tumour"] for e in evals if "cases_with_tumour" in e]
+        # validation cases with a tumour (the most over the row's evaluations); -1: not logged
+        row["val_tumour_cases"] = int(max(with_tumour)) if with_tumour else -1
         for m in METRICS:
             mean, std, n = metrics.mean_std(e.get(m) for e in evals)
             row.update({m: mean, f"{m}_std": std, f"{m}_n": n})
@@ -194,7 +200,8 @@ def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
     for r in rows:
         d = {"Resolution": r["resolution"]}
         for m in METRICS:
-            d[HEADERS[m]] = format_mean_std(r[m], r[f"{m}_std"], r[f"{m}_n"], digits)
+            d[HEADERS[m]] = ("n/a" if m.startswith("tumour") and not _has_tumour(r) else
+                             format_mean_std(r[m], r[f"{m}_std"], r[f"{m}_n"], digits))
         d["Runs × ckpts"] = f"{len(r['runs'])} × {r['n'] // max(len(r['runs']), 1)}" \
             if r["n"] % max(len(r["runs"]), 1) == 0 else str(r["n"])
         mem = r.get("memory_bytes", math.nan)
@@ -205,6 +212,39 @@ def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
         d["Voxels/s"] = "–" if v is None or math.isnan(v) else f"{v:.3g}"
         out.append(d)
     return out
+
+
+def _has_tumour(row: dict) -> bool:
+    """False only where the row's validation cases are known to hold no tumour."""
+    return row.get("val_tumour_cases", -1) != 0
+
+
+def summary(rows: Sequence[dict], metric: str = "tumour_dice_global") -> str:
+    """One sentence saying what the table shows, computed from its numbers: whether tumour Dice
+    global rises with the input resolution over the 3D rows (in table order, lowest resolution
+    first), its values, and liver Dice global at the highest resolution."""
+    if not rows:
+        return "No training run with an evaluation: nothing to compare."
+    rows3 = [r for r in rows if "2D" not in r["resolution"].split(" (")[0]] or list(rows)
+    pts = [(r["resolution"], r[metric]) for r in rows3
+           if _has_tumour(r) and not math.isnan(r[metric])]
+    liver = rows3[-1]["liver_dice_global"]
+    tail = (f"; liver Dice global {liver:.3f} at {rows3[-1]['resolution']}"
+            if not math.isnan(liver) else "")
+    what = HEADERS[metric]
+    if len(pts) < 2:
+        why = ("no validation tumour" if any(not _has_tumour(r) for r in rows3)
+               else "fewer than two resolutions with a value")
+        return f"{what} cannot be compared across resolutions ({why}){tail}."
+    values = " → ".join(f"{v:.3f} ({label})" for label, v in pts)
+    diffs = [b[1] - a[1] for a, b in itertools.pairwise(pts)]
+    if all(d > 0 for d in diffs):
+        verdict = "rises with the input resolution, as in Hou et al.'s Table 1"
+    elif all(d < 0 for d in diffs):
+        verdict = "falls with the input resolution, against Hou et al.'s Table 1"
+    else:
+        verdict = "does not rise steadily with the input resolution"
+    return f"{what} {verdict}: {values}{tail}."
 
 
 def _bytes(n: float) -> str:
@@ -245,14 +285,14 @@ def write_table(rows: Sequence[dict], out_dir: str | Path, title: str | None = N
     from hrseg import viz
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown_table(table(rows))
+    md = markdown_table(table(rows)) + "\n" + summary(rows) + "\n"
     if title:
         md = f"# {title}\n\n{md}"
     atomic.write_text(out / "results.md", md)
     csv_rows = [{**r, "runs": " ".join(r["runs"])} for r in rows]
     columns = ["resolution", "runs", "n"] + [k for m in METRICS
                                              for k in (m, f"{m}_std", f"{m}_n")] + [
-        "devices", "memory_bytes", "step_time_s", "voxels_per_s"]
+        "val_tumour_cases", "devices", "memory_bytes", "step_time_s", "voxels_per_s"]
     write_csv(csv_rows, out / "results.csv", columns)
     viz.save(table_figure(rows, title), out / "results.png")
     return {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
@@ -267,7 +307,9 @@ def dice_figure(rows: Sequence[dict]):
     for ax, organ in zip(fig.subplots(1, 2, sharey=True), ("tumour", "liver")):
         for kind, marker, dx in (("per_case", "o", -0.04), ("global", "s", 0.04)):
             m = f"{organ}_dice_{kind}"   # dx: side by side where the two coincide
-            ax.errorbar(x + dx, [r[m] for r in rows], yerr=[r[f"{m}_std"] for r in rows],
+            shown = [organ == "liver" or _has_tumour(r) for r in rows]   # n/a: no point
+            ax.errorbar(x + dx, [r[m] if ok else math.nan for r, ok in zip(rows, shown)],
+                        yerr=[r[f"{m}_std"] if ok else math.nan for r, ok in zip(rows, shown)],
                         marker=marker, capsize=3, label=f"Dice {kind.replace('_', ' ')}")
         ax.set(title=organ, xticks=x, xticklabels=labels, xlabel="network input",
                ylim=(0, 1))
