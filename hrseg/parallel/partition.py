@@ -133,7 +133,9 @@ def check_divisible(shape: Sequence[int], mesh: Mesh, levels: int, spec: P | Non
 def spmd(fn: Callable, mesh: Mesh, backend: str, in_specs, out_specs) -> Callable:
     """Wrap a per-shard function for a backend.
 
-    ``"halo"``: ``jax.shard_map`` over the mesh — inside, halo.py's ops see the mesh axes bound
+    ``"halo"``: ``jax.shard_map`` over the mesh, in its default mode (``check_vma=True``: jax
+    tracks which mesh axes each value varies over, checks ``out_specs`` against it, and sums a
+    replicated input's gradient over the mesh) — inside, halo.py's ops see the mesh axes bound
     and exchange margins. ``"gspmd"`` / ``"none"``: the function is returned unchanged and runs
     on global arrays (halo.py's ops are then the plain ops); for gspmd the caller places inputs
     with :func:`shard` and XLA partitions, for none everything lives on one device.
@@ -141,8 +143,7 @@ def spmd(fn: Callable, mesh: Mesh, backend: str, in_specs, out_specs) -> Callabl
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of {BACKENDS}")
     if backend == "halo":
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
     return fn
 
 
