@@ -35,7 +35,7 @@ def _counts(labels, idx) -> jax.Array:
     """Voxels per class in ``idx``, counted in int32 per shard and psum'd in int32: exact
     beyond 2²⁴ voxels, where float32 sums of ones stop counting."""
     hits = labels[..., None] == jnp.asarray(idx, labels.dtype)            # (B, *S, k)
-    return halo.psum(jnp.sum(hits, axis=tuple(range(hits.ndim - 1)), dtype=jnp.int32), AXES)
+    return halo.psum(jnp.sum(hits, axis=tuple(range(hits.ndim - 1)), dtype=jnp.int32), partition.AXES)
 
 
 def _one_hot(logits, labels):

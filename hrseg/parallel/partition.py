@@ -177,12 +177,13 @@ class Layout:
         return spatial_shape(self.mesh)
 
     def spmd(self, fn: Callable, in_specs, out_specs) -> Callable:
-        """Wrap a per-shard function: ``jax.shard_map`` over the mesh for a shard-map backend
-        (inside, halo.py's ops see the mesh axes bound and exchange margins); otherwise ``fn``
-        itself, run on global arrays (halo.py's ops are then the plain ops)."""
+        """Wrap a per-shard function: ``jax.shard_map`` over the mesh for a shard-map backend,
+        in its default mode (``check_vma=True``: jax tracks which mesh axes each value varies
+        over and sums a replicated input's gradient over the mesh; halo.py's ops see the mesh
+        axes bound and exchange margins); otherwise ``fn`` itself, run on global arrays
+        (halo.py's ops are then the plain ops)."""
         if self.backend.shard_map:
-            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                                 check_vma=False)
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
         return fn
 
     def constrain(self, x, spec: P):

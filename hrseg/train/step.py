@@ -1,10 +1,11 @@
 """The training and inference steps over a data × spatial mesh, for every backend.
 
 Each takes a ``partition.Layout`` (the run's mesh and backend, decided once). One pure
-``TrainState``; one jitted, donated ``train_step(state, images, labels)``. The network runs on the local shard inside ``jax.shard_map`` ("halo"), or on the global array under plain
-jit ("gspmd", "none"); the gradient is taken *outside* shard_map so that replicated weights
-get their gradient summed over every shard by shard_map's transpose (inside it, with
-``check_vma=False``, per-shard gradients would not be summed).
+``TrainState``; one jitted, donated ``train_step(state, images, labels)``. The network runs on
+the local shard inside ``jax.shard_map`` ("halo"), or on the global array under plain jit
+("gspmd", "none"); the gradient is taken *outside* shard_map. shard_map runs in its default
+``check_vma`` mode: a replicated weight's gradient is summed over every shard where the weight
+meets the sharded activations (jax's ops and the custom VJPs of halo.py / norm.py alike).
 """
 from __future__ import annotations
 

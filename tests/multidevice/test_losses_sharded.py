@@ -1,7 +1,7 @@
 """Losses on a sharded mesh == unsharded (value and gradient), 8 fake CPU devices.
 
 The sharded loss runs as the training step runs it: per shard inside shard_map (via
-partition.spmd, check_vma=False), out_specs P(), gradient taken outside shard_map.
+partition.spmd: shard_map's default check_vma=True), out_specs P(), gradient taken outside shard_map.
 """
 import jax
 import jax.numpy as jnp
