@@ -2,9 +2,19 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FAKE8   := --xla_force_host_platform_device_count=8
 XVFB    := $(shell command -v xvfb-run 2>/dev/null)
+# Which jax build `make install` puts in: cpu (default), cuda (NVIDIA, CUDA 12) or tpu (TPU VM).
+# Once installed, later `make` calls keep the venv's build (`make test` never swaps it back).
+INSTALLED := $(patsubst $(VENV)/.installed-%,%,$(wildcard $(VENV)/.installed-*))
+ACCEL   ?= $(or $(filter cpu cuda tpu,$(firstword $(subst -, ,$(INSTALLED)))),cpu)
+PARAMS  ?= params/default
+ifeq ($(filter $(ACCEL),cpu cuda tpu),)
+$(error ACCEL=$(ACCEL): use ACCEL=cpu, ACCEL=cuda or ACCEL=tpu)
+endif
+comma   := ,
+EXTRAS  := all$(if $(filter-out cpu,$(ACCEL)),$(comma)$(ACCEL))
+STAMP   := $(VENV)/.installed-$(ACCEL)-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: install run test test-core test-multidevice test-napari lint bench clean
 
@@ -13,13 +23,14 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	rm -f $(VENV)/.installed-*; touch $@
 
-# The main job: phantom data -> the five notebooks (papermill) -> results table, on CPU.
+# The main job: phantom data -> the five notebooks (papermill) -> results table, on CPU
+# (on a GPU box / TPU VM: `make run PARAMS=params/gpu` / `PARAMS=params/tpu`).
 run: install
-	$(BIN)/hrseg run --params-dir params/default
+	$(BIN)/hrseg run --params-dir $(PARAMS)
 
 # Unit tests (1 CPU device), multi-device tests (8 fake CPU devices, own process), napari (xvfb).
 test: install test-core test-multidevice test-napari

@@ -69,13 +69,14 @@ def gspmd_with_xla_upconv_bytes(args, n_devices: int) -> dict:
 
 def step_seconds(args, n_devices: int, backend: str, repeats: int) -> float:
     graphdef, state, opt, mesh, loss_fn = _setup(args, n_devices)
-    fn = step.make_train_step(graphdef, opt, loss_fn, mesh, backend)
+    layout = partition.layout(mesh, backend)
+    fn = step.make_train_step(graphdef, opt, loss_fn, layout)
     rng = np.random.default_rng(0)
     s = args.wall_size
     x = rng.normal(size=(1, s, s, s, 1)).astype(np.float32)
     y = rng.integers(0, 3, size=(1, s, s, s)).astype(np.int32)
-    xs, ys = step.place_batch(mesh, backend, x, y)
-    state = step.replicate(partition.backend_mesh(mesh, backend), state)
+    xs, ys = step.place_batch(layout, x, y)
+    state = step.replicate(layout, state)
     state, m = fn(state, xs, ys)  # compile + warm up
     jax.block_until_ready(m["loss"])
     times = []

@@ -132,7 +132,7 @@ def pm3(args) -> dict:
     from hrseg.memory import planner
     from hrseg.nn import unet
     cfg = unet.preset("paper", 512)
-    split = planner.spatial_splits(256, (512,) * 3, unet.levels_of(cfg))[0]
+    split = planner.spatial_splits(256, (512,) * 3, unet.poolings_of(cfg))[0]
     mesh = (2,) + split
     out = {"mesh": mesh}
     # bf16 is the target; fp32 cross-checks the estimate where XLA:CPU keeps the dtype (it

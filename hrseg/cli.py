@@ -52,7 +52,8 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from hrseg import train
-    out = train.predict(args.run_dir, args.volume, args.out)
+    out = train.predict(args.run_dir, args.volume, args.out,
+                        clean_nonfinite=args.clean_nonfinite)
     print(f"prediction written to {out}")
     return 0
 
@@ -108,8 +109,13 @@ def _view(args) -> int:
 
 
 def _memory(args) -> int:
-    from hrseg import memory
-    budget = memory.parse_bytes(args.budget)
+    import re
+
+    from hrseg import config, memory
+    if re.fullmatch(r"\s*[0-9.eE+-]+\s*", str(args.budget)):
+        raise ValueError(f"--budget {args.budget}: give a unit, e.g. {args.budget}GiB or "
+                         f"{args.budget}GB (a bare number would be bytes)")
+    budget = config.parse_bytes(args.budget)
     res = args.resolution[0] if len(args.resolution) == 1 else tuple(args.resolution)
     plan = memory.plan(budget, args.devices, res, batch=args.batch, preset=args.preset,
                        optimizer=args.optimizer)
@@ -149,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("volume", help="CT volume, .nii or .nii.gz")
     s.add_argument("-o", "--out", help="output NIfTI (default: RUN_DIR/predictions/, named "
                                        "prediction-N for LiTS volume-N)")
+    s.add_argument("--clean-nonfinite", action="store_true",
+                   help="set NaN/Inf voxels to the HU window's ends instead of refusing")
     s.set_defaults(func=_predict)
 
     s = sub.add_parser("run", help="execute the notebooks in order with papermill (the study)")
@@ -191,13 +199,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are one line for the user: bad settings or data, a busy or changed run,
+    a damaged checkpoint (a ValueError), a full disk."""
+    from hrseg import atomic
+    errors: tuple = (ValueError, FileNotFoundError, atomic.DiskFull)
+    if "hrseg.train.rundir" in sys.modules:
+        errors += (sys.modules["hrseg.train.rundir"].RunBusy,)
+    return errors
+
+
+def _drop_closed_loop_noise() -> None:
+    """After a failed background checkpoint write (a full disk) tensorstore's callbacks can
+    reach orbax's closed event loop and print "RuntimeError: Event loop is closed" tracebacks;
+    the failure itself is reported as one line, so these are dropped."""
+    def noise(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+    sys.excepthook = lambda t, e, tb: None if noise(e) else excepthook(t, e, tb)
+    sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisablehook(u)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "evaluate", "predict"):
+        _drop_closed_loop_noise()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except Exception as e:
+        from hrseg import atomic
+        if atomic.is_disk_full(e) and not isinstance(e, atomic.DiskFull):
+            e = atomic.DiskFull(getattr(e, "filename", None) or "?")
+        if not isinstance(e, _user_errors()):
+            raise
         print(f"hrseg {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, atomic.DiskFull) else 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from hrseg import atomic
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -29,6 +31,30 @@ class DataConfig:
     slices_2d: int = 5                  # adjacent slices as channels for the 2D network
     cache_dir: str = "data/cache"       # preprocessed arrays, one file per case and resolution
     max_cases: int = 0                  # use only the first N cases (0 = all)
+    patch: tuple[int, ...] = ()         # training crop [px, py, pz] (empty = the whole volume);
+                                        # patch runs predict by sliding window (train/sliding.py)
+    patch_foreground: float = 1 / 3     # share of patches centred on a labelled voxel (nnU-Net)
+
+    def __post_init__(self):
+        if self.patch:
+            _check_patch(self.patch, self.resolution)
+        if not 0.0 <= self.patch_foreground <= 1.0:
+            raise ValueError(f"config key 'data.patch_foreground': must be in [0, 1], "
+                             f"got {self.patch_foreground}")
+
+
+def _check_patch(patch: tuple[int, ...], resolution: tuple[int, ...]) -> None:
+    """A patch is 3 sizes, each in [1, resolution]; the mesh's divisibility is checked where
+    the mesh is known (train/loop.py names this key in that error too)."""
+    where = "config key 'data.patch'"
+    if len(resolution) != 3:
+        raise ValueError(f"{where}: patches are for 3D networks; data.resolution is "
+                         f"{list(resolution)}")
+    if len(patch) != 3:
+        raise ValueError(f"{where}: expected 3 sizes [px, py, pz], got {list(patch)}")
+    if any(not 1 <= p <= r for p, r in zip(patch, resolution)):
+        raise ValueError(f"{where}: each size must be in [1, data.resolution], got "
+                         f"{list(patch)} for resolution {list(resolution)}")
 
 
 @dataclass(frozen=True)
@@ -41,7 +67,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = "mtf"                 # "mtf" | "paper" | "paper2d" | "wang_baseline" | "wang_compact" | "tiny" | "custom"
+    preset: str = "mtf"                 # sets every key below (explicit keys override it); "custom": none
     dims: int = 3                       # 3 = UNet3D, 2 = UNet2D
     levels: int = 4                     # resolution levels (poolings = levels - 1)
     base: int = 32                      # filters at the first level, doubling per level
@@ -57,6 +83,60 @@ class ModelConfig:
     head_bias: bool = False             # bias of the 1×1×1 head (Mesh-TF: none)
     classes: int = 3                    # background, liver, tumour
     precision: str = "fp32"             # "fp32" | "bf16" | "fp16"
+
+
+PRESETS = ("tiny", "mtf", "paper", "paper2d", "wang_baseline", "wang_compact")
+
+# Hou et al. (2019), Sec. 3: at 64³ three blocks of four 3³ convs starting at 256 filters and
+# doubling after each pool (levels 256, 512, 1024); each doubling of the resolution puts one
+# more block in front with half the filters, so every resolution ends at 1024 filters and a
+# similar receptive field in millimetres.  resolution -> (levels, base filters)
+PAPER_SCHEDULE = {64: (3, 256), 128: (4, 128), 256: (5, 64), 512: (6, 32)}
+
+
+def preset(name: str, resolution: int | None = None) -> ModelConfig:
+    """The ModelConfig of a named architecture (``resolution`` only for ``"paper"``).
+
+    * ``tiny``   levels 2, base 4: the test variant of every other preset.
+    * ``mtf``    tensorflow/mesh ``experimental/unet.py`` flag defaults: ``network_depth 4``
+      levels, ``n_base_filters 32`` doubling, ``n_conv_per_block 2``, conv without bias ->
+      ``batch_norm(momentum 0.90, epsilon 1e-6)`` -> ``leaky_relu(0.1)``, k2s2 transposed conv
+      (``n_base_filters * 2**depth`` filters) then concat, 1×1×1 head without bias. (Its
+      ``dropout_keep_p 0.5`` flag is left out: dropout defaults to off here.)
+    * ``paper``  Hou et al. 3D schedule (PAPER_SCHEDULE), 4 convs per block, bfloat16 as in
+      the released code's ``mtf_dtype`` flag.
+    * ``paper2d`` the same architecture as paper(512) in 2D, for 512² slices with the
+      adjacent slices as channels (``build(cfg, in_channels=5)``).
+    * ``wang_baseline`` / ``wang_compact`` Wang, Oda & Mori (2020): a 3D U-Net baseline and
+      the same network with Compact ConvBlocks (their Table 1 reports ~9.5 M and ~2.6 M
+      parameters). Their layer widths are not published in what we could read; this is our
+      reconstruction: the mtf network with 3 convs per block (8,533,059 parameters) and 4
+      levels, so 256×256×152 pools evenly; compact = 1³ reduce by K = 4, three depthwise-
+      separable convs, 1³ restore per block (430,235, i.e. 5 % of the baseline, inside the
+      issue's ≤ 30 %; hand counts in tests/test_unet.py).
+    """
+    mtf = ModelConfig(preset="mtf", dims=3, levels=4, base=32, convs_per_block=2,
+                      block="plain", norm="batch", bn_momentum=0.9, bn_eps=1e-6,
+                      activation="leaky_relu", head_bias=False, classes=3, precision="fp32")
+    if name == "mtf":
+        return mtf
+    if name == "tiny":
+        return dataclasses.replace(mtf, preset="tiny", levels=2, base=4)
+    if name in ("paper", "paper2d"):
+        res = 512 if name == "paper2d" else resolution
+        if res not in PAPER_SCHEDULE:
+            raise ValueError(f"preset 'paper' needs resolution in {sorted(PAPER_SCHEDULE)}, "
+                             f"got {resolution}")
+        levels, base = PAPER_SCHEDULE[res]
+        return dataclasses.replace(mtf, preset=name, dims=2 if name == "paper2d" else 3,
+                                   levels=levels, base=base, convs_per_block=4,
+                                   precision="bf16")
+    if name == "wang_baseline":
+        return dataclasses.replace(mtf, preset=name, convs_per_block=3, head_bias=True)
+    if name == "wang_compact":
+        return dataclasses.replace(preset("wang_baseline"), preset=name, block="compact",
+                                   reduction=4)
+    raise ValueError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
 
 
 @dataclass(frozen=True)
@@ -111,6 +191,8 @@ def _coerce(tp, value, where: str):
     try:
         if origin is tuple:
             args = typing.get_args(tp)
+            if value is None and args[-1] is Ellipsis:   # `patch: null` = empty
+                return ()
             if not isinstance(value, (list, tuple)):
                 value = [value] * (3 if args[-1] is not Ellipsis and len(args) == 3 else 1)
             elem = args[0]
@@ -159,8 +241,25 @@ def _build(cls, raw: dict, prefix: str):
     return cls(**kwargs)
 
 
+def _with_preset(raw: dict) -> dict:
+    """``raw`` with its model section on top of the named preset's values (explicit keys win)."""
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        return raw  # _build names the bad section
+    name = str(model.get("preset", ModelConfig.preset))
+    if name == "custom":
+        return raw
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    res = data.get("resolution", DataConfig.resolution)
+    try:
+        base = preset(name, int(max(res if isinstance(res, (list, tuple)) else [res])))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config key 'model.preset': {e}") from None
+    return {**raw, "model": {**dataclasses.asdict(base), **model}}
+
+
 def from_dict(raw: dict) -> Config:
-    return _build(Config, raw or {}, "")
+    return _build(Config, _with_preset(raw or {}), "")
 
 
 def parse_overrides(items: list[str] | None) -> dict:
@@ -174,7 +273,10 @@ def parse_overrides(items: list[str] | None) -> dict:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set '{item}': the value is not valid YAML") from None
     return out
 
 
@@ -200,19 +302,94 @@ def read_mapping(path: str | Path, what: str = "keys") -> dict:
     return raw
 
 
+def _keys(raw: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in raw.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+# (key, test, what it must be): checked at load, so a bad value is one line naming its key
+# instead of an error deep inside a run.
+_RULES = (
+    ("train.lr", lambda v: v > 0, "> 0"),
+    ("train.steps", lambda v: v >= 0, ">= 0"),
+    ("train.batch", lambda v: v >= 1, ">= 1"),
+    ("train.eval_every", lambda v: v >= -1, ">= -1 (0 = only at the end, -1 = never)"),
+    ("train.ckpt_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("train.keep_ckpts", lambda v: v >= 1, ">= 1"),
+    ("train.lr_decay_every", lambda v: v >= 0, ">= 0 (0 = never)"),
+    ("train.lr_decay", lambda v: v > 0, "> 0"),
+    ("train.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("mesh.spatial", lambda v: all(n >= 1 for n in v), "devices >= 1 on every axis"),
+    ("mesh.data", lambda v: v >= 1, ">= 1"),
+    ("model.levels", lambda v: v >= 1, ">= 1"),
+    ("model.base", lambda v: v >= 1, ">= 1"),
+    ("data.resolution", lambda v: all(n >= 1 for n in v), "sizes >= 1"),
+    ("data.n_val", lambda v: v >= 0, ">= 0"),
+    ("data.max_cases", lambda v: v >= 0, ">= 0"),
+)
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks of the values (types were checked when the config was built)."""
+    for key, ok, what in _RULES:
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if not ok(value):
+            raise ValueError(f"config key '{key}' must be {what}, got {_plain(value)}")
+    if len(cfg.data.resolution) != cfg.model.dims:
+        raise ValueError(f"config key 'data.resolution' must have {cfg.model.dims} sizes for "
+                         f"model.dims={cfg.model.dims}, got {_plain(cfg.data.resolution)}")
+    return cfg
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML run config (missing keys keep their defaults) and apply ``--set`` items."""
+    """Read a YAML run config (missing keys keep their defaults) and apply ``--set`` items.
+    An error names where the bad key came from: the file, or ``--set``."""
     raw = {} if path is None else read_mapping(path, "sections")
-    raw = _merge(raw, parse_overrides(overrides))
     try:
-        return from_dict(raw)
+        over = parse_overrides(overrides)
+        from_dict(over)                   # unknown keys / bad types of the overrides alone
     except ValueError as e:
-        raise ValueError(f"{path or '<overrides>'}: {e}") from None
+        raise ValueError(f"--set: {str(e).removeprefix('--set ')}") from None
+    try:
+        from_dict(raw)
+    except ValueError as e:
+        raise ValueError(f"{path or '<defaults>'}: {e}") from None
+    try:
+        return validate(from_dict(_merge(raw, over)))
+    except ValueError as e:
+        where = "--set" if any(f"'{k}'" in str(e) for k in _keys(over)) else path or "<defaults>"
+        raise ValueError(f"{where}: {e}") from None
+
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(text) -> int:
+    """``"16GiB"``, ``"24 GB"``, ``"800MiB"``, ``"1e9"`` -> bytes."""
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        return int(float(num) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"cannot read '{text}' as a size: use e.g. 16GiB, 24GB, 800MiB") from None
 
 
 def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def dumps(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic.write_text(path, dumps(cfg))

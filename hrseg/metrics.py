@@ -4,7 +4,11 @@
 * Dice global: all volumes pooled as one, ``2 Σ|P∩T| / (Σ|P| + Σ|T|)``.
 
 Regions: ``label=2`` is the tumour; ``label=1`` is the liver *including* its tumours (the LiTS
-convention: the liver score is on the organ, not on the tumour-free parenchyma).
+convention: the liver score is on the organ, not on the tumour-free parenchyma). The same
+regions everywhere: the training step counts them on device (train.step.count_overlap) and the
+training log's ``dice_liver`` / ``dice_tumour`` are :func:`region_dice` of those counts — a Dice
+global over the training batch; the evaluation's ``liver_dice_global`` is the same formula over
+the validation volumes.
 
 Empty masks: a volume where prediction and truth are both empty scores ``empty`` — 1.0 by
 default (nothing to find, nothing found), 0.0 to match the Mesh-TF evaluation code, or None
@@ -19,11 +23,14 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 LIVER, TUMOUR = 1, 2
+# The scored regions, in the order of every (R, 3) counts array: name -> label.
+REGIONS = {"liver": LIVER, "tumour": TUMOUR}
 
 
-def region(volume, label: int) -> np.ndarray:
-    """Boolean mask of a class: tumour ``== 2``; liver ``>= 1`` (tumour included)."""
-    v = np.asarray(volume)
+def region(volume, label: int):
+    """Boolean mask of a class: tumour ``== 2``; liver ``>= 1`` (tumour included). Works on
+    NumPy and JAX arrays alike (the training step counts with it on device)."""
+    v = volume if hasattr(volume, "dtype") else np.asarray(volume)
     return v >= LIVER if label == LIVER else v == label
 
 
@@ -35,10 +42,21 @@ def counts(pred, true, label: int = TUMOUR) -> tuple[int, int, int]:
     return int(np.count_nonzero(p & t)), int(np.count_nonzero(p)), int(np.count_nonzero(t))
 
 
+def dice_from_counts(inter, pred, true, empty: float | None = 1.0) -> float | None:
+    """``2 |P∩T| / (|P| + |T|)`` — the one Dice formula; ``empty`` when both are empty."""
+    return empty if pred + true == 0 else float(2.0 * inter / (pred + true))
+
+
+def region_dice(region_counts, empty: float | None = math.nan) -> dict[str, float | None]:
+    """``{"liver": …, "tumour": …}`` from ``(R, 3)`` counts in :data:`REGIONS` order (the
+    training step's, summed over its batch: a Dice global of the batch)."""
+    c = np.asarray(region_counts, np.int64)
+    return {name: dice_from_counts(*c[i], empty) for i, name in enumerate(REGIONS)}
+
+
 def dice(pred, true, label: int = TUMOUR, empty: float | None = 1.0) -> float | None:
     """Dice of one volume; ``empty`` when both masks are empty."""
-    inter, p, t = counts(pred, true, label)
-    return empty if p + t == 0 else 2.0 * inter / (p + t)
+    return dice_from_counts(*counts(pred, true, label), empty)
 
 
 def _pairs(preds: Sequence, labels: Sequence) -> list:
@@ -50,26 +68,22 @@ def _pairs(preds: Sequence, labels: Sequence) -> list:
     return list(zip(preds, labels))
 
 
+def _mean(scores) -> float:
+    kept = [s for s in scores if s is not None]
+    return float(np.mean(kept)) if kept else math.nan
+
+
 def dice_per_case(preds: Sequence, labels: Sequence, label: int = TUMOUR,
                   empty: float | None = 1.0) -> float:
     """Mean over volumes of each volume's Dice (NaN if ``empty=None`` leaves none)."""
-    scores = [dice(p, t, label, empty) for p, t in _pairs(preds, labels)]
-    scores = [s for s in scores if s is not None]
-    return float(np.mean(scores)) if scores else math.nan
+    return _mean(dice(p, t, label, empty) for p, t in _pairs(preds, labels))
 
 
 def dice_global(preds: Sequence, labels: Sequence, label: int = TUMOUR,
                 empty: float = 1.0) -> float:
     """Dice of all volumes pooled into one; ``empty`` if the class is absent everywhere."""
-    inter = p = t = 0
-    for a, b in _pairs(preds, labels):
-        i, pa, tb = counts(a, b, label)
-        inter, p, t = inter + i, p + pa, t + tb
-    return empty if p + t == 0 else 2.0 * inter / (p + t)
-
-
-def _absent(empty: float | None) -> float:
-    return math.nan if empty is None else float(empty)
+    c = np.array([counts(p, t, label) for p, t in _pairs(preds, labels)], np.int64)
+    return dice_from_counts(*c.sum(axis=0), empty)
 
 
 def evaluate_cases(preds: Sequence, labels: Sequence, empty: float | None = 1.0) -> dict:
@@ -81,31 +95,23 @@ def evaluate_cases(preds: Sequence, labels: Sequence, empty: float | None = 1.0)
     """
     pairs = _pairs(preds, labels)
     out: dict = {"cases": len(pairs),
-                 "cases_with_tumour": sum(bool(region(t, TUMOUR).any()) for _, t in pairs)}
+                 "cases_with_tumour": sum(bool(region(t, TUMOUR).any()) for _, t in pairs),
+                 "per_case": [{} for _ in pairs]}
     for name, lab in (("tumour", TUMOUR), ("liver", LIVER)):
         c = np.array([counts(p, t, lab) for p, t in pairs], np.int64)      # (n, 3)
-        per = [empty if pp + tt == 0 else 2.0 * i / (pp + tt) for i, pp, tt in c]
-        kept = [s for s in per if s is not None]
-        inter, pp, tt = c.sum(axis=0)
-        out[f"{name}_dice_per_case"] = float(np.mean(kept)) if kept else math.nan
-        out[f"{name}_dice_global"] = (_absent(empty) if pp + tt == 0
-                                      else float(2.0 * inter / (pp + tt)))
-        out.setdefault("per_case", [{} for _ in pairs])
-        for row, s in zip(out["per_case"], per):
-            row[name] = s
+        per = [dice_from_counts(*row, empty) for row in c]
+        out[f"{name}_dice_per_case"] = _mean(per)
+        out[f"{name}_dice_global"] = dice_from_counts(
+            *c.sum(axis=0), math.nan if empty is None else float(empty))
+        for row, score in zip(out["per_case"], per):
+            row[name] = score
     return out
 
 
-def mean_std(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value) over models."""
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
+def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (ddof=1; 0.0 for a single value) and count of the
+    finite values (None and NaN are left out) — over models, seeds or checkpoints."""
+    v = np.asarray([float(x) for x in values if x is not None and math.isfinite(x)], np.float64)
     if v.size == 0:
-        return math.nan, math.nan
-    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0)
-
-
-def format_mean_std(values: Iterable[float], digits: int = 3) -> str:
-    """``"0.712 ± 0.021"`` (or ``"0.712"`` for one model)."""
-    v = list(values)
-    m, s = mean_std(v)
-    return f"{m:.{digits}f}" if len(v) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+        return math.nan, math.nan, 0
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0), int(v.size)

@@ -1,5 +1,7 @@
 """``hrseg run``: execute the study's notebooks in order with papermill.
 
+The notebooks are the numbered ``notebooks/NN_name.ipynb`` files, in number order (adding one
+means adding the notebook, its paired text file and its params files; nothing here changes).
 A *run* is one YAML in the params directory named after a notebook: ``02_halo_correctness.yaml``
 runs ``notebooks/02_halo_correctness.ipynb`` once, ``04_train_32.yaml`` and ``04_train_64.yaml``
 run ``04_train`` twice. The YAML's top-level keys are the papermill parameters; the pipeline adds
@@ -13,6 +15,7 @@ notebook stops the pipeline with its cell and error named in one line.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -21,8 +24,6 @@ from pathlib import Path
 
 from hrseg.config import read_mapping
 
-NOTEBOOKS = ("01_memory_estimation", "02_halo_correctness", "03_augmentation", "04_train",
-             "05_results_table")
 KERNEL = "python3"  # the Makefile registers the venv's kernel under this name
 RESULTS_TABLE = Path("results") / "results.md"  # written by notebook 05 under --out
 
@@ -32,10 +33,21 @@ def notebooks_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "notebooks"
 
 
+_NUMBERED = re.compile(r"(\d+)_\w+")
+
+
+def notebook_names(directory: str | Path | None = None) -> tuple[str, ...]:
+    """Stems of the numbered notebooks ``NN_name.ipynb`` in ``directory`` (default
+    :func:`notebooks_dir`), in number order; other .ipynb files there are not part of the study."""
+    directory = Path(directory) if directory is not None else notebooks_dir()
+    stems = [p.stem for p in directory.glob("*.ipynb") if _NUMBERED.fullmatch(p.stem)]
+    return tuple(sorted(stems, key=lambda s: (int(s.split("_", 1)[0]), s)))
+
+
 @dataclass(frozen=True)
-class Run:
+class NotebookRun:
     name: str          # output stem: <out>/<name>.ipynb
-    notebook: str      # one of NOTEBOOKS
+    notebook: str      # one of notebook_names()
     params_file: Path  # its papermill parameters
 
 
@@ -43,14 +55,14 @@ class PipelineError(RuntimeError):
     """A run failed or cannot start; ``str(e)`` is the one line shown to the user."""
 
 
-def _notebook_of(stem: str) -> str | None:
-    for nb in NOTEBOOKS:
+def _notebook_of(stem: str, notebooks: tuple[str, ...]) -> str | None:
+    for nb in notebooks:
         if stem == nb or stem.startswith(nb + "_"):
             return nb
     return None
 
 
-def discover(params_dir: str | Path, only: list[str] | None = None) -> list[Run]:
+def discover(params_dir: str | Path, only: list[str] | None = None) -> list[NotebookRun]:
     """The runs of a params directory in notebook order (then by file name).
 
     ``only`` selects runs by run name, notebook name or number prefix (``"02"``, ``"04_train"``,
@@ -60,29 +72,32 @@ def discover(params_dir: str | Path, only: list[str] | None = None) -> list[Run]
     params_dir = Path(params_dir)
     if not params_dir.is_dir():
         raise PipelineError(f"params directory not found: {params_dir}")
+    notebooks = notebook_names()
+    if not notebooks:
+        raise PipelineError(f"no numbered notebooks (NN_name.ipynb) in {notebooks_dir()}")
     runs = []
     for f in sorted(params_dir.glob("*.yaml")):
-        nb = _notebook_of(f.stem)
+        nb = _notebook_of(f.stem, notebooks)
         if nb is not None:
-            runs.append(Run(f.stem, nb, f))
-    runs.sort(key=lambda r: (NOTEBOOKS.index(r.notebook), r.name))
+            runs.append(NotebookRun(f.stem, nb, f))
+    runs.sort(key=lambda r: (notebooks.index(r.notebook), r.name))
 
-    def matches(sel: str, r: Run) -> bool:
+    def matches(sel: str, r: NotebookRun) -> bool:
         return sel in (r.name, r.notebook) or (sel.isdigit() and r.notebook.startswith(sel + "_"))
 
     if only:
         sels = [s.strip() for item in only for s in item.split(",") if s.strip()]
         for s in sels:
             if not any(matches(s, r) for r in runs) and not any(
-                    s == nb or (s.isdigit() and nb.startswith(s + "_")) for nb in NOTEBOOKS):
+                    s == nb or (s.isdigit() and nb.startswith(s + "_")) for nb in notebooks):
                 raise PipelineError(f"--only {s}: no such notebook or run (notebooks: "
-                                    f"{', '.join(NOTEBOOKS)}; runs in {params_dir}: "
+                                    f"{', '.join(notebooks)}; runs in {params_dir}: "
                                     f"{', '.join(r.name for r in runs) or 'none'})")
-        wanted_nbs = [nb for nb in NOTEBOOKS
+        wanted_nbs = [nb for nb in notebooks
                       if any(s == nb or (s.isdigit() and nb.startswith(s + "_")) for s in sels)]
         runs = [r for r in runs if any(matches(s, r) for s in sels)]
     else:
-        wanted_nbs = list(NOTEBOOKS)
+        wanted_nbs = list(notebooks)
     missing = [nb for nb in wanted_nbs if not any(r.notebook == nb for r in runs)]
     if missing:
         raise PipelineError(f"no params for notebook(s) {', '.join(missing)} in {params_dir} "
@@ -121,7 +136,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CELL_LINE = re.compile(r"Cell In ?\[\d*\], line (\d+)")
 
 
-def describe_failure(run: Run, output: Path, err: BaseException) -> str:
+def describe_failure(run: NotebookRun, output: Path, err: BaseException) -> str:
     """One line: which notebook, which cell, which error, where the executed notebook is."""
     from papermill.exceptions import PapermillExecutionError
     if isinstance(err, PapermillExecutionError):
@@ -140,7 +155,7 @@ def describe_failure(run: Run, output: Path, err: BaseException) -> str:
             f"— see {output}")
 
 
-def execute(run: Run, out_dir: Path, progress: bool = True, kernel: str = KERNEL,
+def execute(run: NotebookRun, out_dir: Path, progress: bool = True, kernel: str = KERNEL,
             extra: dict | None = None, position: str = "") -> Path:
     """Execute one run with papermill into ``<out_dir>/<run.name>.ipynb``; raises PipelineError."""
     import papermill as pm
@@ -185,6 +200,24 @@ def run(params_dir: str | Path = "params/default", only: list[str] | None = None
     if progress:
         print(f"{len(done)} notebook(s) executed in {time.perf_counter() - t0:.0f} s -> {out}/")
     return done
+
+
+def notebook_setup(devices: int | None = None, fake_devices: bool = False) -> Path:
+    """The first code cell of every notebook; returns the working directory.
+
+    Moves into the folder that holds ``params/`` when the kernel started one level below it
+    (JupyterLab starts kernels in ``notebooks/``; papermill runs from the repository root), so
+    paths in params files resolve alike. With ``devices`` (notebooks that compile meshes), uses
+    the GPUs/TPUs that exist, or — only without one, or with ``fake_devices`` — asks XLA for that
+    many fake CPU devices (hrseg.parallel.devices): call it before jax is imported (each notebook
+    is its own kernel).
+    """
+    if not Path("params").is_dir() and Path("../params").is_dir():
+        os.chdir("..")
+    if devices:
+        from hrseg.parallel import devices as hrseg_devices
+        print(hrseg_devices.setup(devices, force_fake=fake_devices).reason)
+    return Path.cwd()
 
 
 def ensure_phantom(root: str | Path, cases: int, seed: int = 0, shape=None,

@@ -13,11 +13,14 @@ rows, labelled with their first run's name. Next to them: the per-device memory 
     paths = results.write_table(rows, "runs/results")   # results.md / .csv / .png
 
 NaN Dice values (no such class in prediction nor label with ``empty_dice`` None) are left
-out of the mean; a row with none left shows "–".
+out of the mean; a row with none left shows "–". A row whose validation cases hold no tumour
+at all shows ``n/a`` for the tumour columns (a 0.000 there would be a false positive's score,
+not a measurement). :func:`summary` says in one sentence what the table shows.
 """
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from hrseg import atomic, metrics
 
 METRICS = ("tumour_dice_per_case", "tumour_dice_global", "liver_dice_per_case",
            "liver_dice_global")
@@ -60,19 +65,12 @@ def write_csv(rows: Sequence[dict], path: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
+    with atomic.open_atomic(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({c: r.get(c, "") for c in columns})
     return path
-
-
-def mean_std(values) -> tuple[float, float, int]:
-    """hrseg.metrics.mean_std (ddof 1; 0 for one value) of the finite values, and their count."""
-    from hrseg import metrics
-    v = [float(x) for x in values if x is not None and math.isfinite(x)]
-    return (*metrics.mean_std(v), len(v))
 
 
 def format_mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
@@ -94,12 +92,12 @@ class Run:
 
 def find_runs(root: str | Path = "runs") -> list[Run]:
     """Every run directory directly under ``root`` with a config and ≥ 1 evaluation."""
-    from hrseg import config
+    from hrseg.train import rundir
     runs = []
-    for cfg_path in sorted(Path(root).glob("*/config.yaml")):
+    for cfg_path in sorted(Path(root).glob(f"*/{rundir.CONFIG}")):
         d = cfg_path.parent
         evals = {}
-        for p in sorted((d / "checkpoints").glob("eval_*.json")):
+        for p in sorted(rundir.checkpoints(d).glob("eval_*.json")):
             try:
                 rec = json.loads(p.read_text())
             except json.JSONDecodeError:
@@ -108,7 +106,7 @@ def find_runs(root: str | Path = "runs") -> list[Run]:
                 evals[int(rec.get("step", p.stem.split("_")[1]))] = rec["metrics"]
         if not evals:
             continue
-        runs.append(Run(d.name, d, config.load(cfg_path), evals))
+        runs.append(Run(d.name, d, rundir.read_config(d), evals))
     return runs
 
 
@@ -119,23 +117,18 @@ def row_key(cfg) -> tuple[int, int, str]:
         return (1, math.prod(res), f"{res[0]}² 2D" if len(set(res)) == 1
                 else f"{'×'.join(map(str, res))} 2D")
     label = f"{res[0]}³" if len(set(res)) == 1 else "×".join(map(str, res))
+    if cfg.data.patch:   # patch-trained, sliding-window evaluated at the same resolution
+        p = cfg.data.patch
+        label += f", {p[0]}³ patches" if len(set(p)) == 1 else f", {'×'.join(map(str, p))} patches"
     return (0, math.prod(res), label)
 
 
 def step_time(run_dir: str | Path) -> float:
     """Median wall time of the training steps logged in ``metrics.jsonl`` (robust to the
     compiling first step of each invocation); NaN without a log."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return math.nan
-    times = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue   # a line being written
-        if isinstance(rec.get("step_time_s"), (int, float)):
-            times.append(rec["step_time_s"])
+    from hrseg.train import rundir
+    times = [rec["step_time_s"] for rec in rundir.read_metrics(Path(run_dir) / rundir.METRICS)
+             if isinstance(rec.get("step_time_s"), (int, float))]
     return float(np.median(times)) if times else math.nan
 
 
@@ -155,7 +148,7 @@ def step_memory(cfg) -> float:
     """Analytic per-device bytes of the run's training step (hrseg.memory.estimate)."""
     from hrseg import memory
     m = cfg.mesh
-    est = memory.estimate(cfg.model, tuple(cfg.data.resolution),
+    est = memory.estimate(cfg.model, tuple(cfg.data.patch or cfg.data.resolution),
                           mesh=(m.data, *m.spatial), policy=cfg.model.precision,
                           optimizer=cfg.train.optimizer, batch=cfg.train.batch,
                           in_channels=cfg.in_channels, backend=m.backend)
@@ -184,15 +177,18 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
         label = key[2] if shared[key[:3]] == 1 else f"{key[2]} ({runs[0].name})"
         evals = [run.evals[s] for run in runs for s in sorted(run.evals)[-last:]]
         row = {"resolution": label, "runs": [r.name for r in runs], "n": len(evals)}
+        with_tumour = [e["cases_with_tumour"] for e in evals if "cases_with_tumour" in e]
+        # validation cases with a tumour (the most over the row's evaluations); -1: not logged
+        row["val_tumour_cases"] = int(max(with_tumour)) if with_tumour else -1
         for m in METRICS:
-            mean, std, n = mean_std(e.get(m) for e in evals)
+            mean, std, n = metrics.mean_std(e.get(m) for e in evals)
             row.update({m: mean, f"{m}_std": std, f"{m}_n": n})
         cfg = runs[0].cfg
         row["devices"] = int(cfg.mesh.data * math.prod(cfg.mesh.spatial))
         row["memory_bytes"] = step_memory(cfg) if memory else math.nan
-        row["step_time_s"] = mean_std(step_time(r.path) for r in runs)[0]
+        row["step_time_s"] = metrics.mean_std(step_time(r.path) for r in runs)[0]
         # network input voxels per second (a 2D step sees `batch` slices)
-        row["voxels_per_s"] = (cfg.train.batch * math.prod(cfg.data.resolution)
+        row["voxels_per_s"] = (cfg.train.batch * math.prod(cfg.data.patch or cfg.data.resolution)
                                / row["step_time_s"])
         rows.append(row)
     return rows
@@ -204,7 +200,8 @@ def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
     for r in rows:
         d = {"Resolution": r["resolution"]}
         for m in METRICS:
-            d[HEADERS[m]] = format_mean_std(r[m], r[f"{m}_std"], r[f"{m}_n"], digits)
+            d[HEADERS[m]] = ("n/a" if m.startswith("tumour") and not _has_tumour(r) else
+                             format_mean_std(r[m], r[f"{m}_std"], r[f"{m}_n"], digits))
         d["Runs × ckpts"] = f"{len(r['runs'])} × {r['n'] // max(len(r['runs']), 1)}" \
             if r["n"] % max(len(r["runs"]), 1) == 0 else str(r["n"])
         mem = r.get("memory_bytes", math.nan)
@@ -215,6 +212,39 @@ def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
         d["Voxels/s"] = "–" if v is None or math.isnan(v) else f"{v:.3g}"
         out.append(d)
     return out
+
+
+def _has_tumour(row: dict) -> bool:
+    """False only where the row's validation cases are known to hold no tumour."""
+    return row.get("val_tumour_cases", -1) != 0
+
+
+def summary(rows: Sequence[dict], metric: str = "tumour_dice_global") -> str:
+    """One sentence saying what the table shows, computed from its numbers: whether tumour Dice
+    global rises with the input resolution over the 3D rows (in table order, lowest resolution
+    first), its values, and liver Dice global at the highest resolution."""
+    if not rows:
+        return "No training run with an evaluation: nothing to compare."
+    rows3 = [r for r in rows if "2D" not in r["resolution"].split(" (")[0]] or list(rows)
+    pts = [(r["resolution"], r[metric]) for r in rows3
+           if _has_tumour(r) and not math.isnan(r[metric])]
+    liver = rows3[-1]["liver_dice_global"]
+    tail = (f"; liver Dice global {liver:.3f} at {rows3[-1]['resolution']}"
+            if not math.isnan(liver) else "")
+    what = HEADERS[metric]
+    if len(pts) < 2:
+        why = ("no validation tumour" if any(not _has_tumour(r) for r in rows3)
+               else "fewer than two resolutions with a value")
+        return f"{what} cannot be compared across resolutions ({why}){tail}."
+    values = " → ".join(f"{v:.3f} ({label})" for label, v in pts)
+    diffs = [b[1] - a[1] for a, b in itertools.pairwise(pts)]
+    if all(d > 0 for d in diffs):
+        verdict = "rises with the input resolution, as in Hou et al.'s Table 1"
+    elif all(d < 0 for d in diffs):
+        verdict = "falls with the input resolution, against Hou et al.'s Table 1"
+    else:
+        verdict = "does not rise steadily with the input resolution"
+    return f"{what} {verdict}: {values}{tail}."
 
 
 def _bytes(n: float) -> str:
@@ -255,14 +285,14 @@ def write_table(rows: Sequence[dict], out_dir: str | Path, title: str | None = N
     from hrseg import viz
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown_table(table(rows))
+    md = markdown_table(table(rows)) + "\n" + summary(rows) + "\n"
     if title:
         md = f"# {title}\n\n{md}"
-    (out / "results.md").write_text(md)
+    atomic.write_text(out / "results.md", md)
     csv_rows = [{**r, "runs": " ".join(r["runs"])} for r in rows]
     columns = ["resolution", "runs", "n"] + [k for m in METRICS
                                              for k in (m, f"{m}_std", f"{m}_n")] + [
-        "devices", "memory_bytes", "step_time_s", "voxels_per_s"]
+        "val_tumour_cases", "devices", "memory_bytes", "step_time_s", "voxels_per_s"]
     write_csv(csv_rows, out / "results.csv", columns)
     viz.save(table_figure(rows, title), out / "results.png")
     return {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
@@ -277,7 +307,9 @@ def dice_figure(rows: Sequence[dict]):
     for ax, organ in zip(fig.subplots(1, 2, sharey=True), ("tumour", "liver")):
         for kind, marker, dx in (("per_case", "o", -0.04), ("global", "s", 0.04)):
             m = f"{organ}_dice_{kind}"   # dx: side by side where the two coincide
-            ax.errorbar(x + dx, [r[m] for r in rows], yerr=[r[f"{m}_std"] for r in rows],
+            shown = [organ == "liver" or _has_tumour(r) for r in rows]   # n/a: no point
+            ax.errorbar(x + dx, [r[m] if ok else math.nan for r, ok in zip(rows, shown)],
+                        yerr=[r[f"{m}_std"] if ok else math.nan for r, ok in zip(rows, shown)],
                         marker=marker, capsize=3, label=f"Dice {kind.replace('_', ' ')}")
         ax.set(title=organ, xticks=x, xticklabels=labels, xlabel="network input",
                ylim=(0, 1))

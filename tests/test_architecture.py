@@ -1,7 +1,7 @@
 """The package's layers: imports point down the stack, never up, and never in a cycle.
 
 A package's ``__init__`` may re-export its own modules (``hrseg.memory`` re-exports
-``hrseg.memory.footprint``); every other import is an edge of the graph walked here.
+``hrseg.memory.analytic``); every other import is an edge of the graph walked here.
 """
 import ast
 from pathlib import Path
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "hrseg"
 
 # Lower layers first; a module may import its own layer and the layers below it.
 LAYERS = (
-    {"hrseg.config", "hrseg.metrics"},
+    {"hrseg.atomic", "hrseg.config", "hrseg.metrics"},
     {"hrseg.data", "hrseg.parallel"},
     {"hrseg.nn"},
     {"hrseg.train", "hrseg.memory", "hrseg.viz"},

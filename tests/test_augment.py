@@ -111,3 +111,17 @@ def test_jit_equals_eager_and_config_switches():
     assert not np.array_equal(np.asarray(lab), np.asarray(label))
     # raw uint32 keys (jax.random.PRNGKey, as the napari widget uses) work too
     augment.flip_rotate(jax.random.PRNGKey(0), image, label)
+
+
+def test_split_key_is_how_augment_uses_the_key():
+    """The napari widget draws through split_key: same seed, same tumours as training."""
+    img, lab = _case()
+    key = jax.random.key(5)
+    for p in (0.5, 1.0):
+        cfg = AugmentConfig(tumour_synthesis_p=p, flip=False, rotate180=False)
+        synthesise, k_synth, _ = augment.split_key(key, p)
+        want = augment.synthesize_tumours(k_synth, img, lab) if bool(synthesise) else (img, lab)
+        got = augment.augment(key, img, lab, cfg)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not bool(augment.split_key(key, 0.0)[0]) and bool(augment.split_key(key, 1.0)[0])

@@ -75,9 +75,76 @@ def test_every_params_file_loads_and_divides(path):
     assert cfg.train.batch % cfg.mesh.data == 0
     # a pooling window never straddles two devices: each shard must pool evenly
     shape = (cfg.train.batch, *cfg.data.resolution, 1)
-    partition.check_divisible(shape, _FakeMesh(cfg.mesh), unet.levels_of(cfg.model))
+    partition.check_divisible(shape, _FakeMesh(cfg.mesh), unet.poolings_of(cfg.model))
 
 
 class _FakeMesh:  # check_divisible reads only mesh.shape: no devices needed for a 512³ plan
     def __init__(self, m):
         self.shape = {"data": m.data, "x": m.spatial[0], "y": m.spatial[1], "z": m.spatial[2]}
+
+
+def test_preset_sets_the_model_and_explicit_keys_override(tmp_path):
+    assert config.load(None).model == config.ModelConfig() == config.preset("mtf")  # default
+    cfg = config.load(None, ["model.preset=tiny"])
+    assert cfg.model == config.preset("tiny")                    # levels 2, base 4
+    cfg = config.load(None, ["model.preset=tiny", "model.base=8", "model.norm=inplace_abn"])
+    assert (cfg.model.levels, cfg.model.base, cfg.model.norm) == (2, 8, "inplace_abn")
+    # "paper" follows the schedule of the run's resolution (Hou et al.: 256³ -> 5 levels, 64)
+    cfg = config.load(None, ["model.preset=paper", "data.resolution=[256,256,256]"])
+    assert (cfg.model.levels, cfg.model.base, cfg.model.precision) == (5, 64, "bf16")
+    assert config.load(ROOT / "params" / "train_512.yaml").model == config.preset("paper", 512)
+    # "custom" takes only the keys given; the dump of a preset run reloads to the same model
+    cfg = config.load(None, ["model.preset=custom", "model.levels=3"])
+    assert cfg.model.levels == 3 and cfg.model.base == config.ModelConfig.base
+    config.dump(config.load(None, ["model.preset=tiny", "model.base=8"]), tmp_path / "c.yaml")
+    assert config.load(tmp_path / "c.yaml").model.base == 8
+    with pytest.raises(ValueError, match=r"model.preset': unknown preset 'huge'"):
+        config.load(None, ["model.preset=huge"])
+    with pytest.raises(ValueError, match=r"model.preset': preset 'paper' needs resolution"):
+        config.load(None, ["model.preset=paper", "data.resolution=[96,96,96]"])
+def test_patch_is_empty_by_default_and_null_means_empty():
+    assert config.Config().data.patch == ()
+    assert config.load(None, ["data.patch=null"]).data.patch == ()
+    cfg = config.load(None, ["data.resolution=[64,64,64]", "data.patch=[32,32,16]"])
+    assert cfg.data.patch == (32, 32, 16) and cfg.data.patch_foreground == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("items, match", [
+    (["data.patch=[32,32]"], r"'data.patch': expected 3 sizes"),
+    (["data.patch=32"], r"'data.patch': expected 3 sizes"),
+    (["data.patch=[32,32,0]"], r"'data.patch': each size must be in \[1, data.resolution\]"),
+    (["data.patch=[32,32,128]"], r"'data.patch': each size must be in"),
+    (["data.resolution=[64,64]", "model.dims=2", "data.patch=[32,32,32]"],
+     r"'data.patch': patches are for 3D networks"),
+    (["data.patch_foreground=1.5"], r"'data.patch_foreground': must be in \[0, 1\]"),
+])
+def test_bad_patches_name_the_key(items, match):
+    with pytest.raises(ValueError, match=match):
+        config.load(None, items)
+
+
+def test_a_patch_that_does_not_pool_evenly_names_the_key():
+    from hrseg.train import loop
+    cfg = config.load(None, ["data.resolution=[64,64,64]", "data.patch=[32,32,20]",
+                             "model.levels=4", "mesh.spatial=[1,1,2]"])
+    with pytest.raises(ValueError, match=r"'data.patch'.*size 20, not a multiple of 16"):
+        loop.check_batch_shape(cfg, _FakeMesh(cfg.mesh))
+    whole = config.load(None, ["data.resolution=[64,64,36]", "model.levels=4"])
+    with pytest.raises(ValueError, match=r"'data.resolution'.*size 36, not a multiple of 8"):
+        loop.check_batch_shape(whole, _FakeMesh(whole.mesh))
+    loop.check_batch_shape(config.load(None, ["data.resolution=[64,64,36]", "model.levels=4",
+                                              "data.patch=[32,32,16]"]), _FakeMesh(whole.mesh))
+    batch = config.load(None, ["train.batch=3", "mesh.data=2"])
+    with pytest.raises(ValueError, match=r"'train.batch'"):
+        loop.check_batch_shape(batch, _FakeMesh(batch.mesh))
+
+
+def test_the_patch_study_pair_differs_only_in_the_patch():
+    import dataclasses
+    full = config.load(ROOT / "params" / "train_64.yaml")
+    patch = config.load(ROOT / "params" / "train_64_patch32.yaml")
+    assert patch.data.patch == (32, 32, 32) and not full.data.patch
+    data = dataclasses.replace(patch.data, patch=(), patch_foreground=full.data.patch_foreground)
+    same = dataclasses.replace(patch, data=data,
+                               train=dataclasses.replace(patch.train, name=full.train.name))
+    assert same == full

@@ -89,3 +89,51 @@ def test_low_precision_logits_2d_and_jit():
     assert float(out16) == pytest.approx(float(out32), rel=2e-2)
     with pytest.raises(ValueError, match="without the class axis"):
         losses.weighted_ce(jnp.asarray(logits), jnp.asarray(labels)[:, :3])
+
+
+def _perfect_256(tumour: bool):
+    """A 256³ volume: liver block, optionally a 0.2 % tumour, and logits equal to the labels."""
+    labels = np.zeros((1, 256, 256, 256), np.int32)
+    labels[0, 64:192, 48:208, 40:200] = 1
+    if tumour:
+        labels[0, 100:132, 100:132, 100:132] = 2
+    return labels
+
+
+@pytest.fixture(scope="module")
+def perfect_loss():
+    @jax.jit
+    def loss(labels):
+        logits = 20.0 * jax.nn.one_hot(labels, 3, dtype=jnp.float32)        # (1, X, Y, Z, 3)
+        return losses.generalized_dice(logits, labels)
+    return loss
+
+
+@pytest.mark.parametrize("tumour", [False, True])
+def test_generalized_dice_perfect_prediction_has_no_floor_at_256(perfect_loss, tumour):
+    # with EPS added to Σ w (r + p), w = 1/V², the floor was 0.40 at 256³ without a tumour
+    labels = _perfect_256(tumour)
+    assert float(perfect_loss(jnp.asarray(labels))) < 1e-4
+    # uniform predictions are still penalised (the normalisation flattens nothing)
+    wrong = jax.jit(lambda lb: losses.generalized_dice(
+        jnp.zeros(lb.shape + (3,), jnp.float32), lb))(jnp.asarray(labels))
+    assert float(wrong) > 0.5
+
+
+def test_generalized_dice_is_scale_free():
+    # the same picture at 16³ and 64³ (each voxel a 4³ block): the same loss
+    logits, labels = _inputs(shape=(1, 16, 16, 16))
+    def up(a):
+        return np.repeat(np.repeat(np.repeat(a, 4, 1), 4, 2), 4, 3)
+    small = losses.generalized_dice(jnp.asarray(logits), jnp.asarray(labels))
+    big = losses.generalized_dice(jnp.asarray(up(logits)), jnp.asarray(up(labels)))
+    assert float(big) == pytest.approx(float(small), rel=1e-5)
+
+
+def test_class_counts_are_exact_beyond_2_pow_24():
+    labels = np.zeros((2, 256, 256, 257), np.int8)              # 33.7 M voxels > 2²⁴
+    labels[1, :, :, :7] = 1
+    labels[0, 5, 6, 7] = 2
+    got = np.asarray(jax.jit(lambda lb: losses._counts(lb, [0, 1, 2]))(jnp.asarray(labels)))
+    np.testing.assert_array_equal(got, np.bincount(labels.reshape(-1), minlength=3))
+    assert got.dtype == np.int32

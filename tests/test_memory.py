@@ -139,3 +139,28 @@ def test_cli_memory_prints_the_plan(capsys):
     assert "Plan:" in out and "GiB" in out
     assert cli.main(["memory", "--resolution", "512", "--devices", "512", "--budget",
                      "16 furlongs"]) == 2
+
+
+def test_estimate_walks_every_part_of_the_model():
+    """The layer list comes from UNet.parts(): every unit and every kernel is in it."""
+    import math
+
+    from flax import nnx
+
+    from hrseg.nn import layers
+    tiny = unet.preset("tiny")
+    for cfg, local in [(tiny, (1, 8, 8, 8, 1)),
+                       (dataclasses.replace(tiny, block="compact", reduction=2), (1, 8, 8, 8, 1)),
+                       (dataclasses.replace(tiny, dims=2, levels=3), (2, 8, 8, 3))]:
+        model = unet.build(cfg, local[-1])
+        acts = memory.tensors(model, local, 2)                   # 2-byte compute dtype
+        kernels = sum(math.prod(x.shape) for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                      if p[-1] == "kernel")
+        assert next(t for t in acts if t.name == "kernels.cast").shape == (kernels,)
+        units = [m for _, m in nnx.iter_graph(model) if isinstance(m, layers.Unit)]
+        outputs = [t for t in acts if len(t.name.split(".")) == 2 and t.name[-1].isdigit()]
+        assert len(outputs) == len(units), cfg
+    # a conv that no part reaches is an error naming it, not a silent under-estimate
+    model.extra = layers.Conv(4, 4, ndim=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="extra of the model are in no part"):
+        memory.tensors(model, (2, 8, 8, 3), 4)

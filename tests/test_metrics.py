@@ -66,10 +66,35 @@ def test_evaluate_cases_and_mean_std():
     assert r["cases"] == 2 and r["cases_with_tumour"] == 1
     assert r["per_case"][1] == {"tumour": 1.0, "liver": pytest.approx(2 / 3)}
     # three models: mean 0.5, sample sd sqrt(((0.4-0.5)^2 + 0 + (0.6-0.5)^2) / 2) = 0.1
-    m, s = metrics.mean_std([0.4, 0.5, 0.6])
-    assert (m, s) == (pytest.approx(0.5), pytest.approx(0.1))
-    assert metrics.mean_std([0.7]) == (0.7, 0.0)
-    assert metrics.format_mean_std([0.4, 0.5, 0.6]) == "0.500 ± 0.100"
+    m, s, n = metrics.mean_std([0.4, 0.5, 0.6])
+    assert (m, s, n) == (pytest.approx(0.5), pytest.approx(0.1), 3)
+    assert metrics.mean_std([0.7, None, math.nan]) == (0.7, 0.0, 1)   # finite values only
+    assert all(math.isnan(x) for x in metrics.mean_std([None])[:2])
+
+
+def test_region_dice_from_counts():
+    # rows in REGIONS order: (intersection, predicted, true) voxels
+    d = metrics.region_dice([[30, 40, 50], [0, 0, 0]])
+    assert d["liver"] == pytest.approx(60 / 90)       # 2·30 / (40 + 50)
+    assert math.isnan(d["tumour"])                    # neither predicted nor present
+
+
+def test_training_step_counts_score_like_the_evaluation():
+    """The train step's on-device counts give the evaluation's Dice: liver with its tumours."""
+    import jax.numpy as jnp
+
+    from hrseg.train import step
+    preds = [vol(0, 2, 1, 1), vol(1, 1, 0, 2)]
+    trues = [vol(0, 2, 2, 1), vol(1, 0, 2, 2)]
+    c = step.count_overlap(jnp.asarray(np.stack(preds)), jnp.asarray(np.stack(trues)))
+    assert c.dtype == jnp.int32 and c.shape == (len(metrics.REGIONS), 3)
+    d = metrics.region_dice(c)
+    r = metrics.evaluate_cases(preds, trues)
+    assert d["liver"] == pytest.approx(r["liver_dice_global"])
+    assert d["tumour"] == pytest.approx(r["tumour_dice_global"])
+    # liver: P = {1,2,3} ∪ {0,1,3}, T = {1,2,3} ∪ {0,2,3} -> 2·(3 + 2) / (6 + 6); a
+    # tumour-free liver class would score case 1's voxel 2 (tumour) as a miss
+    assert d["liver"] == pytest.approx(10 / 12)
 
 
 def test_shape_and_length_errors():

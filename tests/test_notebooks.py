@@ -1,35 +1,108 @@
-"""The five notebooks: stored clean, parameterised from params/, and executed end to end.
+"""The notebooks: stored clean, paired with their text files, parameterised, executed end to end.
 
-The execution test runs the whole pipeline once with params/smoke (tiny sizes; phantom data and
-training runs go under a temporary folder) — the same code path as `make run`.
+Every numbered ``notebooks/NN_name.ipynb`` (hrseg.pipeline.notebook_names) is paired by jupytext
+(notebooks/jupytext.toml) with ``NN_name.py`` in the percent format; both are committed, the
+.ipynb without outputs. The execution test runs the whole pipeline once with params/smoke (tiny
+sizes; phantom data and training runs go under a temporary folder) — the same code path as
+`make run`.
 """
 import json
 import re
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 
 from hrseg import pipeline
-from hrseg.pipeline import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parent.parent
 NB_DIR = ROOT / "notebooks"
+NOTEBOOKS = pipeline.notebook_names()
+SYNC = "jupytext --sync notebooks/*.ipynb"
+
+
+def stored_problems(path: Path) -> list[str]:
+    """What nbstripout would remove from a committed notebook: outputs, execution counts."""
+    nb = nbformat.read(path, as_version=4)
+    return [f"{path.name} cell {i}: {what} (strip it: nbstripout {path.relative_to(path.parent.parent)})"
+            for i, c in enumerate(nb.cells) if c.cell_type == "code"
+            for what, bad in (("outputs", c.outputs), ("execution count", c.execution_count))
+            if bad]
+
+
+def _cells(nb) -> list[tuple]:
+    return [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]
+
+
+def pairing_differences(ipynb: Path, text: Path) -> list[str]:
+    """Cells (type, source, tags) that differ between a notebook and its paired text file, both
+    read by jupytext."""
+    if not text.is_file():
+        return [f"{text.name} is missing (pair it: {SYNC})"]
+    a, b = _cells(jupytext.read(ipynb)), _cells(jupytext.read(text))
+    out = [f"cell {i}: {ipynb.name} has {x!r}, {text.name} has {y!r}"
+           for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    if len(a) != len(b):
+        out.append(f"{ipynb.name} has {len(a)} cells, {text.name} {len(b)}")
+    return out
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_is_stored_without_outputs_and_has_one_parameters_cell(name):
+def test_notebook_is_stored_without_outputs(name):
+    assert stored_problems(NB_DIR / f"{name}.ipynb") == []
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_and_its_text_file_are_in_sync(name):
+    diff = pairing_differences(NB_DIR / f"{name}.ipynb", NB_DIR / f"{name}.py")
+    assert diff == [], f"{name}: out of sync, run {SYNC}:\n" + "\n".join(diff[:5])
+
+
+def test_the_checks_find_outputs_and_drift(tmp_path):
+    name = NOTEBOOKS[0]
+    for suffix in (".ipynb", ".py"):
+        shutil.copy(NB_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    ipynb, text = tmp_path / f"{name}.ipynb", tmp_path / f"{name}.py"
+    nb = nbformat.read(ipynb, as_version=4)
+    code = next(c for c in nb.cells if c.cell_type == "code")
+    code.execution_count = 3
+    code.outputs = [nbformat.v4.new_output("stream", text="hello\n")]
+    nbformat.write(nb, ipynb)
+    assert [p.split(": ")[1].split(" (")[0] for p in stored_problems(ipynb)] == [
+        "outputs", "execution count"]
+    assert pairing_differences(ipynb, text) == []          # outputs are not part of the pair
+    text.write_text(text.read_text().replace('# %% tags=["parameters"]', "# %%"))
+    untagged = pairing_differences(ipynb, text)      # papermill would not find the cell
+    assert len(untagged) == 1 and "['parameters']" in untagged[0]
+    text.write_text(text.read_text().replace('out_dir = "runs"', 'out_dir = "elsewhere"'))
+    assert "elsewhere" in pairing_differences(ipynb, text)[0]
+    text.unlink()
+    assert "missing" in pairing_differences(ipynb, text)[0]
+
+
+def test_the_notebooks_folder_holds_pairs_and_the_pairing_config():
+    files = {p.name for p in NB_DIR.iterdir() if not p.name.startswith((".", "__"))}
+    pairs = {f"{n}{s}" for n in NOTEBOOKS for s in (".ipynb", ".py")}
+    assert files == pairs | {"jupytext.toml"}, "every notebook NN_name.ipynb has NN_name.py"
+    config = (NB_DIR / "jupytext.toml").read_text()
+    assert re.search(r'^formats = "ipynb,py:percent"', config, re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_has_one_parameters_cell_and_small_cells(name):
     nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(not c.outputs and c.execution_count is None for c in code), \
-        f"{name}.ipynb has outputs: strip them (python notebooks/build_notebooks.py)"
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
     assert nb.metadata["kernelspec"]["name"] == pipeline.KERNEL
-    assert max(len(c.source.splitlines()) for c in code) <= 25, "keep cells small"
+    code = [c for c in nb.cells if c.cell_type == "code" and c is not tagged[0]]
+    longest = max(code, key=lambda c: len(c.source.splitlines()))
+    assert len(longest.source.splitlines()) <= 15, \
+        f"keep cells small, move code into hrseg: {longest.source[:200]}"
+    defs = [c.source for c in code if re.search(r"^(def|class) ", c.source, re.MULTILINE)]
+    assert not defs, f"functions belong in the package, not in {name}: {defs[0][:80]}"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -41,12 +114,6 @@ def test_papermill_reads_every_parameter(name):
     assigned = re.findall(r"^(\w+)\s*=", cell.source, flags=re.MULTILINE)
     assert list(pm.inspect_notebook(str(NB_DIR / f"{name}.ipynb"))) == assigned
     assert assigned[-1] == "out_dir"          # the pipeline sets it for every notebook
-
-
-def test_notebooks_match_their_generator():
-    r = subprocess.run([sys.executable, str(NB_DIR / "build_notebooks.py"), "--check"],
-                       check=False, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
 
 
 @pytest.mark.parametrize("params_dir", ["params/default", "params/smoke"])
@@ -128,4 +195,5 @@ def test_outputs_stay_under_out(smoke_run):
     names = {p.name for p in smoke_run.iterdir()}
     assert {f"{n}.ipynb" for n in NOTEBOOKS} <= names
     in_notebooks = {p.name for p in NB_DIR.iterdir() if not p.name.startswith((".", "__"))}
-    assert in_notebooks == {f"{n}.ipynb" for n in NOTEBOOKS} | {"build_notebooks.py"}
+    assert in_notebooks == {f"{n}{s}" for n in NOTEBOOKS for s in (".ipynb", ".py")} | {
+        "jupytext.toml"}

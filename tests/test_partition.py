@@ -47,5 +47,37 @@ def test_check_divisible_names_axis_size_and_nearest():
 
 
 def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend 'mpi' is not one of halo, gspmd, none"):
+        partition.layout(partition.make_mesh(), "mpi")
     with pytest.raises(ValueError, match="backend 'mpi'"):
         partition.spmd(lambda x: x, partition.make_mesh(), "mpi", None, None)
+
+
+def test_layout_decides_the_backend_once():
+    mesh = partition.make_mesh()
+    none = partition.layout(mesh, "none")
+    assert none.mesh.devices.size == 1 and none.data == 1 and none.spatial == (1, 1, 1)
+    def fn(x):
+        return x + 1
+
+    assert none.spmd(fn, None, None) is fn               # no partitioning: the plain function
+    assert partition.layout(mesh, "halo").spmd(fn, (partition.volume_spec(),),
+                                               partition.volume_spec()) is not fn
+    x = np.ones((1, 4, 4, 4, 1), np.float32)
+    assert partition.layout(mesh, "gspmd").constrain(x, partition.volume_spec()) is not x
+    assert none.constrain(x, partition.volume_spec()) is x
+    assert partition.devices_used((2, 4, 4, 4), "none") == (1, 1, 1, 1)
+    assert partition.devices_used((2, 4, 4, 4), "halo") == (2, 4, 4, 4)
+
+
+def test_axis_names_are_owned_by_partition():
+    """The mesh axis names are written out once: no other module spells the tuple again."""
+    import re
+    from pathlib import Path
+    root = Path(partition.__file__).resolve().parents[1]
+    spelled = re.compile(r"""\(\s*["'](data|x)["']\s*,\s*["'](x|y)["']""")
+    others = [f for sub in ("parallel", "nn", "train", "memory") for f in (root / sub).glob("*.py")
+              if f.name != "partition.py" and spelled.search(f.read_text())]
+    assert others == []
+    assert partition.AXES == (partition.DATA, *partition.SPATIAL) == ("data", "x", "y", "z")
+    assert tuple(partition.make_mesh().axis_names) == partition.AXES

@@ -1,13 +1,18 @@
 """pipeline.py / `hrseg run`: run discovery, parameter checks, and the one-line failure report.
 
-The execution tests use throw-away notebooks of two cells (a real kernel, ~2 s each); the real
-notebooks run in tests/test_notebooks.py.
+The tests use a folder of throw-away notebooks (two cells; a real kernel, ~2 s each, for the
+execution tests); the real notebooks run in tests/test_notebooks.py.
 """
+import os
+
 import nbformat
 import pytest
 
 from hrseg import cli, pipeline
-from hrseg.pipeline import NOTEBOOKS, PipelineError
+from hrseg.pipeline import PipelineError
+
+NOTEBOOKS = ("01_memory_estimation", "02_halo_correctness", "03_augmentation", "04_train",
+             "05_results_table")  # the fake notebooks' names
 
 
 def _params_dir(tmp_path, names, extra=("train_64",)):
@@ -18,7 +23,7 @@ def _params_dir(tmp_path, names, extra=("train_64",)):
     return d
 
 
-def test_discover_orders_runs_by_notebook_and_skips_configs(tmp_path):
+def test_discover_orders_runs_by_notebook_and_skips_configs(tmp_path, fake_notebooks):
     d = _params_dir(tmp_path, ["05_results_table", "04_train_64", "04_train_32",
                                "01_memory_estimation", "02_halo_correctness", "03_augmentation"])
     runs = pipeline.discover(d)
@@ -28,7 +33,7 @@ def test_discover_orders_runs_by_notebook_and_skips_configs(tmp_path):
     assert {r.notebook for r in runs if r.name.startswith("04")} == {"04_train"}
 
 
-def test_discover_selects_and_refuses_what_matches_nothing(tmp_path):
+def test_discover_selects_and_refuses_what_matches_nothing(tmp_path, fake_notebooks):
     d = _params_dir(tmp_path, [*NOTEBOOKS[:3], "04_train_32", "04_train_64", NOTEBOOKS[4]])
     assert [r.name for r in pipeline.discover(d, ["02", "04_train_64"])] == [
         "02_halo_correctness", "04_train_64"]
@@ -38,11 +43,30 @@ def test_discover_selects_and_refuses_what_matches_nothing(tmp_path):
         pipeline.discover(d, ["07"])
 
 
-def test_a_notebook_without_params_is_an_error_not_a_skip(tmp_path):
+def test_a_notebook_without_params_is_an_error_not_a_skip(tmp_path, fake_notebooks):
     d = _params_dir(tmp_path, [n for n in NOTEBOOKS if n != "03_augmentation"])
     with pytest.raises(PipelineError, match="no params for notebook.*03_augmentation"):
         pipeline.discover(d)
     assert len(pipeline.discover(d, ["01", "02"])) == 2     # not needed when not selected
+
+
+def test_notebooks_are_the_numbered_ipynb_files_in_number_order(tmp_path, monkeypatch):
+    for stem in ("10_late", "2_second", "01_first", "Untitled", "scratch_01"):
+        _notebook(tmp_path / f"{stem}.ipynb")
+    (tmp_path / "03_paired_text.py").write_text("# %%\n")      # a jupytext pair is not a notebook
+    assert pipeline.notebook_names(tmp_path) == ("01_first", "2_second", "10_late")
+    monkeypatch.setattr(pipeline, "notebooks_dir", lambda: tmp_path)
+    d = _params_dir(tmp_path, ["10_late", "2_second_a", "01_first"])
+    assert [r.notebook for r in pipeline.discover(d)] == ["01_first", "2_second", "10_late"]
+    monkeypatch.setattr(pipeline, "notebooks_dir", lambda: tmp_path / "params")
+    with pytest.raises(PipelineError, match="no numbered notebooks"):
+        pipeline.discover(d)
+
+
+def test_the_real_notebooks_are_discovered():
+    names = pipeline.notebook_names()
+    assert names[0].startswith("01_") and len(names) >= 5
+    assert [int(n.split("_")[0]) for n in names] == sorted(int(n.split("_")[0]) for n in names)
 
 
 def _notebook(path, *sources, params="x = 0"):
@@ -134,3 +158,18 @@ def test_ensure_phantom_writes_only_into_a_missing_or_empty_folder(tmp_path):
     (lits / "volume-0.nii").write_bytes(b"not ours")
     assert "not a phantom: left untouched" in pipeline.ensure_phantom(lits, 2, progress=False)
     assert [p.name for p in lits.iterdir()] == ["volume-0.nii"]
+
+
+def test_notebook_setup_moves_to_the_params_folder_and_asks_for_devices(tmp_path, monkeypatch):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")             # where JupyterLab starts the kernel
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_a=1 --xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    assert pipeline.notebook_setup(8) == tmp_path
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_a=1 --xla_force_host_platform_device_count=8"
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    assert pipeline.notebook_setup() == tmp_path          # already there: stays (papermill's case)
+    (tmp_path / "params" / "smoke").mkdir()
+    monkeypatch.chdir(tmp_path / "params" / "smoke")
+    assert pipeline.notebook_setup() == tmp_path / "params" / "smoke"   # no params/ above: stays

@@ -60,6 +60,18 @@ def test_runs_of_one_resolution_with_different_recipes_are_separate_rows(runs):
     assert labels == ["32³", "64³ (r64_adam)", "64³ (r64_s0)", "64² 2D"]
 
 
+def test_a_patch_run_is_its_own_row_with_the_patch_throughput(runs):
+    d = make_run(runs, "p64", (64, 64, 64), {5: (0.1, 0.2)}, step_times=(9.0, 2.0, 2.0))
+    cfg = config.load(d / "config.yaml")
+    config.dump(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, patch=(32, 32, 16))),
+                d / "config.yaml")
+    rows = {r["resolution"]: r for r in results.collect(runs, last=2)}
+    assert list(rows) == ["32³", "64³, 32×32×16 patches", "64³", "64² 2D"]   # then by name
+    patch = rows["64³, 32×32×16 patches"]
+    assert patch["voxels_per_s"] == pytest.approx(32 * 32 * 16 / 2.0)   # median step 2 s
+    assert patch["memory_bytes"] < rows["64³"]["memory_bytes"] / 2      # a step on 1/8 voxels
+
+
 def test_collect_groups_by_resolution_and_averages_last_checkpoints(runs):
     rows = results.collect(runs, last=2, memory=False)
     assert [r["resolution"] for r in rows] == ["32³", "64³", "64² 2D"]
@@ -133,3 +145,43 @@ def test_cli_table_writes_the_files_and_refuses_an_empty_folder(runs, tmp_path, 
     (tmp_path / "empty").mkdir()
     assert cli.main(["table", str(tmp_path / "empty")]) == 2
     assert "no run with an evaluation under" in capsys.readouterr().err
+
+
+def _set_tumour_cases(run_dir, n):
+    for p in (run_dir / "checkpoints").glob("eval_*.json"):
+        rec = json.loads(p.read_text())
+        rec["metrics"]["cases_with_tumour"] = n
+        p.write_text(json.dumps(rec))
+
+
+def test_no_validation_tumour_shows_n_a_not_zero(runs, tmp_path):
+    for name in ("r32", "r32_nan"):
+        _set_tumour_cases(runs / name, 0)
+    _set_tumour_cases(runs / "r64_s0", 2)
+    rows = results.collect(runs, last=2, memory=False)
+    assert [r["val_tumour_cases"] for r in rows] == [0, 2, -1]    # -1: older logs, unknown
+    shown = results.table(rows)
+    assert shown[0]["Tumour Dice per case"] == shown[0]["Tumour Dice global"] == "n/a"
+    assert shown[0]["Liver Dice global"] == "0.600 ± 0.141"
+    assert shown[1]["Tumour Dice global"] == "0.750 ± 0.129"
+    md = results.write_table(rows, tmp_path / "out")["md"].read_text()
+    assert "| 32³ | n/a | n/a |" in md
+    assert "cannot be compared across resolutions (no validation tumour)" in md
+
+
+def _row(label, tumour, liver=0.9):
+    return {"resolution": label, "tumour_dice_global": tumour, "liver_dice_global": liver,
+            "val_tumour_cases": 3}
+
+
+def test_summary_sentence_is_computed_from_the_numbers():
+    rising = [_row("16³", 0.1), _row("32³", 0.3), _row("64³", 0.5, 0.88), _row("64² 2D", 0.05)]
+    s = results.summary(rising)
+    assert s.startswith("Tumour Dice global rises with the input resolution")
+    assert "0.100 (16³) → 0.300 (32³) → 0.500 (64³)" in s and "2D" not in s
+    assert s.endswith("liver Dice global 0.880 at 64³.")
+    assert "does not rise steadily" in results.summary(
+        [_row("16³", 0.1), _row("32³", 0.3), _row("64³", 0.2)])
+    assert "falls with" in results.summary([_row("32³", 0.3), _row("64³", 0.2)])
+    assert "fewer than two resolutions" in results.summary([_row("64³", 0.2)])
+    assert results.summary([]).startswith("No training run")

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from hrseg import cli, config, data, train
+from hrseg import atomic, cli, config, data, train
 from hrseg.data import phantom
 from hrseg.train import checkpoint, distributed
 
@@ -55,15 +55,6 @@ def test_step_decay_schedule_and_optimizers():
         train.make_optimizer(config.TrainConfig(optimizer="sgd"))
 
 
-def test_dice_from_counts():
-    # rows: class k -> (intersection, predicted, true) voxels
-    counts = [[90, 100, 100], [30, 40, 50], [0, 0, 0]]
-    d = train.dice_from_counts(counts)
-    assert d["background"] == pytest.approx(0.9)      # 2·90 / 200
-    assert d["liver"] == pytest.approx(60 / 90)       # 2·30 / (40 + 50)
-    assert math.isnan(d["tumour"])                    # neither predicted nor present
-
-
 def test_local_rows_on_one_process():
     from hrseg.parallel import partition
     mesh = partition.make_mesh()
@@ -73,10 +64,10 @@ def test_local_rows_on_one_process():
 
 def test_write_json_is_atomic(tmp_path):
     path = tmp_path / "a" / "eval.json"
-    checkpoint.write_json(path, {"x": np.float32(0.5), "v": np.arange(3)})
+    atomic.write_json(path, {"x": np.float32(0.5), "v": np.arange(3)})
     assert json.loads(path.read_text()) == {"x": 0.5, "v": [0, 1, 2]}
     with pytest.raises(TypeError):
-        checkpoint.write_json(path, {"x": object()})
+        atomic.write_json(path, {"x": object()})
     assert json.loads(path.read_text())["x"] == 0.5          # the old file survives a failure
     assert [p.name for p in path.parent.iterdir()] == ["eval.json"]   # no temp files left
 
@@ -228,8 +219,36 @@ def test_2d_network_trains_on_slices_and_evaluates_whole_volumes(dataset, tmp_pa
     result = train.train(cfg, progress=False)
     assert result.steps == 2 and math.isfinite(result.final_loss)
     assert result.eval["cases"] == 1 and "tumour_dice_global" in result.eval
-    _, graphdef, state, mesh, _ = train.load_run(result.run_dir)
+    _, graphdef, state, layout, _ = train.load_run(result.run_dir)
     from hrseg.train import inference
     vol = np.random.default_rng(0).random((16, 16, 7), np.float32)
-    [labels] = inference.Predictor(cfg, graphdef, mesh)(state, [vol])
+    [labels] = inference.Predictor(cfg, graphdef, layout)(state, [vol])
     assert labels.shape == (16, 16, 7) and labels.dtype == np.int32
+
+
+def test_patch_run_resumes_bit_identically_and_evaluates_by_sliding_window(dataset, tmp_path,
+                                                                           monkeypatch):
+    from hrseg.train import sliding
+    over = ["data.patch=[8,8,8]", "data.patch_foreground=0.5", "train.ckpt_every=2"]
+    first = train.train(smoke(dataset, tmp_path, "train.name=pieces", "train.steps=3",
+                              "train.eval_every=-1", *over), progress=False)
+    resumed = train.train(smoke(dataset, tmp_path, "train.name=pieces", "train.steps=6",
+                                "train.eval_every=-1", *over), progress=False)
+    assert (first.steps, resumed.resumed_from, resumed.steps) == (3, 3, 6)
+    straight = train.train(smoke(dataset, tmp_path, "train.name=straight", "train.steps=6",
+                                 "train.eval_every=0", *over), progress=False)
+    _, a = _final_state(tmp_path / "pieces")
+    _, b = _final_state(tmp_path / "straight")
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    steps = [r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    assert all(r["voxels_per_s"] == pytest.approx(8 ** 3 / r["step_time_s"]) for r in steps)
+    # `hrseg evaluate` of a patch run picks sliding windows from the run's config
+    calls = []
+    real = sliding.sliding_window
+    monkeypatch.setattr(sliding, "sliding_window",
+                        lambda fn, image, patch, **kw: calls.append(patch) or real(fn, image,
+                                                                                   patch, **kw))
+    again = train.evaluate(tmp_path / "pieces")
+    assert calls == [(8, 8, 8)] and again["cases"] == 1
+    assert same_json(again, straight.eval)                    # same weights, same Dice

@@ -8,9 +8,8 @@ import optax
 import pytest
 from flax import nnx
 
-from hrseg import memory
 from hrseg.config import ModelConfig
-from hrseg.nn import unet
+from hrseg.nn import losses, unet
 from hrseg.parallel import partition
 from hrseg.train import step
 
@@ -69,7 +68,7 @@ def test_paper_schedule(res, levels, base):
     cfg = unet.preset("paper", res)
     assert (cfg.levels, cfg.base, cfg.convs_per_block, cfg.precision) == (levels, base, 4, "bf16")
     assert unet.filters(cfg)[-1] == 1024                  # every resolution ends at 1024
-    assert unet.levels_of(cfg) == levels - 1
+    assert unet.poolings_of(cfg) == levels - 1
     assert unet.param_count(cfg) == plain_unet_params(1, base, levels, 4, 3)
 
 
@@ -128,15 +127,15 @@ def test_training_steps_reduce_the_loss():
     cfg = dataclasses.replace(unet.preset("tiny"), norm="inplace_abn")
     opt = optax.adam(1e-2)
     graphdef, state = step.init_state(unet.build(cfg), opt)
-    mesh = partition.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    fn = step.make_train_step(graphdef, opt, memory.cross_entropy, mesh, "none")
+    layout = partition.layout(partition.make_mesh((1, 1, 1), devices=jax.devices()[:1]), "none")
+    fn = step.make_train_step(graphdef, opt, losses.cross_entropy, layout)
     x = np.asarray(jax.random.normal(jax.random.key(1), (2, 8, 8, 8, 1)))
     labels = (x[..., 0] > 0.5).astype(np.int32) + (x[..., 0] > 1.5)
-    losses = []
+    seen = []
     for _ in range(8):
-        state, metrics = fn(state, *step.place_batch(mesh, "none", x, labels))
-        losses.append(float(metrics["loss"]))
-    assert losses[-1] < 0.7 * losses[0], losses
+        state, metrics = fn(state, *step.place_batch(layout, x, labels))
+        seen.append(float(metrics["loss"]))
+    assert seen[-1] < 0.7 * seen[0], seen
 
 
 def test_custom_config_builds():

@@ -102,6 +102,11 @@ def test_contours_and_prediction_outline():
     yellow = (rgb == viz.PREDICTION_RGB).all(-1)
     np.testing.assert_array_equal(yellow, viz.outline(viz.display_slice(pred, 2, 5) == 1))
     np.testing.assert_array_equal(~is_grey(rgb), yellow)
+    pred[15:18, 11:14, 4:8] = 2   # a predicted tumour inside: its own colour, on top
+    rgb = viz.render_slice(hu, None, pred, 2, 5, 500, 50)
+    magenta = (rgb == viz.PREDICTION_TUMOUR_RGB).all(-1)
+    np.testing.assert_array_equal(magenta, viz.outline(viz.display_slice(pred, 2, 5) == 2))
+    assert magenta.any() and (rgb == viz.PREDICTION_RGB).all(-1).any()
 
 
 def test_render_rejects_bad_input():
@@ -130,7 +135,7 @@ def test_montage_and_difference_figure_save_atomically(tmp_path):
     images = [ax.images[0].get_array() for ax in fig.axes if ax.images]
     assert len(images) == 4 and images[0].shape == (20, 24, 3)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
-        "liver", "tumour", "prediction (outline)"]
+        "liver", "tumour", "predicted liver (outline)", "predicted tumour (outline)"]
     out = viz.save(fig, tmp_path / "figs" / "montage.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.parent.iterdir()) == ["montage.png"]   # no temp left
@@ -142,6 +147,9 @@ def test_montage_and_difference_figure_save_atomically(tmp_path):
     assert "before (axial z=5)" in titles        # the first slice with the largest change
     diff = fig.axes[2].images[0].get_array()
     assert diff.min() == -50 and diff.max() == 0
+    assert "after − before (HU)" in [ax.get_ylabel() for ax in fig.axes]   # the colour bar
+    unit_fig = viz.difference_figure(hu / 1000, after / 1000, lab, lab)
+    assert "after − before (window units)" in [ax.get_ylabel() for ax in unit_fig.axes]
     viz.save(fig, tmp_path / "diff.svg")
     assert (tmp_path / "diff.svg").read_text().lstrip().startswith("<?xml")
 
@@ -187,6 +195,18 @@ def test_slice_viewer_controls_drive_the_rendered_slice():
     big = decode_png(v.image.value)
     assert big.shape[0] / big.shape[1] == pytest.approx(12 * 2.5 / (20 * 0.8), rel=0.05)
     assert "sagittal x=15/23" in v.caption.value
+
+
+def test_slice_viewer_shows_window_and_level_in_hu_for_scaled_volumes():
+    pytest.importorskip("ipywidgets")
+    hu, lab = toy_case()
+    scaled = (np.clip(hu, -200, 300) + 200) / 500                 # data.hu_window (-200, 300)
+    v = viz.slice_viewer(scaled, lab, hu_window=(-200, 300), window=(-200, 300))
+    assert (v.window.value, v.level.value) == (500, 50)
+    assert v.window.description == "window (HU)" and "level 50 HU" in v.caption.value
+    ref = viz.render_slice(np.clip(hu, -200, 300).astype(np.float32), lab, None, 2, 5, 500, 50)
+    assert np.abs(v.rgb.astype(int) - ref.astype(int)).max() <= 1
+    assert v.image.layout.max_width == "100%"                     # fits the notebook cell
 
 
 def test_slice_viewer_bundle_has_a_static_png():

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 
 from hrseg.config import ModelConfig
-from hrseg.memory import footprint as memory
+from hrseg.memory import analytic
+from hrseg.memory.compiled import measure, residuals
 from hrseg.nn import unet
 
 ABLATION = (  # (row, changes to wang_baseline), as in Wang, Oda & Mori (2020), Table 1
@@ -41,14 +42,14 @@ def ablation(input_shape, batch: int = 1, compiled: bool = False, base: ModelCon
     rows = []
     for name, changes in ABLATION:
         cfg = dataclasses.replace(base, **changes)
-        est = memory.estimate(cfg, input_shape, (1, 1, 1), optimizer=optimizer, batch=batch,
+        est = analytic.estimate(cfg, input_shape, (1, 1, 1), optimizer=optimizer, batch=batch,
                               backend="none")
         row = {"row": name, "params": unet.param_count(cfg), "estimate": est["total"]}
         if traced:
-            saved = memory.residuals(cfg, input_shape, batch=batch)["bytes"]
+            saved = residuals(cfg, input_shape, batch=batch)["bytes"]
             row["traced"] = est["total"] - est["activation_bytes"] + saved
         if compiled:
-            row["measured"] = memory.measure(cfg, input_shape, (1, 1, 1), optimizer=optimizer,
+            row["measured"] = measure(cfg, input_shape, (1, 1, 1), optimizer=optimizer,
                                              batch=batch, backend="none")["total"]
         rows.append(row)
     for row in rows:
@@ -68,6 +69,6 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         line = f"{r['row']:18s} {r['params'] / 1e6:9.2f}M {r['params_fraction']:5.0%}"
         for k in kinds:
-            line += f" {r[k] / memory.GiB:7.2f}GiB {r[k + '_fraction']:5.0%}"
+            line += f" {r[k] / analytic.GiB:7.2f}GiB {r[k + '_fraction']:5.0%}"
         lines.append(line)
     return "\n".join(lines)

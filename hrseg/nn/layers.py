@@ -32,7 +32,7 @@ from hrseg.nn.norm import (
     inplace_abn,
     normalize,
 )
-from hrseg.parallel import halo
+from hrseg.parallel import halo, partition
 
 ACTIVATIONS = ("leaky_relu", "relu", "elu", "identity")
 NORMS = ("batch", "group", "instance", "inplace_abn", "none")
@@ -140,14 +140,14 @@ class NormAct(nnx.Module):
         if self.norm == "inplace_abn":
             if train:
                 y, mean, var = inplace_abn(x, scale, bias, self.eps, self.activation,
-                                                SLOPE, halo.ALL)
+                                                SLOPE, partition.AXES)
                 self._update(mean, var)
                 return y
             scale = effective_scale(scale)
         if self.norm in ("batch", "inplace_abn"):
             if train:
                 z, mean, var = normalize(x, scale, bias, tuple(range(x.ndim - 1)),
-                                              halo.ALL, self.eps)
+                                              partition.AXES, self.eps)
                 self._update(mean.reshape(-1), var.reshape(-1))
             else:  # running statistics: a per-channel affine map in the compute dtype
                 a = scale * jax.lax.rsqrt(self.var[...] + self.eps)
@@ -158,7 +158,7 @@ class NormAct(nnx.Module):
             g = x.reshape(B, *S, *shape)
             z, _, _ = normalize(g, scale.reshape(shape), bias.reshape(shape),
                                      tuple(range(1, len(S) + 1)) + (g.ndim - 1,),
-                                     halo.SPATIAL, self.eps)
+                                     partition.SPATIAL, self.eps)
             z = z.reshape(x.shape)
         return activate(z, self.activation)
 

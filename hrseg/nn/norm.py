@@ -16,7 +16,9 @@ Two reasons not to let autodiff differentiate ``(x - mean) * rsqrt(var + eps) * 
 Statistics are those of the *global* tensor: halo.moments psums them over the bound mesh axes
 (``"data"`` and the spatial axes for batch norm, spatial only for group/instance norm), and the
 two reductions of the backward pass, Σ dẑ and Σ dẑ·x̂, are psum'd over the same axes. Parameter
-gradients are returned per shard: shard_map's transpose sums them for replicated parameters.
+gradients are typed like the parameters (halo.cotangent_like): under ``check_vma=True`` a
+replicated parameter's gradient is psum'd here; with ``check_vma=False`` it is returned per
+shard and shard_map's transpose sums it.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hrseg.parallel import halo
+from hrseg.parallel import halo, partition
 
 GAMMA_EPS = 1e-5  # in-place ABN scales by |γ| + GAMMA_EPS: never zero, always invertible
 INVERTIBLE = ("leaky_relu", "elu", "identity")
@@ -76,6 +78,12 @@ def _backward(xhat, dxhat, inv, axes, mesh_axes, count):
     return inv * (dxhat - mean_d - xhat * mean_dx)
 
 
+def _like_primals(cts, primals):
+    """Cotangents typed like their primals under ``check_vma=True``: a replicated γ/β's
+    gradient is summed over the mesh here (with ``check_vma=False``, by shard_map)."""
+    return tuple(halo.cotangent_like(c, halo.varying(p)) for c, p in zip(cts, primals))
+
+
 def _param_grads(dz, xhat, gamma):
     """Per-shard Σ dz·x̂ and Σ dz over every axis that ``gamma`` broadcasts over."""
     lead = tuple(range(dz.ndim - gamma.ndim))
@@ -98,16 +106,16 @@ def normalize(x, gamma, beta, axes: tuple[int, ...], mesh_axes: tuple[str, ...],
 def _normalize_fwd(x, gamma, beta, axes, mesh_axes, eps):
     mean, var, inv = _stats(x, axes, mesh_axes, eps)
     z = ((x.astype(jnp.float32) - mean) * inv * gamma + beta).astype(x.dtype)
-    return (z, mean, var), (x, gamma, mean, inv)
+    return (z, mean, var), (x, gamma, beta, mean, inv)  # beta: only its type (check_vma)
 
 
 def _normalize_bwd(axes, mesh_axes, eps, res, cts):
-    x, gamma, mean, inv = res
+    x, gamma, beta, mean, inv = res
     dz = cts[0].astype(jnp.float32)  # statistics only feed running averages: no cotangent
     xhat = (halo.after(x, dz).astype(jnp.float32) - mean) * inv
     dx = _backward(xhat, dz * gamma, inv, axes, mesh_axes, _count(x, axes, mesh_axes))
     dgamma, dbeta = _param_grads(dz, xhat, gamma)
-    return dx.astype(x.dtype), dgamma, dbeta
+    return _like_primals((dx.astype(x.dtype), dgamma, dbeta), (x, gamma, beta))
 
 
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
@@ -117,7 +125,7 @@ normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def inplace_abn(x, gamma, beta, eps: float, act: str, slope: float,
-                mesh_axes: tuple[str, ...] = halo.ALL):
+                mesh_axes: tuple[str, ...] = partition.AXES):
     """``φ((|γ| + ε)·x̂ + β)`` with batch statistics; returns ``(y, mean, var)``.
 
     ``x (B, *S, C)``; statistics over batch and space of the global tensor; ``y`` in
@@ -145,14 +153,15 @@ def _abn_bwd(eps, act, slope, mesh_axes, res, cts):
     dz = cts[0].astype(jnp.float32) * dphi
     dx = _backward(xhat, dz * g, inv, axes, mesh_axes, _count(y, axes, mesh_axes))
     dg, dbeta = _param_grads(dz, xhat, gamma)
-    return dx.astype(y.dtype), dg * jnp.sign(gamma), dbeta
+    # y stands in for x (not kept): it varies over x's mesh axes (γ, β are replicated)
+    return _like_primals((dx.astype(y.dtype), dg * jnp.sign(gamma), dbeta), (y, gamma, beta))
 
 
 inplace_abn.defvjp(_abn_fwd, _abn_bwd)
 
 
 def inplace_abn_reference(x, gamma, beta, eps: float, act: str, slope: float,
-                          mesh_axes: tuple[str, ...] = halo.ALL):
+                          mesh_axes: tuple[str, ...] = partition.AXES):
     """The same function through plain autodiff (for tests and memory comparisons)."""
     axes = tuple(range(x.ndim - 1))
     mean, var = halo.moments(x, axes, mesh_axes)

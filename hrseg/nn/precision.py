@@ -20,23 +20,17 @@ class Policy:
     name: str
     param_dtype: jnp.dtype      # storage dtype of parameters (and of their gradients)
     compute_dtype: jnp.dtype    # activations and conv kernels inside the step
-    norm_dtype: jnp.dtype       # normalization statistics and the normalization itself
-    output_dtype: jnp.dtype     # logits handed to the loss
     loss_scaling: bool          # multiply the loss by a dynamic scale (fp16 only)
 
     @property
     def compute_bytes(self) -> int:
         return jnp.dtype(self.compute_dtype).itemsize
 
-    @property
-    def param_bytes(self) -> int:
-        return jnp.dtype(self.param_dtype).itemsize
-
 
 POLICIES = {
-    "fp32": Policy("fp32", jnp.float32, jnp.float32, jnp.float32, jnp.float32, False),
-    "bf16": Policy("bf16", jnp.float32, jnp.bfloat16, jnp.float32, jnp.float32, False),
-    "fp16": Policy("fp16", jnp.float32, jnp.float16, jnp.float32, jnp.float32, True),
+    "fp32": Policy("fp32", jnp.float32, jnp.float32, False),
+    "bf16": Policy("bf16", jnp.float32, jnp.bfloat16, False),
+    "fp16": Policy("fp16", jnp.float32, jnp.float16, True),
 }
 
 

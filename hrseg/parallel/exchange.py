@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
-SPATIAL = ("x", "y", "z")
-ALL = ("data", "x", "y", "z")
+from hrseg.parallel.partition import AXES, SPATIAL
 
 
 def axis_size(name: str) -> int | None:
@@ -31,13 +31,51 @@ def bound(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(n for n in names if (axis_size(n) or 1) > 1)
 
 
-def psum(x, names: Sequence[str] = ALL):
+def psum(x, names: Sequence[str] = AXES):
     """Sum over the bound mesh axes among ``names``; identity outside shard_map.
 
     Size-1 axes are included (free) so shard_map can prove the result replicated.
     """
     names = tuple(n for n in names if axis_size(n) is not None)
-    return lax.psum(x, names) if names else x
+    if not names:
+        return x
+    if (v := varying(x)) and (missing := set(names) - v):
+        # check_vma: a value varying over some of the axes (a 2D activation on a mesh with a
+        # "z" axis) is cast to vary over all of them first, as jax does for an invariant one
+        x = lax.pcast(x, _mesh_order(missing), to="varying")
+    return lax.psum(x, names)
+
+
+def varying(x) -> frozenset[str]:
+    """The mesh axes ``x`` varies over inside ``jax.shard_map`` with ``check_vma=True``
+    (its type's varying manual axes); empty outside shard_map and with ``check_vma=False``."""
+    mat = getattr(jax.typeof(x), "mat", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def cotangent_like(ct, axes: frozenset[str]):
+    """``ct`` cast to its primal's varying axes ``axes``, as a custom VJP must return it.
+
+    A cotangent varying over more axes than its primal (a replicated weight's gradient, made
+    from per-shard activations) is summed over the extra ones: the transpose of the implicit
+    ``pcast(to="varying")`` that jax inserts where a replicated value meets a varying one, as
+    jax's own ops do. One varying over fewer axes is cast up. With ``check_vma=False`` types
+    carry no axes and this is the identity (shard_map's transpose sums replicated gradients).
+    """
+    have = varying(ct)
+    if not (have or axes):
+        return ct
+    if extra := have - axes:
+        ct = lax.psum(ct, _mesh_order(extra))
+    if missing := axes - have:
+        ct = lax.pcast(ct, _mesh_order(missing), to="varying")
+    return ct
+
+
+def _mesh_order(names) -> tuple[str, ...]:
+    """``names`` in the enclosing mesh's axis order (one program per set of names)."""
+    mesh = jax.sharding.get_abstract_mesh().axis_names
+    return tuple(a for a in mesh if a in names) + tuple(sorted(set(names) - set(mesh)))
 
 
 def axes_for(x, axes: Sequence[str | None] | None) -> tuple[str | None, ...]:

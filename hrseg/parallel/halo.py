@@ -19,17 +19,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from hrseg.parallel import cpuconv
-from hrseg.parallel.exchange import (  # noqa: F401  (re-exported: halo.psum, halo.ALL, …)
-    ALL,
-    SPATIAL,
+from hrseg.parallel.exchange import (  # noqa: F401  (re-exported: halo.psum, …)
     after,
     axes_for,
     axis_size,
     bound,
+    cotangent_like,
     halo_exchange,
     psum,
     return_margins,
+    varying,
 )
+from hrseg.parallel.partition import AXES
 
 
 def _dimension_numbers(nsp: int):
@@ -99,14 +100,16 @@ def _conv_fwd(x, w, pads, axes, strides, groups, precision):
 
 
 def _conv_bwd(pads, axes, strides, groups, precision, res, g):
+    vx, vw = (varying(t) for t in res)  # check_vma: w replicated -> dw psum'd over the mesh
     x, w = (after(t, g) for t in res)  # re-pad and transpose here, not in the forward pass
     xp, exchange_vjp = jax.vjp(lambda x: halo_exchange(x, pads, axes), x)
     _, conv_vjp = jax.vjp(lambda xp, w: _valid_conv(xp, w, strides, groups, precision), xp, w)
     dxp, dw = conv_vjp(g)
     if all(max(p) <= x.shape[d + 1] for d, p in enumerate(pads)):
-        return return_margins(dxp, pads, axes), dw
-    (dx,) = exchange_vjp(dxp)  # multi-hop halos: let autodiff transpose the exchange
-    return dx, dw
+        dx = return_margins(dxp, pads, axes)
+    else:
+        (dx,) = exchange_vjp(dxp)  # multi-hop halos: let autodiff transpose the exchange
+    return cotangent_like(dx, vx), cotangent_like(dw, vw)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -159,7 +162,7 @@ def _max_pool_bwd(window, res, g):
             return pieces[prefix]
         return jnp.stack([assemble(prefix + (o,), d + 1) for o in range(window)], 2 + d)
 
-    return (assemble((), 0).reshape(x.shape),)
+    return (cotangent_like(assemble((), 0).reshape(x.shape), varying(x)),)
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
@@ -199,7 +202,7 @@ def conv_transpose_xla(x, w, precision=None):
                               precision=precision)
 
 
-def moments(x, axes: Sequence[int] | None = None, mesh_axes: Sequence[str] = ALL):
+def moments(x, axes: Sequence[int] | None = None, mesh_axes: Sequence[str] = AXES):
     """Mean and (biased) variance over array ``axes`` of the *global* tensor, in float32.
 
     Sums are psum'd over the bound ``mesh_axes`` (spatial for instance/group norm, plus

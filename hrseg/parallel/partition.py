@@ -4,24 +4,51 @@ A volume is an array ``(B, X, Y, Z, C)`` (2D: ``(B, X, Y, C)``); spatial array a
 over mesh axis ``"x"``, axis 2 over ``"y"``, axis 3 over ``"z"``, and the batch over ``"data"``.
 Arrays keep nibabel's (x, y, z) voxel order so the mesh axis names mean what they say.
 
-Three backends run the same network code (see :func:`spmd`):
+Three backends run the same network code (the table :data:`BACKENDS`):
   * ``"halo"``  — explicit ``jax.shard_map``; halo.py exchanges patch margins with ppermute;
   * ``"gspmd"`` — plain jit with NamedSharding on the spatial dims; XLA inserts halos itself;
   * ``"none"``  — one device, no partitioning.
+A run decides its (mesh, backend) once, as a :class:`Layout`, and passes that along: nothing
+else in the package asks which backend it is on.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "x", "y", "z")
+# The mesh axis names, defined here only: the batch axis, then array axes 1, 2, 3.
+DATA = "data"
 SPATIAL = ("x", "y", "z")
-BACKENDS = ("halo", "gspmd", "none")
+AXES = (DATA, *SPATIAL)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How a backend runs the per-shard network code: the one place a backend is described."""
+    name: str
+    shard_map: bool    # run per shard in jax.shard_map; the model exchanges halos itself
+    constrain: bool    # pin the inputs' shardings inside jit; XLA's partitioner does the rest
+    one_device: bool   # ignore the mesh: everything on its first device
+
+
+BACKENDS = {b.name: b for b in (
+    Backend("halo", shard_map=True, constrain=False, one_device=False),
+    Backend("gspmd", shard_map=False, constrain=True, one_device=False),
+    Backend("none", shard_map=False, constrain=False, one_device=True),
+)}
+
+
+def backend(name: str) -> Backend:
+    """The :data:`BACKENDS` entry of ``name``; an unknown name is an error listing them."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend '{name}' is not one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]
 
 
 def make_mesh(spatial: Sequence[int] = (1, 1, 1), data: int = 1, devices=None) -> Mesh:
@@ -64,16 +91,12 @@ def spatial_shape(mesh: Mesh) -> tuple[int, int, int]:
 
 def volume_spec(ndim: int = 3) -> P:
     """PartitionSpec of an image/activation ``(B, X, Y, Z, C)`` (2D: ``(B, X, Y, C)``)."""
-    return P("data", *SPATIAL[:ndim], None)
+    return P(DATA, *SPATIAL[:ndim], None)
 
 
 def label_spec(ndim: int = 3) -> P:
     """PartitionSpec of an integer label volume ``(B, X, Y, Z)`` (2D: ``(B, X, Y)``)."""
-    return P("data", *SPATIAL[:ndim])
-
-
-def replicated() -> P:
-    return P()
+    return P(DATA, *SPATIAL[:ndim])
 
 
 def sharding(mesh: Mesh, spec: P) -> NamedSharding:
@@ -130,24 +153,60 @@ def check_divisible(shape: Sequence[int], mesh: Mesh, levels: int, spec: P | Non
                              f"{_nearest_ok(size, mult)}")
 
 
-def spmd(fn: Callable, mesh: Mesh, backend: str, in_specs, out_specs) -> Callable:
-    """Wrap a per-shard function for a backend.
+def devices_used(shape: Sequence[int], backend_name: str) -> tuple[int, ...]:
+    """``(data, sx, sy, sz)`` devices a backend really uses on a mesh of that shape."""
+    return (1,) * len(shape) if backend(backend_name).one_device else tuple(shape)
 
-    ``"halo"``: ``jax.shard_map`` over the mesh — inside, halo.py's ops see the mesh axes bound
-    and exchange margins. ``"gspmd"`` / ``"none"``: the function is returned unchanged and runs
-    on global arrays (halo.py's ops are then the plain ops); for gspmd the caller places inputs
-    with :func:`shard` and XLA partitions, for none everything lives on one device.
+
+@dataclass(frozen=True)
+class Layout:
+    """Where and how a network runs: ``mesh`` (the devices it really uses) and ``backend``.
+
+    Made once per run with :func:`layout`; steps, batches and predictors take it instead of
+    re-deciding from a (mesh, backend-name) pair.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend '{backend}' is not one of {BACKENDS}")
-    if backend == "halo":
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)
-    return fn
+    mesh: Mesh
+    backend: Backend
+
+    @property
+    def data(self) -> int:
+        return int(self.mesh.shape[DATA])
+
+    @property
+    def spatial(self) -> tuple[int, int, int]:
+        return spatial_shape(self.mesh)
+
+    def spmd(self, fn: Callable, in_specs, out_specs) -> Callable:
+        """Wrap a per-shard function: ``jax.shard_map`` over the mesh for a shard-map backend,
+        in its default mode (``check_vma=True``: jax tracks which mesh axes each value varies
+        over and sums a replicated input's gradient over the mesh; halo.py's ops see the mesh
+        axes bound and exchange margins); otherwise ``fn`` itself, run on global arrays
+        (halo.py's ops are then the plain ops)."""
+        if self.backend.shard_map:
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
+        return fn
+
+    def constrain(self, x, spec: P):
+        """Inside jit: pin ``x`` to ``spec`` where the backend partitions from constraints."""
+        if self.backend.constrain:
+            return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+        return x
+
+    def sharding(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    def shard(self, array, spec: P | None = None, spatial_ndim: int = 3) -> jax.Array:
+        return shard(self.mesh, array, spec, spatial_ndim)
 
 
-def backend_mesh(mesh: Mesh, backend: str) -> Mesh:
-    """The mesh a backend really uses: ``"none"`` collapses to the first device."""
-    if backend == "none":
-        return make_mesh((1, 1, 1), 1, devices=[mesh.devices.flat[0]])
-    return mesh
+def spmd(fn: Callable, mesh: Mesh, backend_name: str, in_specs, out_specs) -> Callable:
+    """:meth:`Layout.spmd` of a backend on a mesh as given (per-shard tests and notebooks)."""
+    return Layout(mesh, backend(backend_name)).spmd(fn, in_specs, out_specs)
+
+
+def layout(mesh: Mesh, backend_name: str) -> Layout:
+    """The :class:`Layout` of a backend on a mesh (``"none"`` collapses it to its first device)."""
+    b = backend(backend_name)
+    if b.one_device:
+        mesh = make_mesh((1, 1, 1), 1, devices=[mesh.devices.flat[0]])
+    return Layout(mesh, b)

@@ -2,22 +2,22 @@
 
     step        TrainState, the jitted donated train step and predict, per backend
     loop        the training loop: batches, evaluation, NaN guard, resume (``train``)
-    checkpoint  orbax checkpoints, newest-first restore
+    rundir      the run directory: paths, lock, fixed config, history, metrics.jsonl
+    checkpoint  orbax checkpoints, newest-intact restore, retention
     distributed jax.distributed start for multi-host runs
-    inference   whole-volume prediction and evaluation of a run
+    equivalence sharded against one device: errors of a conv and a U-Net, compiled collectives
+    inference   prediction (whole volume or sliding window) and evaluation of a run
+    sliding     Gaussian-weighted sliding-window inference for patch-trained networks
     compile_cache  JAX's persistent compilation cache under .cache/jax (CLI, notebooks)
 
 ``hrseg.train`` re-exports the loop's API: ``train.train(cfg)``, ``train.evaluate(run_dir)``, ...
 """
 from hrseg.train.loop import (  # noqa: F401
-    CLASSES,
     Batches,
-    MetricsLog,
     RunResult,
     batch_shape,
     build,
     describe,
-    dice_from_counts,
     evaluate,
     load_run,
     make_optimizer,
@@ -26,3 +26,4 @@ from hrseg.train.loop import (  # noqa: F401
     prediction_path,
     train,
 )
+from hrseg.train.rundir import MetricsLog, read_metrics  # noqa: F401

@@ -7,17 +7,36 @@ complete, so a process killed mid-save leaves the previous checkpoint as the new
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from hrseg import atomic
+
+
 # orbax logs every save and restore at INFO through absl; a training log wants none of that.
+# A read-only manager (evaluate, predict) is read-only by design: drop orbax's warnings that
+# say so ("Given directory is read only=...", "read_only=True, setting max_to_keep=None").
+# A full disk is reported once, as one line (atomic.DiskFull), not as the tracebacks orbax's
+# background threads log.
+def _quiet(record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    if any(s in msg for s in ("Given directory is read only", "read_only=True")):
+        return False
+    return not (atomic.is_disk_full(record.exc_info[1] if record.exc_info else None)
+                or "No space left on device" in msg)
+
+
 logging.getLogger("absl").setLevel(logging.WARNING)
+logging.getLogger("absl").addFilter(_quiet)
+
+
+class DamagedCheckpoint(ValueError):
+    """A step folder that orbax cannot restore (a file truncated or deleted)."""
 
 
 class Checkpoints:
@@ -29,13 +48,15 @@ class Checkpoints:
         folder. A writer removes the unfinished ``*.orbax-checkpoint-tmp*`` folders of a killed
         run in the background; two writers on one folder would race on that."""
         self.directory = Path(directory).absolute()
+        self.keep = max(int(keep), 1)
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"no checkpoint folder {self.directory}")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max(int(keep), 1), create=not read_only,
+            max_to_keep=self.keep, create=not read_only,
             cleanup_tmp_directories=not read_only, read_only=read_only,
             enable_async_checkpointing=async_save and not read_only)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with _disk_full_names(self.directory):
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest(self) -> int | None:
         """Newest complete step, or None."""
@@ -47,32 +68,92 @@ class Checkpoints:
     def save(self, step: int, state) -> None:
         """Start saving (returns once the arrays are copied off the devices, so the caller
         may donate ``state`` to the next step; the write finishes in the background)."""
-        self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+        with _disk_full_names(self.directory):
+            self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
 
     def restore(self, like, step: int | None = None):
         """The state saved at ``step`` (default: newest), placed like ``like`` (a state or an
-        abstract state with shardings: the mesh may differ from the one that saved it)."""
-        step = self.latest() if step is None else step
+        abstract state with shardings: the mesh may differ from the one that saved it).
+        A step that does not exist is FileNotFoundError listing those that do; one that
+        cannot be read is DamagedCheckpoint."""
+        step = self.latest() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        return self._manager.restore(int(step), args=ocp.args.StandardRestore(abstract(like)))
+        if step not in self.steps():
+            have = ", ".join(map(str, self.steps())) or "none"
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} "
+                                    f"(steps: {have})")
+        try:
+            return self._manager.restore(step, args=ocp.args.StandardRestore(abstract(like)))
+        except Exception as e:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise DamagedCheckpoint(f"checkpoint {self.directory / str(step)} is damaged: "
+                                    f"{first}") from None
+
+    def restore_intact(self, like, warn=None):
+        """``(state, step)`` of the newest checkpoint that restores; ``warn(line)`` for each
+        damaged one skipped. None if there is no checkpoint; DamagedCheckpoint if all are."""
+        steps = self.steps()
+        damaged = []
+        for s in reversed(steps):
+            try:
+                state = self.restore(like, s)
+            except DamagedCheckpoint as e:
+                damaged.append(s)
+                last = e
+                continue
+            if damaged and warn is not None:
+                warn(f"checkpoint step {', '.join(map(str, damaged))} in {self.directory} "
+                     f"is damaged; using step {s}, the newest intact one")
+            return state, s
+        if damaged:
+            raise DamagedCheckpoint(f"every checkpoint in {self.directory} is damaged "
+                                    f"(steps {', '.join(map(str, damaged))}): {last}")
+        return None
+
+    def discard(self, step: int) -> None:
+        """Remove a (damaged) step so that training can write it again."""
+        self._manager.delete(int(step))
+
+    def prune(self) -> None:
+        """Keep the newest ``keep`` steps (a run killed right after a save can hold one more:
+        orbax deletes the oldest only after the newest is final)."""
+        for s in self.steps()[:-self.keep]:
+            self._manager.delete(s)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with _disk_full_names(self.directory):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def eval_path(self, step: int) -> Path:
         return self.directory / f"eval_{int(step):08d}.json"
 
     def evals(self) -> dict[int, dict]:
-        """Every evaluation JSON of the run, by step."""
+        """Every evaluation JSON of the run, by step (a damaged one is skipped)."""
         out = {}
         for p in sorted(self.directory.glob("eval_*.json")):
-            out[int(p.stem.split("_")[1])] = json.loads(p.read_text())
+            try:
+                out[int(p.stem.split("_")[1])] = json.loads(p.read_text())
+            except (ValueError, OSError):
+                continue
         return out
+
+
+@contextlib.contextmanager
+def _disk_full_names(where: Path):
+    """An ENOSPC raised inside orbax (any wrapper) becomes atomic.DiskFull naming ``where``."""
+    try:
+        yield
+    except Exception as e:
+        if atomic.is_disk_full(e) and not isinstance(e, atomic.DiskFull):
+            raise atomic.DiskFull(where) from None
+        raise
 
 
 def abstract(tree):
@@ -82,28 +163,3 @@ def abstract(tree):
             return x
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
     return jax.tree.map(leaf, tree)
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Write JSON so that a reader never sees half a file (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=_jsonable)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _jsonable(x):
-    """NumPy / jax scalars and arrays inside result dicts."""
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serializable: {type(x).__name__}")

@@ -1,8 +1,9 @@
-"""Whole-volume inference on the mesh, and the validation Dice of a training state.
+"""Inference on the mesh, and the validation Dice of a training state.
 
-No sliding window: at the training resolution the mesh holds a whole volume, so a validation
-case is one forward pass (a 2D network sees every slice of it). Predictions come back to the
-host as (X, Y, Z) label volumes and are scored by hrseg.metrics.
+A network trained on whole volumes predicts a whole volume in one forward pass (a 2D network
+sees every slice of it). One trained on patches (``data.patch``) predicts the whole volume by
+Gaussian-weighted sliding windows (sliding.py), each window a forward pass on the mesh.
+Predictions come back to the host as (X, Y, Z) label volumes and are scored by hrseg.metrics.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from hrseg import data, metrics
 from hrseg.config import Config
 from hrseg.parallel import partition
-from hrseg.train import distributed, step
+from hrseg.train import distributed, sliding, step
 
 # 2D inference: slices per device per forward pass (~1 M pixels: 256 at 64², 4 at 512²).
 PIXELS_PER_DEVICE = 2 ** 20
@@ -20,16 +21,16 @@ PIXELS_PER_DEVICE = 2 ** 20
 class Predictor:
     """``predict(state, volumes [(X, Y, Z)]) -> [labels (X, Y, Z) int32]`` on the mesh.
 
-    3D: as many whole volumes per forward pass as the mesh's "data" axis has replicas. 2D:
-    every axial slice, with its neighbours as channels, in chunks of slices.
+    3D: as many whole volumes per forward pass as the mesh's "data" axis has replicas, or as
+    many sliding windows for a patch-trained run. 2D: every axial slice, with its neighbours
+    as channels, in chunks of slices.
     """
 
-    def __init__(self, cfg: Config, graphdef, mesh):
+    def __init__(self, cfg: Config, graphdef, layout: partition.Layout):
         self.cfg, self.ndim = cfg, cfg.model.dims
-        run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
-        self.sharding = partition.sharding(run_mesh, partition.volume_spec(self.ndim))
-        self.data = int(run_mesh.shape["data"])
-        self._predict = step.make_predict(graphdef, mesh, cfg.mesh.backend, self.ndim)
+        self.sharding = layout.sharding(partition.volume_spec(self.ndim))
+        self.data = layout.data
+        self._predict = step.make_predict(graphdef, layout, self.ndim)
 
     def _run(self, state, items, chunk: int) -> np.ndarray:
         """Items ``(*S, C)`` -> labels ``(N, *S)``, ``chunk`` (a multiple of the data axis) per
@@ -44,7 +45,16 @@ class Predictor:
             out.append(distributed.to_host(labels)[:n])
         return np.concatenate(out).astype(np.int32)
 
+    def _probs(self, state, windows: np.ndarray) -> np.ndarray:
+        """Windows ``(n, px, py, pz, C)`` (n = the data axis) -> probabilities ``(n, …, K)``."""
+        g = distributed.global_array(self.sharding, windows, windows.shape, 0)
+        return distributed.to_host(self._predict(state.params, state.rest, g)[1])
+
     def __call__(self, state, volumes) -> list[np.ndarray]:
+        if self.ndim == 3 and self.cfg.data.patch:
+            return [np.argmax(sliding.sliding_window(
+                lambda w: self._probs(state, w), np.asarray(v, np.float32)[..., None],
+                self.cfg.data.patch, batch=self.data), -1).astype(np.int32) for v in volumes]
         if self.ndim == 3:
             labels = self._run(state, [np.asarray(v)[..., None] for v in volumes], self.data)
             return list(labels)
@@ -59,9 +69,9 @@ class Predictor:
 class Evaluator:
     """Dice per case / global for liver and tumour on whole validation volumes."""
 
-    def __init__(self, cfg: Config, graphdef, mesh, cases):
+    def __init__(self, cfg: Config, graphdef, layout: partition.Layout, cases):
         self.cfg, self.cases = cfg, list(cases)
-        self.predict = Predictor(cfg, graphdef, mesh)
+        self.predict = Predictor(cfg, graphdef, layout)
 
     def __call__(self, state, step_no: int | None = None) -> dict:
         if not self.cases:

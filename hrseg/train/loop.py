@@ -13,7 +13,6 @@ a 1-host run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -26,14 +25,13 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hrseg import config, data
+from hrseg import atomic, config, data
 from hrseg.config import Config, TrainConfig
-from hrseg.data import augment, nifti
+from hrseg.data import augment, nifti, patches
+from hrseg.metrics import region_dice
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
-from hrseg.train import checkpoint, distributed, inference, step
-
-CLASSES = ("background", "liver", "tumour")
+from hrseg.train import checkpoint, distributed, inference, rundir, step
 
 
 @dataclasses.dataclass
@@ -76,31 +74,35 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return opt
 
 
-def build(cfg: Config, mesh):
-    """``(graphdef, state on the mesh, optimizer)`` of a config, freshly initialised."""
+def build(cfg: Config, layout: partition.Layout):
+    """``(graphdef, state on the layout's mesh, optimizer)`` of a config, freshly initialised."""
     model = unet.build(cfg.model, cfg.in_channels, rngs=nnx.Rngs(cfg.train.seed))
     optimizer = make_optimizer(cfg.train)
     loss_scaling = precision.policy(cfg.model.precision).loss_scaling
     graphdef, state = step.init_state(model, optimizer, loss_scaling)
-    run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
-    return graphdef, step.replicate(run_mesh, state), optimizer
+    return graphdef, step.replicate(layout, state), optimizer
+
+
+def make_layout(cfg: Config) -> partition.Layout:
+    """The run's mesh and backend, decided once (the first devices of the host)."""
+    return partition.layout(partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data),
+                            cfg.mesh.backend)
 
 
 def batch_shape(cfg: Config) -> tuple[int, ...]:
-    """Global ``(B, *spatial, C)`` of a training batch."""
-    return (cfg.train.batch, *cfg.data.resolution, cfg.in_channels)
+    """Global ``(B, *spatial, C)`` of a training batch (spatial: the patch, if any)."""
+    return (cfg.train.batch, *(cfg.data.patch or cfg.data.resolution), cfg.in_channels)
 
 
-def dice_from_counts(counts) -> dict[str, float]:
-    """Per-class Dice of step.py's (K, 3) intersection / predicted / true voxel counts (NaN
-    if neither prediction nor label has the class). Class 1 is the tumour-free liver here;
-    hrseg.metrics scores the liver with its tumours (LiTS), so the two differ a little."""
-    counts = np.asarray(counts, np.float64)
-    out = {}
-    for k, name in enumerate(CLASSES[:len(counts)]):
-        inter, pred, true = counts[k]
-        out[name] = float(2 * inter / (pred + true)) if pred + true > 0 else float("nan")
-    return out
+def check_batch_shape(cfg: Config, mesh) -> None:
+    """The batch must split over the run's mesh (``layout.mesh``) and pool evenly; the error
+    names the config key."""
+    try:
+        partition.check_divisible(batch_shape(cfg), mesh, unet.poolings_of(cfg.model))
+    except ValueError as e:
+        key = ("train.batch" if cfg.train.batch % mesh.shape["data"]
+               else "data.patch" if cfg.data.patch else "data.resolution")
+        raise ValueError(f"config key '{key}': {e}") from None
 
 
 class Batches:
@@ -110,13 +112,12 @@ class Batches:
     that is the whole batch.
     """
 
-    def __init__(self, cfg: Config, mesh):
+    def __init__(self, cfg: Config, layout: partition.Layout):
         self.cfg = cfg
-        run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
         ndim = cfg.model.dims
         self.shape = batch_shape(cfg)
-        self.img_sharding = partition.sharding(run_mesh, partition.volume_spec(ndim))
-        self.lab_sharding = partition.sharding(run_mesh, partition.label_spec(ndim))
+        self.img_sharding = layout.sharding(partition.volume_spec(ndim))
+        self.lab_sharding = layout.sharding(partition.label_spec(ndim))
         self.group, self.groups = distributed.local_rows(self.img_sharding, self.shape)
         if jax.process_count() > 1:
             b = self.shape[0] // self.groups
@@ -125,6 +126,8 @@ class Batches:
                   file=sys.stderr)
         self.ds = data.load_dataset(cfg.data, process_index=self.group,
                                     process_count=self.groups)
+        self.sampler = (patches.Sampler(self.ds, cfg.data.patch, cfg.data.patch_foreground)
+                        if cfg.data.patch else None)
         self._augment = jax.jit(lambda key, img, lab: augment.augment(key, img, lab, cfg.augment))
 
     def key(self, step_: int, row: int) -> jax.Array:
@@ -133,9 +136,9 @@ class Batches:
 
     def __call__(self, step_: int):
         t = self.cfg.train
-        images, labels = data.batch_for_step(self.ds, step_, t.batch, t.seed,
-                                             process_index=self.group,
-                                             process_count=self.groups)
+        fetch = self.sampler or (lambda *a, **k: data.batch_for_step(self.ds, *a, **k))
+        images, labels = fetch(step_, t.batch, t.seed, process_index=self.group,
+                               process_count=self.groups)
         images, labels = np.array(images, np.float32), np.array(labels, np.int32)
         rows = images.shape[0]
         for i in range(rows):
@@ -146,30 +149,16 @@ class Batches:
                                          self.group))
 
 
-class MetricsLog:
-    """``metrics.jsonl`` of process 0; on resume, lines past the restored step are dropped
-    (the steps after the checkpoint are run again and logged again)."""
-
-    def __init__(self, path: Path, keep_until: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= keep_until]
-        path.write_text("".join(ln + "\n" for ln in kept))
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record, default=checkpoint._jsonable) + "\n")
-
-
 def _finite_or_raise(metrics: dict, step_no: int, ckpts: checkpoint.Checkpoints) -> None:
+    """Stop unless the step was good: a finite loss, gradients and new state (params, batch
+    statistics, optimizer state: step.py's one ``finite`` reduction)."""
     loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
-    if math.isfinite(loss) and math.isfinite(gnorm):
+    if math.isfinite(loss) and math.isfinite(gnorm) and bool(metrics["finite"]):
         return
     ckpts.wait()  # the last good checkpoint must be complete before we stop
-    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {gnorm}"
+    what = (f"the loss is {loss}" if not math.isfinite(loss) else
+            f"the gradient norm is {gnorm}" if not math.isfinite(gnorm) else
+            "the new state (weights, batch-norm statistics or optimizer state) is not finite")
     last = ckpts.latest()
     keep = (f"the last good checkpoint is step {last} in {ckpts.directory}" if last is not None
             else "no checkpoint was written yet")
@@ -177,47 +166,101 @@ def _finite_or_raise(metrics: dict, step_no: int, ckpts: checkpoint.Checkpoints)
                              f"(lower train.lr, or check the input data of this step)")
 
 
-def _run_dir(cfg: Config) -> Path:
-    return Path(cfg.train.out_dir) / cfg.train.name
+def _say(line: str) -> None:
+    print(f"hrseg: {line}", file=sys.stderr)
+
+
+def _start(cfg: Config, ckpts: checkpoint.Checkpoints, state):
+    """``(state, resumed_from)``: the newest intact checkpoint (damaged newer ones are set
+    aside with one line), or the fresh state."""
+    found = ckpts.restore_intact(state, warn=_say)
+    if found is None:
+        return state, None
+    restored, step_no = found
+    for s in ckpts.steps():
+        if s > step_no:          # damaged: training writes these steps again
+            ckpts.discard(s)
+    return restored, step_no
 
 
 def train(cfg: Config, *, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None) -> RunResult:
-    """Train (or resume) the run of ``cfg``; ``on_step(step, record)`` after each step."""
+    """Train (or resume) the run of ``cfg``; ``on_step(step, record)`` after each step.
+
+    Everything that can fail on bad settings or data (the mesh, the model, the dataset) is
+    checked before the run directory is created, so a failed start leaves nothing behind.
+    """
     distributed.initialize(cfg.mesh)
+    main = distributed.is_main()
+    run_dir = rundir.path_of(cfg)
+    if main and rundir.is_run(run_dir):
+        rundir.check_resume(run_dir, cfg)          # before any work: a changed run is refused
+    layout = make_layout(cfg)
+    check_batch_shape(cfg, layout.mesh)
+    graphdef, state, optimizer = build(cfg, layout)
+    batches = Batches(cfg, layout)
+    evaluator = inference.Evaluator(cfg, graphdef, layout, batches.ds.val)
+
+    lock = rundir.Lock(run_dir).acquire() if main else None
+    try:
+        return _train(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator,
+                      progress, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, progress,
+           on_step) -> RunResult:
     t = cfg.train
     main = distributed.is_main()
-    run_dir = _run_dir(cfg)
-    mesh = partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data)
-    run_mesh = partition.backend_mesh(mesh, cfg.mesh.backend)
-    partition.check_divisible(batch_shape(cfg), run_mesh, unet.levels_of(cfg.model))
-    graphdef, state, optimizer = build(cfg, mesh)
-    ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", keep=t.keep_ckpts)
-    resumed_from = ckpts.latest()
-    if resumed_from is not None and not t.resume:
+    ckpts = checkpoint.Checkpoints(rundir.checkpoints(run_dir), keep=t.keep_ckpts)
+    try:
+        if ckpts.latest() is not None and not t.resume:
+            raise ValueError(f"{run_dir} already has checkpoints (newest: step "
+                             f"{ckpts.latest()}); set train.resume=true to continue it, or "
+                             f"choose another train.name")
+        state, resumed_from = _start(cfg, ckpts, state)
+        start = int(state.step)
+        if main:
+            rundir.record_start(run_dir, cfg, start)
+        distributed.barrier("config")
+        result = _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator,
+                       ckpts, start, progress, on_step)
+        ckpts.wait()
+        ckpts.prune()            # orbax calls are collective: every process makes them
+    finally:
         ckpts.close()
-        raise ValueError(f"{run_dir} already has checkpoints (newest: step {resumed_from}); "
-                         f"set train.resume=true to continue it, or choose another train.name")
+    result.resumed_from = resumed_from
+    result.devices = int(layout.mesh.devices.size)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.dump(cfg, run_dir / "config.yaml")
-    distributed.barrier("config")
-    if resumed_from is not None:
-        state = ckpts.restore(state, resumed_from)
-    start = int(state.step)
+        atomic.write_json(run_dir / rundir.RESULT, result.to_dict())
+    return result
 
+
+def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, ckpts, start,
+          progress, on_step) -> RunResult:
+    t = cfg.train
+    main = distributed.is_main()
     loss_fn = losses.get(t.loss, t.ce_weights)
     policy = precision.policy(cfg.model.precision)
-    train_step = step.make_train_step(graphdef, optimizer, loss_fn, mesh, cfg.mesh.backend,
-                                      cfg.model.dims, policy.loss_scaling)
-    batches = Batches(cfg, mesh)
-    evaluator = inference.Evaluator(cfg, graphdef, mesh, batches.ds.val)
-    log = MetricsLog(run_dir / "metrics.jsonl", start, main)
+    train_step = step.make_train_step(graphdef, optimizer, loss_fn, layout, cfg.model.dims,
+                                      policy.loss_scaling)
+    log = rundir.MetricsLog(run_dir / rundir.METRICS, start, main)
     schedule = make_schedule(t)
-    voxels = t.batch * math.prod(cfg.data.resolution)
+    voxels = math.prod(batch_shape(cfg)[:-1])
 
-    bar = tqdm(total=t.steps, initial=start, disable=not (progress and main), desc=t.name,
-               dynamic_ncols=True)
+    def evaluate_and_log(n):
+        result = evaluator(state, n)
+        if main:
+            atomic.write_json(ckpts.eval_path(n), {"step": n, "config": config.to_dict(cfg),
+                                                   "metrics": result})
+            log.write({"step": n, "eval": result})
+            bar.write(f"step {n}: {inference.summary_line(result)}")
+        return result
+
+    bar = tqdm(total=t.steps, initial=min(start, t.steps), disable=not (progress and main),
+               desc=t.name, dynamic_ncols=True)
     times, last_loss, last_eval, compile_s = [], None, None, None
     try:
         for s in range(start, t.steps):
@@ -234,7 +277,7 @@ def train(cfg: Config, *, progress: bool = True,
             n = s + 1
             if not (policy.loss_scaling and not metrics["finite"]):
                 _finite_or_raise(metrics, n, ckpts)
-            dice = dice_from_counts(metrics["counts"])
+            dice = region_dice(metrics["counts"])   # this batch's Dice; liver with tumours
             last_loss = float(metrics["loss"])
             record = {"step": n, "loss": last_loss, "grad_norm": float(metrics["grad_norm"]),
                       "dice_liver": dice["liver"], "dice_tumour": dice["tumour"],
@@ -251,30 +294,21 @@ def train(cfg: Config, *, progress: bool = True,
             if final or (t.ckpt_every > 0 and n % t.ckpt_every == 0):
                 ckpts.save(n, state)
             if (final and t.eval_every >= 0) or (t.eval_every > 0 and n % t.eval_every == 0):
-                last_eval = evaluator(state, n)
-                if main:
-                    checkpoint.write_json(ckpts.eval_path(n),
-                                          {"step": n, "config": config.to_dict(cfg),
-                                           "metrics": last_eval})
-                    log.write({"step": n, "eval": last_eval})
-                    bar.write(f"step {n}: {inference.summary_line(last_eval)}")
+                last_eval = evaluate_and_log(n)
             if on_step is not None:
                 on_step(n, record)
+        if start >= t.steps:   # nothing left to train: the newest evaluation, made if missing
+            last_eval = ckpts.evals().get(start, {}).get("metrics")
+            if last_eval is None and t.eval_every >= 0 and start == t.steps:
+                last_eval = evaluate_and_log(start)   # killed between checkpoint and eval
     finally:
         bar.close()
-        ckpts.close()
 
-    if last_eval is None and start >= t.steps:  # nothing left to train: report the newest eval
-        last_eval = ckpts.evals().get(start, {}).get("metrics")
     step_time = float(np.median(times)) if times else None
-    result = RunResult(run_dir=run_dir, steps=max(start, t.steps), resumed_from=resumed_from,
-                       final_loss=last_loss, eval=last_eval, step_time_s=step_time,
-                       compile_s=compile_s,
-                       voxels_per_s=voxels / step_time if step_time else None,
-                       devices=int(run_mesh.devices.size))
-    if main:
-        checkpoint.write_json(run_dir / "result.json", result.to_dict())
-    return result
+    return RunResult(run_dir=run_dir, steps=max(start, t.steps), resumed_from=None,
+                     final_loss=last_loss, eval=last_eval, step_time_s=step_time,
+                     compile_s=compile_s,
+                     voxels_per_s=voxels / step_time if step_time else None)
 
 
 def describe(result: RunResult) -> str:
@@ -285,36 +319,41 @@ def describe(result: RunResult) -> str:
 
 
 def load_run(run_dir: str | Path, step_no: int | None = None):
-    """``(cfg, graphdef, state, mesh, step)`` of a run directory's checkpoint (default: newest).
+    """``(cfg, graphdef, state, layout, step)`` of a run directory's checkpoint (default: the
+    newest intact one; a damaged newer one is reported in one line and skipped).
 
     The run's mesh is used when this machine has its devices; otherwise one device (backend
-    "none"): a run trained on a pod can be evaluated on a laptop.
+    "none"): a run trained on a pod can be evaluated on a laptop. Read-only: no lock.
     """
     run_dir = Path(run_dir)
-    cfg = config.load(run_dir / "config.yaml")
+    cfg = rundir.read_config(run_dir)
     if cfg.mesh.data * math.prod(cfg.mesh.spatial) > jax.device_count():
         cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(
             cfg.mesh, backend="none", spatial=(1, 1, 1), data=1, distributed=False))
-    mesh = partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data)
-    graphdef, state, _ = build(cfg, mesh)
-    ckpts = checkpoint.Checkpoints(run_dir / "checkpoints", read_only=True)
-    step_no = ckpts.latest() if step_no is None else step_no
-    if step_no is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint in {ckpts.directory}")
-    state = ckpts.restore(state, step_no)
-    ckpts.close()
-    return cfg, graphdef, state, mesh, step_no
+    layout = make_layout(cfg)
+    graphdef, state, _ = build(cfg, layout)
+    ckpts = checkpoint.Checkpoints(rundir.checkpoints(run_dir), read_only=True)
+    try:
+        if step_no is not None:
+            state = ckpts.restore(state, step_no)
+        else:
+            found = ckpts.restore_intact(state, warn=_say)
+            if found is None:
+                raise FileNotFoundError(f"{run_dir}: no checkpoint in {ckpts.directory}")
+            state, step_no = found
+    finally:
+        ckpts.close()
+    return cfg, graphdef, state, layout, step_no
 
 
 def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
     """Validation Dice of a run's checkpoint, written to ``checkpoints/eval_<step>.json``."""
-    cfg, graphdef, state, mesh, step_no = load_run(run_dir, step)
+    cfg, graphdef, state, layout, step_no = load_run(run_dir, step)
     dataset = data.load_dataset(cfg.data)
-    result = inference.Evaluator(cfg, graphdef, mesh, dataset.val)(state, step_no)
+    result = inference.Evaluator(cfg, graphdef, layout, dataset.val)(state, step_no)
     if distributed.is_main():
-        path = Path(run_dir) / "checkpoints" / f"eval_{step_no:08d}.json"
-        checkpoint.write_json(path, {"step": step_no, "config": config.to_dict(cfg),
-                                     "metrics": result})
+        atomic.write_json(rundir.eval_path(run_dir, step_no),
+                          {"step": step_no, "config": config.to_dict(cfg), "metrics": result})
     return result
 
 
@@ -324,19 +363,29 @@ def prediction_path(run_dir: str | Path, volume: str | Path) -> Path:
     stem = name[:-7] if name.endswith(".nii.gz") else Path(name).stem
     if stem.startswith("volume-"):
         stem = "prediction-" + stem[len("volume-"):]
-    return Path(run_dir) / "predictions" / f"{stem}.nii.gz"
+    return rundir.predictions(run_dir) / f"{stem}.nii.gz"
 
 
-def predict(run_dir: str | Path, volume: str | Path, out: str | Path | None = None) -> Path:
+def predict(run_dir: str | Path, volume: str | Path, out: str | Path | None = None,
+            clean_nonfinite: bool = False) -> Path:
     """Segment a NIfTI CT volume with a run's newest checkpoint; the labels are resampled
     back to the input's voxel grid and written with its affine, so they overlay the original
-    in any viewer. ``out`` defaults to :func:`prediction_path`."""
+    in any viewer. ``out`` defaults to :func:`prediction_path`. A volume with NaN/Inf voxels
+    is refused (ValueError naming the file and the count) unless ``clean_nonfinite``: then
+    NaN and -Inf become the HU window's low end (air), +Inf its high end."""
     import nibabel as nib
 
-    cfg, graphdef, state, mesh, _ = load_run(run_dir)
     hu, _, spacing = data.read_nifti(volume)                  # canonical RAS+
+    bad = int(np.size(hu) - np.count_nonzero(np.isfinite(hu)))
+    if bad and not clean_nonfinite:
+        raise ValueError(f"{volume}: {bad} NaN/Inf voxels; clean the file, or pass "
+                         f"--clean-nonfinite to set them to the HU window's ends")
+    if bad:
+        lo, hi = rundir.read_config(run_dir).data.hu_window
+        hu = np.nan_to_num(np.asarray(hu, np.float32), nan=lo, neginf=lo, posinf=hi)
+    cfg, graphdef, state, layout, _ = load_run(run_dir)
     image = data.preprocess(hu, spacing, cfg.data)
-    [labels] = inference.Predictor(cfg, graphdef, mesh)(state, [image])
+    [labels] = inference.Predictor(cfg, graphdef, layout)(state, [image])
     meta = {"grid": data.grid_for(hu.shape, spacing, cfg.data).to_dict(),
             "affine": nib.load(str(volume)).affine}             # the file's own orientation
     labels, affine = data.to_original_geometry(labels, meta)

@@ -1,10 +1,11 @@
 """The training and inference steps over a data × spatial mesh, for every backend.
 
-One pure ``TrainState``; one jitted, donated ``train_step(state, images, labels)``. The network
-runs on the local shard inside ``jax.shard_map`` ("halo"), or on the global array under plain
-jit ("gspmd", "none"); the gradient is taken *outside* shard_map so that replicated weights
-get their gradient summed over every shard by shard_map's transpose (inside it, with
-``check_vma=False``, per-shard gradients would not be summed).
+Each takes a ``partition.Layout`` (the run's mesh and backend, decided once). One pure
+``TrainState``; one jitted, donated ``train_step(state, images, labels)``. The network runs on
+the local shard inside ``jax.shard_map`` ("halo"), or on the global array under plain jit
+("gspmd", "none"); the gradient is taken *outside* shard_map. shard_map runs in its default
+``check_vma`` mode: a replicated weight's gradient is summed over every shard where the weight
+meets the sharded activations (jax's ops and the custom VJPs of halo.py / norm.py alike).
 """
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from hrseg import metrics as scores
 from hrseg.parallel import halo, partition
+from hrseg.parallel.partition import Layout
 
 # fp16 dynamic loss scaling (as flax's DynamicScale): grow ×2 after this many finite steps.
 SCALE_PERIOD = 2000
@@ -53,7 +56,7 @@ def _specs(ndim: int):
     return partition.volume_spec(ndim), partition.label_spec(ndim)
 
 
-def make_forward(graphdef: nnx.GraphDef, mesh: Mesh, backend: str, ndim: int = 3,
+def make_forward(graphdef: nnx.GraphDef, layout: Layout, ndim: int = 3,
                  train: bool = False) -> Callable:
     """``forward(params, rest, images) -> (logits, new_rest)`` on global arrays."""
     vspec, _ = _specs(ndim)
@@ -63,21 +66,22 @@ def make_forward(graphdef: nnx.GraphDef, mesh: Mesh, backend: str, ndim: int = 3
         logits = model(images, train=train)
         return logits, nnx.state(model, nnx.Not(nnx.Param))
 
-    return partition.spmd(local, mesh, backend, in_specs=(P(), P(), vspec),
-                          out_specs=(vspec, P()))
+    return layout.spmd(local, in_specs=(P(), P(), vspec), out_specs=(vspec, P()))
 
 
-def count_overlap(pred, labels, classes: int):
-    """Per class (intersection, predicted, true) voxel counts, summed over every shard."""
-    onehot_p = jax.nn.one_hot(pred, classes, dtype=jnp.float32)    # (B, *S, K)
-    onehot_t = jax.nn.one_hot(labels, classes, dtype=jnp.float32)
-    axes = tuple(range(pred.ndim))
-    counts = jnp.stack([jnp.sum(onehot_p * onehot_t, axes), jnp.sum(onehot_p, axes),
-                        jnp.sum(onehot_t, axes)], axis=-1)           # (K, 3)
-    return halo.psum(counts)
+def count_overlap(pred, labels):
+    """``(R, 3)`` int32 (|P∩T|, |P|, |T|) voxel counts of hrseg.metrics.REGIONS (liver with its
+    tumours, tumour), summed over every shard; hrseg.metrics.region_dice turns them into Dice.
+    Integer sums: float32 stops counting at 2²⁴ voxels (256³)."""
+    rows = []
+    for label in scores.REGIONS.values():
+        p, t = scores.region(pred, label), scores.region(labels, label)   # (B, *S) bool
+        rows.append(jnp.stack([jnp.sum(p & t, dtype=jnp.int32), jnp.sum(p, dtype=jnp.int32),
+                               jnp.sum(t, dtype=jnp.int32)]))
+    return halo.psum(jnp.stack(rows))
 
 
-def make_loss(graphdef, loss_fn: Callable, mesh: Mesh, backend: str, ndim: int = 3):
+def make_loss(graphdef, loss_fn: Callable, layout: Layout, ndim: int = 3):
     """``loss(params, rest, images, labels, scale) -> (scaled loss, (loss, new_rest, counts))``.
 
     ``loss_fn(logits, labels)`` must psum its voxel sums (hrseg.nn.losses does), so the loss is
@@ -89,11 +93,10 @@ def make_loss(graphdef, loss_fn: Callable, mesh: Mesh, backend: str, ndim: int =
         model = _merge(graphdef, params, rest)
         logits = model(images, train=True)                           # (B, *S, K) float32
         loss = loss_fn(logits, labels)
-        counts = count_overlap(jnp.argmax(logits, -1), labels, logits.shape[-1])
+        counts = count_overlap(jnp.argmax(logits, -1), labels)
         return loss, nnx.state(model, nnx.Not(nnx.Param)), counts
 
-    fwd = partition.spmd(local, mesh, backend, in_specs=(P(), P(), vspec, lspec),
-                         out_specs=(P(), P(), P()))
+    fwd = layout.spmd(local, in_specs=(P(), P(), vspec, lspec), out_specs=(P(), P(), P()))
 
     def loss_and_aux(params, rest, images, labels, scale):
         loss, new_rest, counts = fwd(params, rest, images, labels)
@@ -103,28 +106,28 @@ def make_loss(graphdef, loss_fn: Callable, mesh: Mesh, backend: str, ndim: int =
 
 
 def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    """One boolean: every float leaf finite (integer counters and RNG keys are skipped)."""
+    leaves = [x for x in jax.tree.leaves(tree)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] + [jnp.bool_(True)]))
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: Callable,
-                    mesh: Mesh, backend: str = "halo", ndim: int = 3,
+                    layout: Layout, ndim: int = 3,
                     loss_scaling: bool = False, donate: bool = True, jit: bool = True):
     """``train_step(state, images, labels) -> (state, metrics)``; the state is donated.
 
-    ``metrics``: loss, grad_norm, finite (False = NaN/Inf loss or gradients), loss_scale,
-    counts (K, 3) of argmax-vs-label overlap for a training Dice. A non-finite step under fp16
-    loss scaling is skipped and the scale halved; otherwise the caller must stop (train.py does,
-    keeping the last good checkpoint).
+    ``metrics``: loss, grad_norm, finite (False = NaN/Inf loss, gradients or new state), loss_scale,
+    counts (R, 3) of argmax-vs-label overlap per scored region (count_overlap). A non-finite
+    step under fp16 loss scaling is skipped and the scale halved; otherwise the caller must stop
+    (train.py does, keeping the last good checkpoint).
     """
-    mesh = partition.backend_mesh(mesh, backend)
-    grad_fn = jax.value_and_grad(make_loss(graphdef, loss_fn, mesh, backend, ndim),
+    grad_fn = jax.value_and_grad(make_loss(graphdef, loss_fn, layout, ndim),
                                  has_aux=True)
     vspec, lspec = _specs(ndim)
 
     def train_step(state: TrainState, images, labels):
-        if backend == "gspmd":  # XLA partitions from these constraints
-            images = jax.lax.with_sharding_constraint(images, NamedSharding(mesh, vspec))
-            labels = jax.lax.with_sharding_constraint(labels, NamedSharding(mesh, lspec))
+        images, labels = layout.constrain(images, vspec), layout.constrain(labels, lspec)
         (_, (loss, rest, counts)), grads = grad_fn(state.params, state.rest, images, labels,
                                                    state.loss_scale)
         grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
@@ -132,6 +135,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
+        # a good step leaves a finite state: batch statistics or optimizer moments can
+        # overflow with a finite loss and gradients (lr 1e6), so all of it is checked
+        finite = finite & _all_finite((params, rest, opt_state))
         if loss_scaling:
             keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
             grow = finite & (state.good_steps + 1 >= SCALE_PERIOD)
@@ -148,10 +154,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
-def make_predict(graphdef, mesh: Mesh, backend: str = "halo", ndim: int = 3):
+def make_predict(graphdef, layout: Layout, ndim: int = 3):
     """``predict(params, rest, images) -> (labels (B, *S) int32, probs (B, *S, K) float32)``."""
-    mesh = partition.backend_mesh(mesh, backend)
-    fwd = make_forward(graphdef, mesh, backend, ndim, train=False)
+    fwd = make_forward(graphdef, layout, ndim, train=False)
 
     def predict(params, rest, images):
         logits, _ = fwd(params, rest, images)
@@ -160,23 +165,22 @@ def make_predict(graphdef, mesh: Mesh, backend: str = "halo", ndim: int = 3):
     return jax.jit(predict)
 
 
-def replicate(mesh: Mesh, tree):
-    """Put a pytree (the TrainState) on every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+def replicate(layout: Layout, tree):
+    """Put a pytree (the TrainState) on every device of the layout's mesh."""
+    return jax.device_put(tree, layout.sharding(P()))
 
 
-def place_batch(mesh: Mesh, backend: str, images, labels, ndim: int = 3):
+def place_batch(layout: Layout, images, labels, ndim: int = 3):
     """Host arrays -> global arrays sharded as the backend expects."""
-    mesh = partition.backend_mesh(mesh, backend)
     vspec, lspec = _specs(ndim)
-    return (partition.shard(mesh, images, vspec, ndim), partition.shard(mesh, labels, lspec, ndim))
+    return layout.shard(images, vspec, ndim), layout.shard(labels, lspec, ndim)
 
 
-def abstract_inputs(state: TrainState, mesh: Mesh, backend: str, batch_shape,
+def abstract_inputs(state: TrainState, layout: Layout, batch_shape,
                     ndim: int = 3, image_dtype=jnp.float32):
     """ShapeDtypeStructs (with shardings) of (state, images, labels) for ``.lower()`` — compile
     a step of any size without allocating it. ``batch_shape`` = (B, *S, C)."""
-    mesh = partition.backend_mesh(mesh, backend)
+    mesh = layout.mesh
     vspec, lspec = _specs(ndim)
     rep = NamedSharding(mesh, P())
     abs_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),

@@ -11,7 +11,7 @@ radiologist reads them (the DICOM display convention), identically for the three
 
 In array terms a displayed slice is ``np.take(volume, index, axis).T[::-1, ::-1]``
 (:func:`display_slice`). Colours: liver green, tumour red (translucent fill or outline),
-prediction outline yellow. All drawing goes through the pure :func:`render_slice`, which returns an
+predicted liver outlined yellow, predicted tumour magenta. All drawing goes through the pure :func:`render_slice`, which returns an
 ``(H, W, 3)`` uint8 image, so widgets and figures can be tested without a browser or a display.
 
 Figures are built with ``matplotlib.figure.Figure`` (not pyplot): nothing global is left open,
@@ -19,15 +19,19 @@ and a notebook cell that returns one shows it once.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from hrseg import atomic
+
 LIVER_RGB = (0, 255, 0)
 TUMOUR_RGB = (255, 0, 0)
-PREDICTION_RGB = (255, 255, 0)
 LABEL_RGB = {1: LIVER_RGB, 2: TUMOUR_RGB}
+PREDICTION_RGB = (255, 255, 0)          # predicted liver: yellow outline
+PREDICTION_TUMOUR_RGB = (255, 0, 255)   # predicted tumour: magenta outline
+PREDICTION_CLASS_RGB = {1: PREDICTION_RGB, 2: PREDICTION_TUMOUR_RGB}
+CLASS_NAMES = {1: "liver", 2: "tumour"}
 AXIS_NAMES = ("sagittal", "coronal", "axial")
 AXIS_LETTERS = ("x", "y", "z")
 HU_WINDOW = (-200.0, 300.0)  # abdominal soft-tissue window: liver and tumours stand out
@@ -87,8 +91,8 @@ def render_slice(volume, labels=None, prediction=None, axis: int = 2, index: int
 
     ``window``/``level`` are the width and centre of the grey window (None: :func:`default_window`).
     Labels (1 liver, 2 tumour) are blended with ``alpha`` over the grey image (``style="fill"``) or
-    drawn as 1-pixel outlines (``style="contour"``); prediction classes > 0 are outlined in yellow
-    on top. Pixels with no label and no prediction outline stay grey (R == G == B).
+    drawn as 1-pixel outlines (``style="contour"``); predicted classes are outlined on top, one
+    colour per class (:data:`PREDICTION_CLASS_RGB`: liver yellow, tumour magenta). Pixels with no label and no prediction outline stay grey (R == G == B).
     """
     if style not in ("fill", "contour"):
         raise ValueError(f"style must be 'fill' or 'contour', got {style!r}")
@@ -121,11 +125,9 @@ def render_slice(volume, labels=None, prediction=None, axis: int = 2, index: int
                 rgb[m] = np.round(blend).astype(np.uint8)
     if prediction is not None and show_prediction:
         pred = display_slice(prediction, axis, index)
-        edge = np.zeros(pred.shape, bool)
-        for value in np.unique(pred):
+        for value in np.unique(pred):  # liver first, so a tumour's outline stays on top
             if value > 0:
-                edge |= outline(pred == value)
-        rgb[edge] = PREDICTION_RGB
+                rgb[outline(pred == value)] = PREDICTION_CLASS_RGB.get(int(value), PREDICTION_RGB)
     return rgb
 
 
@@ -188,8 +190,11 @@ def _legend_handles(labels, prediction, style):
                 handles.append(Line2D([], [], color=c, label=name) if style == "contour"
                                else Patch(facecolor=c, alpha=0.6, label=name))
     if prediction is not None:
-        handles.append(Line2D([], [], color=np.asarray(PREDICTION_RGB) / 255,
-                              label="prediction (outline)"))
+        present = set(np.unique(np.asarray(prediction)).tolist())
+        for value, name in CLASS_NAMES.items():
+            if value in present:
+                handles.append(Line2D([], [], color=np.asarray(PREDICTION_CLASS_RGB[value]) / 255,
+                                      label=f"predicted {name} (outline)"))
     return handles
 
 
@@ -229,12 +234,13 @@ def montage(volume, labels=None, prediction=None, axis: int = 2, n: int = 6, win
 
 def difference_figure(before, after, labels_before=None, labels_after=None, axis: int = 2,
                       index: int | None = None, window=None, *, spacing=None,
-                      title: str | None = None):
+                      title: str | None = None, unit: str | None = None):
     """Before / after / (after - before) on one slice, e.g. for tumour synthesis.
 
     Labels are drawn as outlines so the intensity change stays visible. ``index`` None picks the
     slice with the largest total absolute change (else the most tumour, else the middle). The
-    difference uses a symmetric blue-red map in the volume's units with a colour bar.
+    difference uses a symmetric blue-red map in the volume's units with a colour bar labelled
+    ``unit`` (None: "HU" for CT values, else "window units" for volumes scaled to [0, 1]).
     """
     from matplotlib.figure import Figure
     before, after = np.asarray(before), np.asarray(after)
@@ -264,7 +270,9 @@ def difference_figure(before, after, labels_before=None, labels_after=None, axis
     im = axes[2].imshow(d, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect=aspect,
                         interpolation="nearest")
     axes[2].set_title("after − before", fontsize=9)
-    fig.colorbar(im, ax=axes[2], shrink=0.8)
+    if unit is None:
+        unit = "HU" if max(np.abs(before).max(), np.abs(after).max()) > 2 else "window units"
+    fig.colorbar(im, ax=axes[2], shrink=0.8, label=f"after − before ({unit})")
     for ax in axes:
         ax.set_axis_off()
     shown = labels_after if labels_after is not None else labels_before
@@ -277,11 +285,7 @@ def save(fig, path, dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic.temp_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 

@@ -48,9 +48,16 @@ class SliceViewer:
     """
 
     def __init__(self, volume, labels=None, prediction=None, axis: int = 2, window=None,
-                 spacing=None, min_size: int = 384):
+                 spacing=None, min_size: int = 384, hu_window=None):
         import ipywidgets as W
         self.volume = np.asarray(volume)
+        self.unit = ""
+        if hu_window is not None:  # a volume scaled to [0, 1] from these HU: show HU again
+            lo, hi = (float(v) for v in hu_window)
+            self.volume = lo + self.volume.astype(np.float32) * (hi - lo)
+            self.unit = " HU"
+        elif self.volume.size and float(np.nanmax(np.abs(self.volume))) > 2:
+            self.unit = " HU"
         if self.volume.ndim != 3:
             raise ValueError(f"expected a 3D (X, Y, Z) volume, got shape {self.volume.shape}")
         self.labels = None if labels is None else np.asarray(labels)
@@ -73,17 +80,22 @@ class SliceViewer:
         self.show_prediction = W.Checkbox(value=self.prediction is not None,
                                           description="prediction (outline)",
                                           disabled=self.prediction is None, indent=False)
+        unit = f" ({self.unit.strip()})" if self.unit else ""
         self.window = W.FloatSlider(min=step, max=span, step=step, value=width,
-                                    description="window", readout_format=".4g")
+                                    description=f"window{unit}", readout_format=".4g",
+                                    style={"description_width": "initial"})
         self.level = W.FloatSlider(min=min(vmin, level), max=max(vmax, level), step=step,
-                                   value=level, description="level", readout_format=".4g")
-        self.image = W.Image(format="png")
+                                   value=level, description=f"level{unit}", readout_format=".4g",
+                                   style={"description_width": "initial"})
+        # the picture scales down to the cell's width instead of overflowing it
+        self.image = W.Image(format="png", layout=W.Layout(max_width="100%", height="auto"))
         self.caption = W.HTML()
+        wrap = W.Layout(flex_flow="row wrap", max_width="100%")
         self.widget = W.VBox([
             self.axis,
-            W.HBox([self.index, self.show_labels, self.show_prediction]),
-            W.HBox([self.window, self.level]),
-            self.image, self.caption])
+            W.HBox([self.index, self.show_labels, self.show_prediction], layout=wrap),
+            W.HBox([self.window, self.level], layout=wrap),
+            self.image, self.caption], layout=W.Layout(max_width="100%"))
         self.rgb = None
         self.axis.observe(self._on_axis, names="value")
         for w in (self.index, self.show_labels, self.show_prediction, self.window, self.level):
@@ -110,7 +122,7 @@ class SliceViewer:
         self.image.value = self.png
         self.caption.value = (f"{AXIS_NAMES[a]} {AXIS_LETTERS[a]}={self.index.value}"
                               f"/{self.volume.shape[a] - 1} · window {self.window.value:.4g}"
-                              f" · level {self.level.value:.4g}")
+                              f"{self.unit} · level {self.level.value:.4g}{self.unit}")
         return self.rgb
 
     def _repr_mimebundle_(self, **kwargs):
@@ -121,7 +133,9 @@ class SliceViewer:
 
 
 def slice_viewer(volume, labels=None, prediction=None, axis: int = 2, window=None, *,
-                 spacing=None):
+                 spacing=None, hu_window=None):
     """An ipywidgets slice viewer for JupyterLab (static PNG fallback in executed notebooks);
-    see :class:`SliceViewer`. Needs ``ipywidgets`` (``notebooks`` extra)."""
-    return SliceViewer(volume, labels, prediction, axis=axis, window=window, spacing=spacing)
+    see :class:`SliceViewer`. ``hu_window=(lo, hi)``: the volume was scaled to [0, 1] from
+    these HU (data.hu_window); window and level are then shown in HU. Needs ``ipywidgets``."""
+    return SliceViewer(volume, labels, prediction, axis=axis, window=window, spacing=spacing,
+                       hu_window=hu_window)

@@ -1,7 +1,7 @@
 """Losses on a sharded mesh == unsharded (value and gradient), 8 fake CPU devices.
 
 The sharded loss runs as the training step runs it: per shard inside shard_map (via
-partition.spmd, check_vma=False), out_specs P(), gradient taken outside shard_map.
+partition.spmd: shard_map's default check_vma=True), out_specs P(), gradient taken outside shard_map.
 """
 import jax
 import jax.numpy as jnp
@@ -53,3 +53,17 @@ def test_sharded_loss_bf16_logits():
     got = jax.jit(sharded)(partition.shard(mesh, logits), partition.shard(mesh, labels))
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(float(got), float(fn(logits, labels)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tumour", [False, True])
+def test_sharded_perfect_prediction_has_no_floor_at_256(tumour):
+    """256³ on a 2×2×2 mesh: a perfect prediction scores < 1e-4 (no volume-dependent floor)."""
+    labels = np.zeros((1, 256, 256, 256), np.int32)
+    labels[0, 64:192, 48:208, 40:200] = 1
+    if tumour:
+        labels[0, 100:132, 100:132, 100:132] = 2
+    fn = losses.get("gdice")
+    mesh, sharded = _sharded(fn, (2, 2, 2), 1)
+    lb = partition.shard(mesh, jnp.asarray(labels))
+    logits = jax.jit(lambda lb: 20.0 * jax.nn.one_hot(lb, 3, dtype=jnp.float32))(lb)
+    assert float(jax.jit(sharded)(logits, lb)) < 1e-4

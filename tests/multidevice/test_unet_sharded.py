@@ -36,8 +36,8 @@ TOL = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
 def _run(cfg, spatial, data, backend, x=X, w=W):
     model = unet.build(cfg, x.shape[-1], nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    mesh = partition.backend_mesh(partition.make_mesh(spatial, data), backend)
-    fwd = step.make_forward(graphdef, mesh, backend, cfg.dims, train=True)
+    layout = partition.layout(partition.make_mesh(spatial, data), backend)
+    fwd = step.make_forward(graphdef, layout, cfg.dims, train=True)
 
     def loss(p, r, x):
         y, new_rest = fwd(p, r, x)

@@ -57,3 +57,14 @@ def test_view_a_phantom_case(tmp_path, px):
     assert img.std() > 20 and green.sum() > 50
     body = px.bbox(img.max(-1) > 40)
     assert np.nonzero(green)[1].mean() < (body[1] + body[3]) / 2
+
+
+def test_open_case_names_the_sliders_and_windows_in_hu(lits_dir):
+    from napari.components import ViewerModel
+
+    from hrseg.viz.napari import _view
+    v = ViewerModel()  # the viewer's model: no window needed
+    layers = _view.open_case(v, lits_dir, case="7")
+    assert tuple(v.dims.axis_labels) == ("z (axial)", "y (coronal)", "x (sagittal)")
+    ct = next(la for la in layers if la.metadata["hrseg"]["role"] == "ct")
+    assert tuple(ct.contrast_limits) == (-200.0, 300.0)   # HU: the abdominal window

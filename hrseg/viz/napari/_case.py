@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-CT_CONTRAST_HU = (-200.0, 300.0)
 LABEL_COLOURS = {0: "transparent", 1: "#00ff00", 2: "#ff0000", None: "#ff00ff"}
 PREDICTION_COLOURS = {0: "transparent", 1: "#ffff00", 2: "#ffa500", None: "#ff00ff"}
 _LITS = re.compile(r"^(volume|segmentation|prediction)-(\d+)\.nii(\.gz)?$")
 
 
 @dataclass(frozen=True)
-class Case:
+class ViewedCase:
+    """The files the viewer opens for one case (hrseg.data.nifti.Case is a training case)."""
     name: str                       # "volume-3" (LiTS) or "liver_3" (MSD)
     volume: Path | None             # CT image; None when only labels are opened
     labels: Path | None = None
@@ -72,7 +72,7 @@ def _lits_prediction(folder: Path, n: str, run: Path | None = None) -> Path | No
     return None
 
 
-def case_for_file(path: Path, run: Path | None = None) -> Case:
+def case_for_file(path: Path, run: Path | None = None) -> ViewedCase:
     """The case a NIfTI file belongs to (its partners looked up by the conventions above)."""
     path = Path(path)
     if not path.is_file():
@@ -81,23 +81,23 @@ def case_for_file(path: Path, run: Path | None = None) -> Case:
     folder = path.parent
     if m and m.group(1) == "volume":
         n = m.group(2)
-        return Case(f"volume-{n}", path, _first_existing(folder, f"segmentation-{n}"),
-                    _lits_prediction(folder, n, run))
+        return ViewedCase(f"volume-{n}", path, _first_existing(folder, f"segmentation-{n}"),
+                          _lits_prediction(folder, n, run))
     if m:                                  # a segmentation or prediction alone: labels only
-        return Case(_stem(path), None, path if m.group(1) == "segmentation" else None,
-                    path if m.group(1) == "prediction" else None)
+        return ViewedCase(_stem(path), None, path if m.group(1) == "segmentation" else None,
+                          path if m.group(1) == "prediction" else None)
     stem = _stem(path)
     if folder.name in ("imagesTr", "imagesTs"):
         root = folder.parent
         pred = None
         for d in ([run / "predictions"] if run else []) + [root / "predictions"]:
             pred = pred or _first_existing(d, stem)
-        return Case(stem, path, _first_existing(root / "labelsTr", stem), pred)
+        return ViewedCase(stem, path, _first_existing(root / "labelsTr", stem), pred)
     if folder.name == "labelsTr":
-        return Case(stem, None, path, None)
+        return ViewedCase(stem, None, path, None)
     if folder.name == "predictions":
-        return Case(stem, None, None, path)
-    return Case(stem, path)
+        return ViewedCase(stem, None, None, path)
+    return ViewedCase(stem, path)
 
 
 def _dataset_cases(folder: Path) -> dict[Path, Path | None]:
@@ -111,9 +111,9 @@ def _dataset_cases(folder: Path) -> dict[Path, Path | None]:
         return {}
 
 
-def _dataset_case(image: Path, label: Path | None, run: Path | None = None) -> Case:
+def _dataset_case(image: Path, label: Path | None, run: Path | None = None) -> ViewedCase:
     found = case_for_file(image, run=run)
-    return Case(found.name, found.volume, found.labels or label, found.prediction)
+    return ViewedCase(found.name, found.volume, found.labels or label, found.prediction)
 
 
 def _pick(candidates: list[Path], case, where: Path) -> Path:
@@ -143,7 +143,7 @@ def _run_data_root(run: Path) -> Path | None:
     return None
 
 
-def find_case(path, case=None, data=None) -> Case:
+def find_case(path, case=None, data=None) -> ViewedCase:
     """Resolve a ``hrseg view`` argument: a NIfTI file, a dataset folder, or a run folder."""
     path = Path(path)
     if path.is_file():
@@ -167,7 +167,7 @@ def find_case(path, case=None, data=None) -> Case:
             m2 = _LITS.match(vol.name)
             if _stem(vol) == stem or (m and m2 and int(m2.group(2)) == int(m.group(2))):
                 found = _dataset_case(vol, label, run=path)
-                return Case(found.name, found.volume, found.labels, pred)
+                return ViewedCase(found.name, found.volume, found.labels, pred)
         raise FileNotFoundError(f"no CT volume {stem}.nii[.gz] for {pred.name} in {root}")
     cases = _dataset_cases(path)
     if cases:
@@ -219,7 +219,7 @@ def _labels_layer(path: Path, spacing, role: str, name: str, shape=None):
     return to_display(arr.astype(np.uint8)), kwargs, "labels"
 
 
-def case_layers(case: Case) -> list[tuple]:
+def case_layers(case: ViewedCase) -> list[tuple]:
     """napari LayerData tuples ``(data, kwargs, type)``: CT image, labels, prediction."""
     layers = []
     spacing = shape = None

@@ -3,9 +3,10 @@
 The synthesis works on the windowed [0, 1] image the network sees (``hrseg.data.dataset.window`` with
 the default ``data.hu_window``, HU [-512, 512] -> [0, 1]); the change it makes is mapped back
 to HU and added to the CT, so every voxel it does not touch keeps its exact HU value and the
-result shows with the same contrast as the original. Layers are converted back to canonical RAS+ order before the call and
-the seed's key is split as ``hrseg.data.augment.augment`` splits it, so a seed draws the same
-tumours here as the training augmentation would on the same volume and grid.
+result shows with the same contrast as the original. Layers are converted back to canonical
+RAS+ order before the call and the seed's key is used through ``hrseg.data.augment.split_key``,
+as the training augmentation uses it, so a seed draws the same tumours here as training would
+on the same volume and grid.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def synthesize(ct, labels, seed: int, probability: float = 1.0,
     import jax
     import jax.numpy as jnp
 
-    from hrseg.data.augment import synthesize_tumours
+    from hrseg.data.augment import split_key, synthesize_tumours
 
     lo, hi = (float(f) for f in fraction)
     if not 0 <= lo <= hi <= 1:
@@ -44,9 +45,8 @@ def synthesize(ct, labels, seed: int, probability: float = 1.0,
         raise ValueError(f"CT {ct.shape} and labels {labels.shape} differ in shape")
     if not (labels == 1).any() and not (labels == 2).any():
         raise ValueError("the labels have no liver (1): nowhere to put tumours")
-    # The same key use as hrseg.data.augment.augment: (apply?, synthesis, flips) from one key.
-    k_apply, k_synth, _ = jax.random.split(jax.random.PRNGKey(int(seed)), 3)
-    if float(jax.random.uniform(k_apply)) >= probability:
+    synthesise, k_synth, _ = split_key(jax.random.PRNGKey(int(seed)), probability)
+    if not bool(synthesise):
         return ct, labels, False
 
     from hrseg.config import DataConfig

@@ -18,6 +18,10 @@ def has_display() -> bool:
                 or os.environ.get("QT_QPA_PLATFORM"))
 
 
+# napari's (Z, Y, X) display axes (see _case.to_display), named for the slider labels
+AXIS_LABELS = ("z (axial)", "y (coronal)", "x (sagittal)")
+
+
 def open_case(viewer, path, case=None, data=None) -> list:
     """Add a case's layers (see ``_case``) to ``viewer``; predictions drawn as outlines; the
     view moves to the slice with the most tumour (else liver). Returns the new layers."""
@@ -27,6 +31,8 @@ def open_case(viewer, path, case=None, data=None) -> list:
         if layer.metadata.get("hrseg", {}).get("role") == "prediction":
             layer.contour = 1
             layer.opacity = 1.0
+    if viewer.dims.ndim == len(AXIS_LABELS):  # sliders named, not -3 / -2 / -1
+        viewer.dims.axis_labels = AXIS_LABELS
     focus_labels(viewer, layers)
     return layers
 

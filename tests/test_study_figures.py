@@ -1,0 +1,124 @@
+"""hrseg.viz.halo_figures, augment_figures, curves: the notebooks' figures and the numbers they show.
+
+Each figure is built from small hand-made inputs; the numbers behind it are checked by hand.
+Halo blocks on several devices: tests/multidevice/test_equivalence_sharded.py.
+"""
+import matplotlib
+import numpy as np
+import pytest
+
+matplotlib.use("Agg")
+
+from hrseg import viz
+
+
+def _lines(ax):
+    return [ln for ln in ax.get_lines() if ln.get_label() and not ln.get_label().startswith("_")]
+
+
+# --- halo_figures -----------------------------------------------------------------------------
+
+def test_padded_windows_by_hand():
+    s = np.arange(1, 17, dtype=float).reshape(4, 4)
+    w = viz.padded_windows(s, (2, 2), 1)
+    assert sorted(w) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # block (0, 0) = rows 0-1, cols 0-1, plus the ring: zeros above and left, neighbours below/right
+    np.testing.assert_array_equal(w[0, 0], [[0, 0, 0, 0], [0, 1, 2, 3], [0, 5, 6, 7],
+                                            [0, 9, 10, 11]])
+    np.testing.assert_array_equal(w[1, 1], [[6, 7, 8, 0], [10, 11, 12, 0], [14, 15, 16, 0],
+                                            [0, 0, 0, 0]])
+
+
+def test_halo_blocks_on_one_device_are_the_zero_padded_slice():
+    vol = np.random.default_rng(0).random((8, 6, 4)).astype(np.float32)
+    blocks = viz.halo_blocks(vol, (1, 1), 2)
+    assert list(blocks) == [(0, 0)] and blocks[0, 0].shape == (12, 10)
+    np.testing.assert_array_equal(blocks[0, 0], viz.padded_windows(vol[:, :, 2], (1, 1), 2)[0, 0])
+
+
+def test_halo_tiles_and_figure():
+    s = np.full((4, 4), 0.5)
+    blocks = viz.padded_windows(s, (2, 2), 1)
+    canvas = viz.halo_canvas(blocks, 1, s.shape, gap=3)
+    assert canvas.shape == (2 * 4 + 3, 2 * 4 + 3, 3)
+    tile = canvas[:4, :4]                                  # block (0, 0) with its ring
+    np.testing.assert_allclose(tile[0, 0], (0.6, 0.0, 0.0))   # outside the volume: red
+    np.testing.assert_allclose(tile[1, 1], (0.5, 0.5, 0.5))   # its own voxel: grey
+    np.testing.assert_allclose(tile[3, 1], 0.6 * 0.5 + 0.4 * np.array((0.0, 0.8, 1.0)))  # halo
+    assert (canvas[4:7] == 1).all()                        # the white gap between tile rows
+    fig = viz.halo_figure(s, blocks, 1)
+    assert len(fig.axes) == 2 and len(fig.legends[0].get_texts()) == 3
+
+
+# --- augment_figures --------------------------------------------------------------------------
+
+def _case():
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[1:9, 1:9, 1:9] = 1          # 512 liver voxels (tumour included)
+    label[2:4, 2:4, 2:4] = 2          # two tumours of 8 voxels, not touching
+    label[6:8, 6:8, 6:8] = 2
+    image = np.where(label == 2, 0.5, np.where(label == 1, 0.6, 0.0))
+    return image, label
+
+
+def test_tumour_stats_by_hand():
+    image, label = _case()
+    r = viz.tumour_stats(image, label, "x")
+    assert r["draw"] == "x" and r["tumours"] == 2
+    assert r["tumour share of liver"] == pytest.approx(16 / 512)
+    assert r["intensity drop (HU)"] == pytest.approx(0.1 * 1024)
+    assert np.isnan(viz.tumour_stats(image, np.minimum(label, 1))["intensity drop (HU)"])
+    row = viz.summarize([r, {**r, "tumours": 4}], "2 draws")
+    assert row["draw"] == "2 draws" and row["tumours"] == "3 ± 1"
+
+
+def test_flipped_axes_names_the_flip():
+    _, label = _case()
+    label[1, 2, 3] = 2                                     # break the symmetry
+    assert viz.flipped_axes(label, label) == "none"
+    assert viz.flipped_axes(label, np.flip(label, (0, 2))) == "xz"
+    assert viz.flipped_axes(label, np.rot90(label, 1, (0, 1))) == "?"
+
+
+def test_augment_figures():
+    image, label = _case()
+    stats = [viz.tumour_stats(image, label, d) for d in range(3)]
+    fig = viz.synthesis_stats_figure(stats, (0.01, 0.2))
+    assert len(fig.axes) == 2 and fig.axes[0].get_legend() is not None
+    draws = [(image, label), (np.flip(image, 0), np.flip(label, 0))]
+    fig = viz.flips_figure(label, draws)
+    assert [ax.get_title() for ax in fig.axes] == ["draw 0: flipped none (z=2)",
+                                                   "draw 1: flipped x (z=2)"]
+
+
+# --- curves -----------------------------------------------------------------------------------
+
+def test_moving_average_by_hand():
+    np.testing.assert_allclose(viz.moving_average([1, 2, 3, 6], 2), [1.5, 2.5, 4.5])
+    np.testing.assert_allclose(viz.moving_average([1, 2], 1), [1, 2])
+
+
+def test_memory_vs_devices_figure():
+    rows = [{"devices": p, "halo MiB": 100 / p, "gspmd MiB": 120 / p, "ideal MiB": 90 / p}
+            for p in (1, 8, 64)]
+    ax = viz.memory_vs_devices_figure(rows, "t").axes[0]
+    labels = [ln.get_label() for ln in _lines(ax)]
+    assert [lb.split()[0].rstrip(":") for lb in labels] == ["halo", "gspmd", "ideal"]
+    assert "/ P" in labels[2]                   # the legend says what "ideal" means
+    np.testing.assert_allclose(_lines(ax)[0].get_ydata(), [100, 12.5, 100 / 64])
+    assert ax.get_xscale() == "log" and ax.get_title() == "t"
+
+
+def test_training_curves():
+    records = [{"step": s, "loss": 1.0 / s, "dice_liver": 0.5, "dice_tumour": 0.1}
+               for s in range(1, 41)]
+    records.insert(20, {"step": 20, "eval": {"liver_dice_global": 0.8,
+                                             "tumour_dice_global": 0.3}})
+    fig = viz.training_curves(records, "dice_ce")
+    loss_ax, dice_ax = fig.axes
+    raw, smooth = loss_ax.get_lines()
+    assert len(raw.get_xdata()) == 40 and len(smooth.get_xdata()) == 40 - 2 + 1   # window 40//20
+    assert [ln.get_label() for ln in _lines(dice_ax)] == ["liver: validation Dice global",
+                                                         "tumour: validation Dice global"]
+    np.testing.assert_allclose(_lines(dice_ax)[0].get_ydata(), [0.8])
+    assert loss_ax.get_title() == "dice_ce"
