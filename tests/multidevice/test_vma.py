@@ -26,13 +26,13 @@ def ops(x, p):
     B, *S, C = x.shape
     grouped = x.reshape(B, *S, 2, C // 2)                                  # (B, *S, G, C/G)
     gn, _, _ = norm.normalize(grouped, p["g"].reshape(2, 2), p["b"].reshape(2, 2),
-                              (1, 2, 3, 5), halo.SPATIAL, EPS)
+                              (1, 2, 3, 5), partition.SPATIAL, EPS)
     return {
         "conv": halo.conv(x, p["w"]),
         "max_pool": halo.max_pool(x),
         "conv_transpose": halo.conv_transpose(x, p["w_up"]),
         "moments": (x - mean) * lax.rsqrt(var + EPS),
-        "batch_norm": norm.normalize(x, p["g"], p["b"], (0, 1, 2, 3), halo.ALL, EPS)[0],
+        "batch_norm": norm.normalize(x, p["g"], p["b"], (0, 1, 2, 3), partition.AXES, EPS)[0],
         "group_norm": gn.reshape(x.shape),
         "inplace_abn": norm.inplace_abn(x, p["g"], p["b"], EPS, "leaky_relu", 0.1)[0],
     }
