@@ -76,7 +76,7 @@ def tiny_model():
     from hrseg.parallel import partition
     cfg = config.load(None, ["data.resolution=[16,16,16]", "model.preset=tiny", "model.levels=2",
                              "model.base=4", "mesh.backend=none"])
-    mesh = partition.make_mesh()
+    mesh = partition.layout(partition.make_mesh(), cfg.mesh.backend)  # the run's Layout
     graphdef, state, _ = train.build(cfg, mesh)
     return cfg, graphdef, state, mesh
 

@@ -13,7 +13,7 @@ def _predictor(backend, spatial, data):
                              "model.preset=tiny", "model.levels=2", "model.base=4",
                              f"mesh.backend={backend}", f"mesh.spatial={list(spatial)}",
                              f"mesh.data={data}"])
-    mesh = partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data)
+    mesh = partition.layout(partition.make_mesh(cfg.mesh.spatial, cfg.mesh.data), backend)
     graphdef, state, _ = train.build(cfg, mesh)
     return inference.Predictor(cfg, graphdef, mesh), state
 
