@@ -105,3 +105,13 @@ def test_every_subpackage_says_what_lives_there(pkg):
     for module in init.parent.glob("*.py"):
         if module.stem != "__init__" and not module.stem.startswith("_"):
             assert module.stem in doc, f"{init}'s docstring does not mention {module.stem}"
+
+
+def test_readme_map_names_every_module():
+    """The README's map is where a newcomer starts: every module of the package is in it."""
+    readme = (ROOT.parent / "README.md").read_text()
+    start = readme.index("## Map")
+    block = readme[start:readme.index("```", readme.index("```", start) + 3)]
+    missing = [str(f.relative_to(ROOT.parent)) for f in sorted(ROOT.rglob("*.py"))
+               if f.name != "__init__.py" and f.name not in block]
+    assert not missing, f"README.md's map does not name {missing}"
