@@ -11,19 +11,23 @@
     compile_cache  JAX's persistent compilation cache under .cache/jax (CLI, notebooks)
 
 ``hrseg.train`` re-exports the loop's API: ``train.train(cfg)``, ``train.evaluate(run_dir)``, ...
+The re-exports load on first use (PEP 562), so ``hrseg.train.rundir`` alone — what the napari
+plugin reads run directories with — does not start jax.
 """
-from hrseg.train.loop import (  # noqa: F401
-    Batches,
-    RunResult,
-    batch_shape,
-    build,
-    describe,
-    evaluate,
-    load_run,
-    make_optimizer,
-    make_schedule,
-    predict,
-    prediction_path,
-    train,
-)
-from hrseg.train.rundir import MetricsLog, read_metrics  # noqa: F401
+import importlib
+
+_EXPORTS = {
+    **dict.fromkeys(("Batches", "RunResult", "batch_shape", "build", "describe", "evaluate",
+                     "load_run", "make_optimizer", "make_schedule", "predict", "prediction_path",
+                     "train"), "loop"),
+    **dict.fromkeys(("MetricsLog", "read_metrics"), "rundir"),
+}
+__all__ = ["Batches", "MetricsLog", "RunResult", "batch_shape", "build", "describe", "evaluate",
+           "load_run", "make_optimizer", "make_schedule", "predict", "prediction_path",
+           "read_metrics", "train"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"hrseg.train.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'hrseg.train' has no attribute {name!r}")

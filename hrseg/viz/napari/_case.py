@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hrseg.train import rundir
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LABEL_COLOURS = {0: "transparent", 1: "#00ff00", 2: "#ff0000", None: "#ff00ff"}
 PREDICTION_COLOURS = {0: "transparent", 1: "#ffff00", 2: "#ffa500", None: "#ff00ff"}
@@ -65,7 +67,7 @@ def _natural_key(p: Path):
 
 
 def _lits_prediction(folder: Path, n: str, run: Path | None = None) -> Path | None:
-    for d in ([run / "predictions"] if run else []) + [folder, folder / "predictions"]:
+    for d in ([rundir.predictions(run)] if run else []) + [folder, folder / "predictions"]:
         p = _first_existing(d, f"prediction-{n}")
         if p:
             return p
@@ -90,7 +92,7 @@ def case_for_file(path: Path, run: Path | None = None) -> ViewedCase:
     if folder.name in ("imagesTr", "imagesTs"):
         root = folder.parent
         pred = None
-        for d in ([run / "predictions"] if run else []) + [root / "predictions"]:
+        for d in ([rundir.predictions(run)] if run else []) + [root / "predictions"]:
             pred = pred or _first_existing(d, stem)
         return ViewedCase(stem, path, _first_existing(root / "labelsTr", stem), pred)
     if folder.name == "labelsTr":
@@ -131,16 +133,10 @@ def _pick(candidates: list[Path], case, where: Path) -> Path:
 
 
 def _run_data_root(run: Path) -> Path | None:
-    import yaml
-    for name in ("config.yaml", "config.yml"):
-        cfg = run / name
-        if cfg.is_file():
-            raw = yaml.safe_load(cfg.read_text()) or {}
-            root = (raw.get("data") or {}).get("root") if isinstance(raw, dict) else None
-            if root:
-                root = Path(root)
-                return root if root.is_absolute() or root.exists() else run / root
-    return None
+    if not rundir.is_run(run):
+        return None
+    root = Path(rundir.read_config(run).data.root)
+    return root if root.is_absolute() or root.exists() else run / root
 
 
 def find_case(path, case=None, data=None) -> ViewedCase:
@@ -150,7 +146,8 @@ def find_case(path, case=None, data=None) -> ViewedCase:
         return case_for_file(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no such file or directory: {path}")
-    preds_dir = path / "predictions"
+
+    preds_dir = rundir.predictions(path)
     if preds_dir.is_dir() and not _dataset_cases(path):
         preds = sorted((p for p in preds_dir.iterdir() if is_nifti(p)
                         and not p.name.startswith(".")), key=_natural_key)
