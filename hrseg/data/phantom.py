@@ -175,7 +175,7 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
     workers = workers or min(4, os.cpu_count() or 1)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm  # notebook-aware bars in JupyterLab
         bar = tqdm(total=cases, desc=f"phantom -> {out}", unit="case")
     with ThreadPoolExecutor(max(1, min(workers, cases))) as pool:
         for _ in pool.map(lambda i: _write_case(out, i, seed, shape), range(cases)):
