@@ -123,7 +123,7 @@ def throughput(size: dict) -> dict:
                 run = peak.single_device_step(cfg, (s, s, s), model_fn=model_fn)
                 run(1)                                    # compile + first step
                 sec = run(size["steps"]) / size["steps"]
-                entry[name] = {"s_per_step": round(sec, 4),
+                entry[name] = {"s_per_step": float(f"{sec:.4g}"),
                                "voxels_per_s": round(s ** 3 / sec)}
             except Exception as e:  # noqa: BLE001 (out of memory at this size: say so)
                 entry[name] = {"error": str(e).splitlines()[0][:200]}

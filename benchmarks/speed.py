@@ -51,11 +51,12 @@ def _jax_worker(name: str, size: int, preset: str):
     y = jnp.asarray(rng.integers(0, cfg.classes, (1, size, size, size)).astype(np.int32))
     opt = optax.adam(1e-4)
     if name == "hrseg":
-        mesh = partition.make_mesh((1, 1, 1), 1, devices=jax.devices()[:1])
+        layout = partition.layout(partition.make_mesh((1, 1, 1), 1, devices=jax.devices()[:1]),
+                                  "none")
         graphdef, state = hstep.init_state(unet.build(cfg), opt)
         loss_fn = lambda logits, labels: losses.weighted_ce(logits, labels, (1.0,) * 3)
-        train = hstep.make_train_step(graphdef, opt, loss_fn, mesh, "none")
-        predict = hstep.make_predict(graphdef, mesh, "none")
+        train = hstep.make_train_step(graphdef, opt, loss_fn, layout)
+        predict = hstep.make_predict(graphdef, layout)
         box = [state]
 
         def step():
@@ -319,7 +320,7 @@ def main() -> int:
     if cfg.block != "plain" or cfg.norm != "batch" or cfg.dims != 3:
         ap.error(f"--preset {args.preset}: the Flax and PyTorch copies are plain-block, "
                  f"batch-norm 3D U-Nets")
-    m = 2 ** unet.levels_of(cfg)
+    m = 2 ** unet.poolings_of(cfg)
     if args.size % m or args.size < m or args.rounds < 1:
         ap.error(f"--size must be a positive multiple of {m} and --rounds >= 1, "
                  f"got {args.size}, {args.rounds}")

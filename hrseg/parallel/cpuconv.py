@@ -18,6 +18,7 @@ runs on CPU (``enabled()``); accelerators, depthwise and strided convolutions ke
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import jax
@@ -25,12 +26,26 @@ import jax.numpy as jnp
 from jax import lax
 
 ENV = "HRSEG_CPU_CONV"
+_generic = [False]   # set while tracing under generic()
+
+
+@contextlib.contextmanager
+def generic():
+    """Trace with XLA's own conv inside this block, as on an accelerator: memory figures
+    compiled or traced on the CPU (hrseg.memory) stand for what a GPU/TPU step keeps, not for
+    the stacked copies of this CPU-only formulation."""
+    prev, _generic[0] = _generic[0], True
+    try:
+        yield
+    finally:
+        _generic[0] = prev
 
 
 def enabled() -> bool:
     """True when the depth-stacked formulation should replace XLA's 3D conv: JAX's default
-    backend is the CPU and ``HRSEG_CPU_CONV`` is not "0"."""
-    return os.environ.get(ENV, "1") != "0" and jax.default_backend() == "cpu"
+    backend is the CPU, ``HRSEG_CPU_CONV`` is not "0" and no :func:`generic` block is open."""
+    return (not _generic[0] and os.environ.get(ENV, "1") != "0"
+            and jax.default_backend() == "cpu")
 
 
 def applies(w_shape, strides, groups: int) -> bool:
