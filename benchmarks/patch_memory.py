@@ -3,7 +3,7 @@
     python benchmarks/patch_memory.py --json        # params/train_64.yaml vs train_64_patch32.yaml
     python benchmarks/patch_memory.py --json params/a.yaml params/b.yaml
 
-For each run config: the compiled training step's per-device bytes (memory.footprint.measure:
+For each run config: the compiled training step's per-device bytes (memory.measure:
 argument + output − alias + temp, XLA:CPU, nothing allocated) and the analytic estimate, at the
 shape a step really trains on (``data.patch`` if set, else ``data.resolution``), with the run's
 mesh, optimizer and loss. Sliding-window inference runs the same network on patch-sized windows.
@@ -20,16 +20,15 @@ DEFAULT = [ROOT / "params" / "train_64.yaml", ROOT / "params" / "train_64_patch3
 
 
 def figures(path) -> dict:
-    from hrseg import config
-    from hrseg.memory import footprint
+    from hrseg import config, memory
     from hrseg.nn import losses
     cfg = config.load(path)
     shape = cfg.data.patch or cfg.data.resolution
     mesh = (cfg.mesh.data, *cfg.mesh.spatial)
     loss = losses.get(cfg.train.loss, cfg.train.ce_weights)
-    m = footprint.measure(cfg.model, shape, mesh, optimizer=cfg.train.optimizer,
+    m = memory.measure(cfg.model, shape, mesh, optimizer=cfg.train.optimizer,
                           batch=cfg.train.batch, backend=cfg.mesh.backend, loss_fn=loss)
-    e = footprint.estimate(cfg.model, shape, mesh, optimizer=cfg.train.optimizer,
+    e = memory.estimate(cfg.model, shape, mesh, optimizer=cfg.train.optimizer,
                            batch=cfg.train.batch, backend=cfg.mesh.backend)
     return {"config": str(path), "train_shape": list(shape), "batch": cfg.train.batch,
             "mesh": list(mesh), "measured_bytes": m["total"], "measured_temp_bytes": m["temp"],
