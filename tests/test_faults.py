@@ -15,18 +15,10 @@ import optax
 import pytest
 
 from hrseg import atomic, cli, config, train
-from hrseg.data import phantom
 from hrseg.train import checkpoint, loop, rundir
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    phantom.write_dataset(root, cases=4, seed=0, shape=(40, 40, 24))
-    return root
 
 
 def sets(dataset, out, *more):

@@ -13,18 +13,10 @@ import numpy as np
 import pytest
 
 from hrseg import atomic, cli, config, data, train
-from hrseg.data import phantom
 from hrseg.train import checkpoint, distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phantom")
-    phantom.write_dataset(root, cases=4, seed=0, shape=(40, 40, 24))
-    return root
 
 
 def smoke(dataset, out, *overrides):

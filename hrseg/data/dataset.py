@@ -220,6 +220,19 @@ def _items(ds: Dataset) -> list[tuple[int, int]]:
     return [(i, z) for i, v in enumerate(ds.train) for z in range(v.image.shape[2])]
 
 
+def process_rows(ds: Dataset, step: int, batch: int, process_index: int = 0,
+                 process_count: int = 1) -> range:
+    """Global row numbers ``step × batch + j`` of this process's share of the step's batch:
+    rows ``[p*b, (p+1)*b)`` with ``b = batch / process_count``."""
+    if batch % process_count or not 0 <= process_index < process_count:
+        raise ValueError(f"batch {batch} must split evenly over {process_count} processes "
+                         f"(process_index {process_index})")
+    if not ds.train:
+        raise ValueError("the dataset has no training cases")
+    b = batch // process_count
+    return range(step * batch + process_index * b, step * batch + (process_index + 1) * b)
+
+
 def sample_of_row(ds: Dataset, row: int, seed: int) -> tuple[int, int]:
     """``(volume index, slice or -1)`` of global training row ``row = step × batch + j``:
     the samples in a fresh permutation each epoch (patches.py crops the same volumes)."""
@@ -249,15 +262,9 @@ def batch_for_step(ds: Dataset, step: int, batch: int, seed: int, process_index:
     3D: ``images (b, X, Y, Z, 1)`` float32, ``labels (b, X, Y, Z)`` int32.
     2D: ``images (b, X, Y, slices_2d)`` (adjacent slices as channels), ``labels (b, X, Y)``.
     """
-    if batch % process_count or not 0 <= process_index < process_count:
-        raise ValueError(f"batch {batch} must split evenly over {process_count} processes "
-                         f"(process_index {process_index})")
-    if not ds.train:
-        raise ValueError("the dataset has no training cases")
-    b = batch // process_count
     images, labels = [], []
-    for j in range(b):
-        vol, z = sample_of_row(ds, step * batch + process_index * b + j, seed)
+    for g in process_rows(ds, step, batch, process_index, process_count):
+        vol, z = sample_of_row(ds, g, seed)
         v = ds.train[vol]
         if z < 0:
             images.append(np.asarray(v.image)[..., None])

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hrseg.data.dataset import Dataset, Volume, sample_of_row
+from hrseg.data.dataset import Dataset, Volume, process_rows, sample_of_row
 
 _STREAM = 0x9A7C4  # separates the crop draws from the epoch permutation's ([seed, epoch])
 MAX_LOCATIONS = 10_000  # foreground voxels kept per class and volume (nnU-Net samples 10 000)
@@ -85,15 +85,8 @@ class Sampler:
         """This process's rows of the step's batch: ``images (b, px, py, pz, 1)`` float32,
         ``labels (b, px, py, pz)`` int32 (rows as dataset.batch_for_step)."""
         ds = self.ds
-        if batch % process_count or not 0 <= process_index < process_count:
-            raise ValueError(f"batch {batch} must split evenly over {process_count} processes "
-                             f"(process_index {process_index})")
-        if not ds.train:
-            raise ValueError("the dataset has no training cases")
-        b = batch // process_count
         images, labels = [], []
-        for j in range(b):
-            g = step * batch + process_index * b + j                # global row number
+        for g in process_rows(ds, step, batch, process_index, process_count):   # global rows
             vol, _ = sample_of_row(ds, g, seed)
             img, lab, _, _ = self.crop(ds.train[vol], vol, seed, step, g)
             images.append(img[..., None])
