@@ -164,6 +164,7 @@ class TrainConfig:
     grad_clip: float = 1.0              # global-norm clipping (0 = off)
     loss: str = "dice_ce"               # "gdice" | "wce" | "dice_ce" (0.2 Dice + 0.8 CE)
     ce_weights: tuple[float, ...] = (1.0, 8.0, 16.0)  # per-class CE weights (released code)
+    dice_weight: float = 0.2            # dice_ce: share of the generalized Dice (the rest: CE)
     eval_every: int = 50                # steps between validation passes (0 = only at the end, -1 = never)
     ckpt_every: int = 50                # steps between checkpoints (0 = only at the end)
     keep_ckpts: int = 3                 # newest checkpoints kept
@@ -321,6 +322,7 @@ _RULES = (
     ("train.lr_decay_every", lambda v: v >= 0, ">= 0 (0 = never)"),
     ("train.lr_decay", lambda v: v > 0, "> 0"),
     ("train.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train.dice_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("mesh.spatial", lambda v: all(n >= 1 for n in v), "devices >= 1 on every axis"),
     ("mesh.data", lambda v: v >= 1, ">= 1"),
     ("model.levels", lambda v: v >= 1, ">= 1"),

@@ -74,6 +74,8 @@ def test_combined_and_get():
     assert float(losses.get("wce", (1, 8, 16))(logits, labels)) == pytest.approx(float(w))
     assert float(losses.get("dice_ce", (1, 8, 16))(logits, labels)) == pytest.approx(
         float(0.2 * g + 0.8 * w))
+    assert float(losses.get("dice_ce", (1, 8, 16), 0.5)(logits, labels)) == pytest.approx(
+        float(0.5 * g + 0.5 * w))   # train.dice_weight
     with pytest.raises(ValueError, match="not one of gdice, wce, dice_ce"):
         losses.get("focal", (1, 8, 16))
     with pytest.raises(ValueError, match="2 class weights for 3"):

@@ -99,7 +99,8 @@ def combined(logits, labels, weights: Sequence[float] = (1.0, 8.0, 16.0),
             + (1.0 - dice_weight) * weighted_ce(logits, labels, weights))
 
 
-def get(name: str, weights: Sequence[float] = (1.0, 8.0, 16.0)) -> Callable:
+def get(name: str, weights: Sequence[float] = (1.0, 8.0, 16.0),
+        dice_weight: float = 0.2) -> Callable:
     """``loss_fn(logits, labels) -> scalar`` for ``"gdice"``, ``"wce"`` or ``"dice_ce"``."""
     weights = tuple(float(w) for w in weights)
     if name == "gdice":
@@ -107,5 +108,5 @@ def get(name: str, weights: Sequence[float] = (1.0, 8.0, 16.0)) -> Callable:
     if name == "wce":
         return lambda logits, labels: weighted_ce(logits, labels, weights)
     if name == "dice_ce":
-        return lambda logits, labels: combined(logits, labels, weights)
+        return lambda logits, labels: combined(logits, labels, weights, float(dice_weight))
     raise ValueError(f"train.loss '{name}' is not one of {', '.join(NAMES)}")

@@ -242,7 +242,7 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
           progress, on_step) -> RunResult:
     t = cfg.train
     main = distributed.is_main()
-    loss_fn = losses.get(t.loss, t.ce_weights)
+    loss_fn = losses.get(t.loss, t.ce_weights, t.dice_weight)
     policy = precision.policy(cfg.model.precision)
     train_step = step.make_train_step(graphdef, optimizer, loss_fn, layout, cfg.model.dims,
                                       policy.loss_scaling)
