@@ -198,8 +198,8 @@ class Worker:
             cmd += ["--cache-dir", cache_dir]
         env = dict(os.environ)
         env.setdefault("JAX_PLATFORMS", "cpu")
-        if name == "hrseg_xla":  # hrseg with XLA's own 3D conv (parallel/cpuconv.py off)
-            env["HRSEG_CPU_CONV"] = "0"
+        if name.startswith("hrseg"):  # hrseg_xla: XLA's own 3D conv (parallel/cpuconv.py off)
+            env["HRSEG_CPU_CONV"] = "0" if name == "hrseg_xla" else "1"
         extra = [args.torch_path] if name == "torch" and args.torch_path else []
         env["PYTHONPATH"] = os.pathsep.join(
             [os.path.dirname(HERE)] + extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])

@@ -40,13 +40,19 @@ def test_applies_only_to_plain_3d_convs():
     assert not cpuconv.applies((3, 3, 4, 4), (1, 1), 1)           # 2D
 
 
-def test_selected_on_cpu_and_switched_off_by_env(monkeypatch):
+def test_selected_on_cpu_when_asked_and_off_by_default(monkeypatch):
+    monkeypatch.delenv(cpuconv.ENV, raising=False)
+    assert not cpuconv.enabled()                    # opt-in
+    monkeypatch.setenv(cpuconv.ENV, "1")
     assert jax.default_backend() != "cpu" or cpuconv.enabled()
+    with cpuconv.generic():
+        assert not cpuconv.enabled()                # memory figures trace XLA's own conv
     monkeypatch.setenv(cpuconv.ENV, "0")
     assert not cpuconv.enabled()
 
 
 def test_halo_conv_cpu_path_equals_generic_path(monkeypatch):
+    monkeypatch.setenv(cpuconv.ENV, "1")
     # the choice is made when a function is traced (custom_vjp keeps its trace): clear caches
     x = jax.random.normal(jax.random.key(0), (1, 9, 10, 11, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 5))

@@ -21,6 +21,7 @@ def _run(mesh, check_vma, x, w):
 
 
 def test_sharded_cpu_conv_equals_generic_conv(monkeypatch, check_vma=False):
+    monkeypatch.setenv(cpuconv.ENV, "1")
     mesh = partition.make_mesh((2, 2, 2), 1)
     x = partition.shard(mesh, jax.random.normal(jax.random.key(0), (1, 8, 12, 10, 3)))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
