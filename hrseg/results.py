@@ -328,7 +328,7 @@ def memory_figure(rows: Sequence[dict], reference: Sequence[dict] = ()):
     ax = fig.add_subplot()
     vox = [_voxels(r["resolution"]) for r in rows]
     ax.plot(vox, [r["memory_bytes"] / 2 ** 30 for r in rows], "o-",
-            label="this study's runs (per device)")
+            label="this study's runs: small CPU-sized U-Nets (per device)")
     for r, v in zip(rows, vox):
         ax.annotate(r["resolution"], (v, r["memory_bytes"] / 2 ** 30), fontsize=8,
                     textcoords="offset points", xytext=(4, 4))
@@ -342,7 +342,8 @@ def memory_figure(rows: Sequence[dict], reference: Sequence[dict] = ()):
             ax.annotate(p["resolution"], (p["voxels"], p["memory_bytes"] / 2 ** 30), fontsize=8,
                         textcoords="offset points", xytext=(4, -10))
     ax.set(xscale="log", yscale="log", xlabel="voxels per input volume",
-           ylabel="GiB per device (analytic)", title="training-step memory vs resolution")
+           ylabel="GiB per device (analytic)",
+           title="training-step memory: the study's small models vs the paper's U-Net")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return fig

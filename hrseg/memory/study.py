@@ -77,4 +77,4 @@ def paper_schedule(resolutions: Sequence[int]) -> list[dict]:
     return [{"resolution": f"{res}³", "voxels": res ** 3,
              "memory_bytes": estimate(unet.preset("paper", res), (res, res, res),
                                       batch=1)["total"],
-             "label": "paper schedule, 1 device (analytic)"} for res in resolutions]
+             "label": "paper's 3D U-Net schedule (Hou et al.), 1 device (analytic)"} for res in resolutions]
