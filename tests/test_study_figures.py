@@ -48,6 +48,11 @@ def test_halo_tiles_and_figure():
     assert (canvas[4:7] == 1).all()                        # the white gap between tile rows
     fig = viz.halo_figure(s, blocks, 1)
     assert len(fig.axes) == 2 and len(fig.legends[0].get_texts()) == 3
+    # display orientation of every other figure (viz.figures.display_slice): transposed, flipped
+    shown = fig.axes[0].images[0].get_array()
+    np.testing.assert_array_equal(shown, s.T[::-1, ::-1])
+    np.testing.assert_array_equal(fig.axes[1].images[0].get_array(),
+                                  canvas.transpose(1, 0, 2)[::-1, ::-1])
 
 
 # --- augment_figures --------------------------------------------------------------------------

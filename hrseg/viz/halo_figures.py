@@ -72,8 +72,10 @@ def halo_canvas(blocks: dict, h: int, slice_shape: Sequence[int], gap: int = 3) 
 
 
 def halo_figure(slice2d, blocks: dict, h: int):
-    """Left: the slice, the block borders and (dashed) one block + halo. Right: what each device
-    holds after the exchange. Returns a matplotlib Figure."""
+    """Left: the axial slice, the block borders and (dashed) one block + halo. Right: what each
+    device holds after the exchange. Both in the radiological display orientation of every
+    other figure (viz.figures.display_slice: x runs right to left, y bottom to top).
+    ``slice2d``: an ``(X, Y)`` slice. Returns a matplotlib Figure."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
     slice2d = np.asarray(slice2d)
@@ -82,18 +84,20 @@ def halo_figure(slice2d, blocks: dict, h: int):
     bx, by = X // sx, Y // sy
     fig = Figure(figsize=(11, 5.4), layout="constrained")
     left, right = fig.subplots(1, 2)
-    left.imshow(slice2d, cmap="gray", vmin=0, vmax=1)
+    left.imshow(slice2d.T[::-1, ::-1], cmap="gray", vmin=0, vmax=1)  # rows: Y-1-y, cols: X-1-x
     for i in range(1, sx):
-        left.axhline(i * bx - 0.5, color="orange", lw=1.5)
+        left.axvline(X - i * bx - 0.5, color="orange", lw=1.5)
     for j in range(1, sy):
-        left.axvline(j * by - 0.5, color="orange", lw=1.5)
+        left.axhline(Y - j * by - 0.5, color="orange", lw=1.5)
     ci, cj = sx // 2, sy // 2
-    left.add_patch(Rectangle((cj * by - h - 0.5, ci * bx - h - 0.5), by + 2 * h, bx + 2 * h,
-                             fill=False, ec="cyan", ls="--", lw=1.5))
-    left.set(xlim=(-h - 1, Y + h), ylim=(X + h, -h - 1), xlabel="array axis 2 (mesh axis y)",
-             ylabel="array axis 1 (mesh axis x)")
+    left.add_patch(Rectangle((X - (ci + 1) * bx - h - 0.5, Y - (cj + 1) * by - h - 0.5),
+                             bx + 2 * h, by + 2 * h, fill=False, ec="cyan", ls="--", lw=1.5))
+    left.set(xlim=(-h - 1, X + h), ylim=(Y + h, -h - 1), xticks=[], yticks=[],
+             xlabel="← x (mesh axis x; patient's right on the left)",
+             ylabel="y (mesh axis y) →")
     left.set_title(f"{sx}×{sy} blocks; dashed: block ({ci}, {cj}) + halo", fontsize=10)
-    right.imshow(halo_canvas(blocks, h, (X, Y)), interpolation="nearest")
+    canvas = halo_canvas(blocks, h, (X, Y))                               # (x, y, RGB)
+    right.imshow(canvas.transpose(1, 0, 2)[::-1, ::-1], interpolation="nearest")
     right.set(xticks=[], yticks=[])
     right.set_title(f"each device after halo_exchange (halo {h})", fontsize=10)
     tint = 0.6 + 0.4 * np.array(HALO_RGB)
