@@ -22,7 +22,7 @@ from hrseg import atomic
 # A read-only manager (evaluate, predict) is read-only by design: drop orbax's warnings that
 # say so ("Given directory is read only=...", "read_only=True, setting max_to_keep=None").
 # A full disk is reported once, as one line (atomic.DiskFull), not as the tracebacks orbax's
-# background threads log.
+# background threads (and asyncio, for their futures) log.
 def _quiet(record: logging.LogRecord) -> bool:
     msg = record.getMessage()
     if any(s in msg for s in ("Given directory is read only", "read_only=True")):
@@ -33,6 +33,9 @@ def _quiet(record: logging.LogRecord) -> bool:
 
 logging.getLogger("absl").setLevel(logging.WARNING)
 logging.getLogger("absl").addFilter(_quiet)
+# orbax's writer futures that failed on a full disk are logged again by asyncio when they are
+# garbage-collected ("_GatheringFuture exception was never retrieved"): the same fault.
+logging.getLogger("asyncio").addFilter(_quiet)
 
 
 class DamagedCheckpoint(ValueError):
