@@ -10,6 +10,9 @@ training log's ``dice_liver`` / ``dice_tumour`` are :func:`region_dice` of those
 global over the training batch; the evaluation's ``liver_dice_global`` is the same formula over
 the validation volumes.
 
+Padding: voxels labelled ``IGNORE`` (−1) are outside the volume; a prediction there is not
+counted (:func:`counts` masks it), so padded and unpadded volumes score the same.
+
 Empty masks: a volume where prediction and truth are both empty scores ``empty`` — 1.0 by
 default (nothing to find, nothing found), 0.0 to match the Mesh-TF evaluation code, or None
 to leave such volumes out of the per-case mean. medpy's ``dc`` returns NaN there under
@@ -23,6 +26,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 LIVER, TUMOUR = 1, 2
+# Voxels labelled IGNORE (padding added to fit a shape to the mesh or the pooling) belong to no
+# class: the losses, the training step's counts and the scores leave them out.
+IGNORE = -1
 # The scored regions, in the order of every (R, 3) counts array: name -> label.
 REGIONS = {"liver": LIVER, "tumour": TUMOUR}
 
@@ -39,6 +45,7 @@ def counts(pred, true, label: int = TUMOUR) -> tuple[int, int, int]:
     p, t = region(pred, label), region(true, label)
     if p.shape != t.shape:
         raise ValueError(f"prediction {p.shape} and label {t.shape} differ in shape")
+    p = p & (np.asarray(true) != IGNORE)                     # a prediction on padding is no hit
     return int(np.count_nonzero(p & t)), int(np.count_nonzero(p)), int(np.count_nonzero(t))
 
 

@@ -139,3 +139,38 @@ def test_class_counts_are_exact_beyond_2_pow_24():
     got = np.asarray(jax.jit(lambda lb: losses._counts(lb, [0, 1, 2]))(jnp.asarray(labels)))
     np.testing.assert_array_equal(got, np.bincount(labels.reshape(-1), minlength=3))
     assert got.dtype == np.int32
+
+
+@pytest.mark.parametrize("name", ["gdice", "wce", "dice_ce", "ce"])
+def test_padding_labelled_ignore_leaves_loss_and_gradients_unchanged(name):
+    """A batch padded with IGNORE labels (and arbitrary logits there) has the loss and the
+    gradients of the unpadded batch: padding is outside the volume."""
+    from hrseg import metrics
+    fn = losses.cross_entropy if name == "ce" else losses.get(name)
+    logits, labels = _inputs(shape=(2, 6, 5, 4))
+    rng = np.random.default_rng(7)
+    big = rng.normal(0, 3.0, (2, 8, 7, 4, 3)).astype(np.float32)       # padded on two axes
+    big[:, :6, :5] = logits
+    lab = np.full((2, 8, 7, 4), metrics.IGNORE, np.int64)
+    lab[:, :6, :5] = labels
+    want, g_want = jax.value_and_grad(fn)(jnp.asarray(logits), jnp.asarray(labels))
+    got, g_got = jax.value_and_grad(fn)(jnp.asarray(big), jnp.asarray(lab))
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(g_got)[:, :6, :5], np.asarray(g_want), atol=1e-7)
+    assert not np.asarray(g_got)[:, 6:].any() and not np.asarray(g_got)[:, :, 5:].any()
+
+
+def test_training_counts_skip_padding():
+    from hrseg import metrics
+    from hrseg.train import step
+    rng = np.random.default_rng(3)
+    true = rng.integers(0, 3, (1, 6, 5, 4))
+    pred = rng.integers(0, 3, (1, 6, 5, 4))
+    tp = np.full((1, 8, 5, 4), metrics.IGNORE)
+    tp[:, :6] = true
+    pp = np.full((1, 8, 5, 4), 2)                       # tumour predicted on all the padding
+    pp[:, :6] = pred
+    want = np.asarray(step.count_overlap(jnp.asarray(pred), jnp.asarray(true)))
+    got = np.asarray(step.count_overlap(jnp.asarray(pp), jnp.asarray(tp)))
+    np.testing.assert_array_equal(got, want)
+    assert metrics.counts(pp[0], tp[0]) == metrics.counts(pred[0], true[0])

@@ -12,6 +12,10 @@ integer. Every sum over voxels goes through ``halo.psum`` over every mesh axis (
 * ``weighted_ce`` — cross-entropy with per-class weights (1 / 8 / 16 in the released code),
   normalised by the summed weights of the voxels (a weighted mean);
 * ``combined`` — ``dice_weight × GDL + (1 − dice_weight) × WCE`` (0.2 / 0.8).
+
+Voxels labelled ``hrseg.metrics.IGNORE`` (−1: padding that fits a volume to the mesh or the
+pooling) are outside the volume: every loss leaves them out, so a padded batch has the loss and
+the gradients of the unpadded one.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from hrseg import metrics
 from hrseg.parallel import halo, partition
 
 EPS = 1e-6
@@ -39,10 +44,16 @@ def _counts(labels, idx) -> jax.Array:
 
 
 def _one_hot(logits, labels):
+    """``(B, *S, K)`` float32; all zeros where the label is IGNORE (out of range for one_hot)."""
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels {labels.shape} must be logits {logits.shape} without the "
                          f"class axis")
     return jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+
+
+def _inside(labels) -> jax.Array:
+    """``(B, *S, 1)`` float32: 1 inside the volume, 0 on padding (label IGNORE)."""
+    return (labels != metrics.IGNORE).astype(jnp.float32)[..., None]
 
 
 def generalized_dice(logits, labels, classes: int | Sequence[int] | None = None) -> jax.Array:
@@ -57,7 +68,7 @@ def generalized_dice(logits, labels, classes: int | Sequence[int] | None = None)
     k = logits.shape[-1]
     idx = (list(range(k)) if classes is None else
            list(range(classes)) if isinstance(classes, int) else [int(c) for c in classes])
-    prob = jax.nn.softmax(logits, axis=-1)[..., idx]
+    prob = jax.nn.softmax(logits, axis=-1)[..., idx] * _inside(labels)   # (B, *S, k)
     ref = _one_hot(logits, labels)[..., idx]
     volume = _counts(labels, idx).astype(jnp.float32)          # (k,) voxels per class, exact
     inter = _voxel_sum(ref * prob)
@@ -86,10 +97,12 @@ def weighted_ce(logits, labels, weights: Sequence[float] = (1.0, 8.0, 16.0)) -> 
 
 
 def cross_entropy(logits, labels):
-    """Mean cross-entropy over every voxel of every shard (unweighted; memory measurements)."""
+    """Mean cross-entropy over every voxel (not padding) of every shard (unweighted; memory
+    measurements)."""
     logp = jax.nn.log_softmax(logits)
     picked = jnp.sum(logp * jax.nn.one_hot(labels, logits.shape[-1], dtype=logp.dtype), -1)
-    return -halo.psum(jnp.sum(picked)) / halo.psum(jnp.float32(labels.size))
+    inside = halo.psum(jnp.sum(labels != metrics.IGNORE, dtype=jnp.int32)).astype(jnp.float32)
+    return -halo.psum(jnp.sum(picked)) / jnp.maximum(inside, 1.0)
 
 
 def combined(logits, labels, weights: Sequence[float] = (1.0, 8.0, 16.0),

@@ -72,10 +72,12 @@ def make_forward(graphdef: nnx.GraphDef, layout: Layout, ndim: int = 3,
 def count_overlap(pred, labels):
     """``(R, 3)`` int32 (|P∩T|, |P|, |T|) voxel counts of hrseg.metrics.REGIONS (liver with its
     tumours, tumour), summed over every shard; hrseg.metrics.region_dice turns them into Dice.
-    Integer sums: float32 stops counting at 2²⁴ voxels (256³)."""
+    Integer sums: float32 stops counting at 2²⁴ voxels (256³). Padding (scores.IGNORE) is
+    not counted."""
     rows = []
+    inside = labels != scores.IGNORE                                     # (B, *S) bool
     for label in scores.REGIONS.values():
-        p, t = scores.region(pred, label), scores.region(labels, label)   # (B, *S) bool
+        p, t = scores.region(pred, label) & inside, scores.region(labels, label)   # (B, *S) bool
         rows.append(jnp.stack([jnp.sum(p & t, dtype=jnp.int32), jnp.sum(p, dtype=jnp.int32),
                                jnp.sum(t, dtype=jnp.int32)]))
     return halo.psum(jnp.stack(rows))
