@@ -83,6 +83,7 @@ class ModelConfig:
     head_bias: bool = False             # bias of the 1×1×1 head (Mesh-TF: none)
     classes: int = 3                    # background, liver, tumour
     precision: str = "fp32"             # "fp32" | "bf16" | "fp16"
+    gather_below: int = 0               # halo backend: a level whose per-device block on a mesh axis is below this many voxels is all-gathered on that axis (0: never; see parallel/submesh.py)
 
 
 PRESETS = ("tiny", "mtf", "paper", "paper2d", "wang_baseline", "wang_compact")
@@ -327,6 +328,7 @@ _RULES = (
     ("mesh.data", lambda v: v >= 1, ">= 1"),
     ("model.levels", lambda v: v >= 1, ">= 1"),
     ("model.base", lambda v: v >= 1, ">= 1"),
+    ("model.gather_below", lambda v: v >= 0, ">= 0 (0 = never gather a level)"),
     ("data.resolution", lambda v: all(n >= 1 for n in v), "sizes >= 1"),
     ("data.n_val", lambda v: v >= 0, ">= 0"),
     ("data.max_cases", lambda v: v >= 0, ">= 0"),

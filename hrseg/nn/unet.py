@@ -6,6 +6,11 @@ both walk (so a part cannot be in one and not the other); each is built from lay
 backends. ``model(x, train) -> logits``: x ``(B, X, Y, Z, Cin)`` (2D ``(B, X, Y, Cin)``),
 logits float32 ``(B, X, Y, Z, classes)``. Every spatial size must be a multiple of
 ``2 ** poolings_of(cfg)`` per shard (partition.check_divisible).
+
+Coarse levels on fewer devices: with ``cfg.gather_below`` > 0, inside shard_map a level whose
+per-device block on a mesh axis is below that many voxels runs all-gathered on that axis
+(submesh.level_plan); its skip stays gathered, and the up-path takes the coarser level's
+output back to this level's blocks before the k2s2 up-conv (which is local).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from hrseg.config import (  # noqa: F401  (re-exported: config.py owns the prese
 )
 from hrseg.nn import precision
 from hrseg.nn.layers import Conv, ConvBlock, Opts, UpBlock
-from hrseg.parallel import halo
+from hrseg.parallel import halo, submesh
 
 
 def poolings_of(cfg: ModelConfig) -> int:
@@ -63,6 +68,7 @@ class UNet(nnx.Module):
         o = opts(cfg)
         f = filters(cfg)
         self.ndim, self.levels = cfg.dims, cfg.levels
+        self.gather_below = cfg.gather_below
         c = in_channels
         for i in range(cfg.levels - 1):
             setattr(self, f"down_{i + 1}", ConvBlock(c, f[i], cfg.convs_per_block, o, rngs=rngs,
@@ -91,7 +97,10 @@ class UNet(nnx.Module):
             raise ValueError(f"UNet{self.ndim}D expects (B, {'X, Y, Z' if self.ndim == 3 else 'X, Y'}"
                              f", C), got shape {tuple(x.shape)}")
         skips = []
+        plan = self.gather_plan(x.shape)
+        held = ()  # the mesh axes x is gathered on
         for part in self.parts():
+            x, held = _regather(x, held, plan[part.level])
             if part.role == "down":
                 x = part.module(x, train)
                 skips.append(x)
@@ -104,7 +113,25 @@ class UNet(nnx.Module):
                 if self.dropout is not None:
                     x = self.dropout(x, deterministic=not train)
                 x = part.module(x)
+        x, _ = _regather(x, held, ())
         return x.astype(jnp.float32)
+
+    def gather_plan(self, shard_shape) -> list[tuple[str, ...]]:
+        """The mesh axes each level runs all-gathered on (submesh.level_plan), for an input
+        shard of ``shard_shape``; all empty outside shard_map or with gather_below = 0."""
+        if not self.gather_below:
+            return [()] * self.levels
+        return submesh.level_plan(shard_shape, self.levels, self.gather_below)
+
+
+def _regather(x, held, want):
+    """``x`` gathered on the mesh axes ``held`` -> gathered on ``want`` (an "up" part's input
+    is the coarser level's output: scattered before its up-conv, which is local)."""
+    if set(held) == set(want):
+        return x, held
+    x = submesh.scatter(x, [a for a in held if a not in want])
+    x = submesh.gather(x, [a for a in want if a not in held])
+    return x, tuple(want)
 
 
 class UNet3D(UNet):

@@ -87,6 +87,8 @@ def axes_for(x, axes: Sequence[str | None] | None) -> tuple[str | None, ...]:
     if len(axes) != nsp:
         raise ValueError(f"axes {axes} name {len(axes)} mesh axes for {nsp} spatial dims "
                          f"of shape {tuple(x.shape)}")
+    if v := varying(x):  # gathered (submesh.gather): whole on the axes it does not vary over
+        axes = tuple(None if a is not None and a not in v else a for a in axes)
     return axes
 
 
