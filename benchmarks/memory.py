@@ -16,6 +16,10 @@ stays in the backward pass under either.)
        same architecture. Ratios use the step's temp bytes (activations, gradients, workspace),
        which partitioning divides; arguments (replicated parameters and optimizer state) are
        listed beside them. Target: ratio ≤ 1.10 at P = 8 and 64; P = 1 ≤ 1.05 × plain flax.
+       levels_p8 / levels_p64: per U-Net level and device, the block, one feature map's bytes
+       and the margins a 3³ conv receives, against the ideal (global / P). ``--gather-below N``
+       compiles with model.gather_below = N (thin levels all-gathered, parallel/submesh.py);
+       ``--pm1-p 1,64`` compiles only those device counts (each is minutes on 2 cores).
 * PM2  gspmd backend / halo backend per-device total at P = 64. Target ≥ 5. Both run the same
        model code, whose up-sampling is einsum + reshape; pm2_gspmd_plain_flax_over_halo_p64
        is GSPMD on PM1's stock flax U-Net (nnx.ConvTranspose, i.e. lax.conv_transpose).
@@ -36,6 +40,7 @@ import subprocess
 import sys
 
 DEVICES = {"pm1": 64, "pm2": 64, "pm3": 512, "pm4": 1}
+PM1_P = "1,8,64"
 MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 if __name__ == "__main__" and "--child" in sys.argv and "jax" not in sys.modules:
@@ -94,22 +99,63 @@ def _plain_flax_unet(cfg, in_channels=1):
 
 
 def pm1(args) -> dict:
+    import dataclasses
+
     from hrseg import memory
     from hrseg.nn import unet
     cfg = unet.preset("mtf")
+    if args.gather_below is not None:
+        cfg = dataclasses.replace(cfg, gather_below=args.gather_below)
     s = args.pm1_size
     shape = (1, s, s, s, 1)
-    out = {"size": s}
+    out = {"size": s, "gather_below": cfg.gather_below}
+    ps = [int(p) for p in args.pm1_p.split(",")]
     for p, mesh, backend in [(1, (1, 1, 1), "none"), (8, (2, 2, 2), "halo"),
                              (64, (4, 4, 4), "halo")]:
-        out[f"p{p}"] = memory.measure(cfg, shape, mesh, backend=backend)
-    out["plain_flax_p1"] = memory.measure(cfg, shape, (1, 1, 1), backend="none",
-                                          model_fn=lambda: _plain_flax_unet(cfg))
+        if p > 1:
+            out[f"levels_p{p}"] = level_table(cfg, s, mesh)
+        if p in ps:
+            out[f"p{p}"] = memory.measure(cfg, shape, mesh, backend=backend)
     for p in (8, 64):
-        out[f"ratio_p{p}"] = round(out[f"p{p}"]["temp"] * p / out["p1"]["temp"], 3)
-        out[f"total_ratio_p{p}"] = round(out[f"p{p}"]["total"] * p / out["p1"]["total"], 3)
-    out["p1_vs_plain"] = round(out["p1"]["total"] / out["plain_flax_p1"]["total"], 3)
+        if f"p{p}" in out and "p1" in out:
+            out[f"ratio_p{p}"] = round(out[f"p{p}"]["temp"] * p / out["p1"]["temp"], 3)
+            out[f"total_ratio_p{p}"] = round(out[f"p{p}"]["total"] * p / out["p1"]["total"],
+                                             3)
+    if "p1" in out and args.pm1_p == PM1_P:
+        out["plain_flax_p1"] = memory.measure(cfg, shape, (1, 1, 1), backend="none",
+                                              model_fn=lambda: _plain_flax_unet(cfg))
+        out["p1_vs_plain"] = round(out["p1"]["total"] / out["plain_flax_p1"]["total"], 3)
     return out
+
+
+def level_table(cfg, size: int, mesh) -> list[dict]:
+    """Per U-Net level at ``size``³ on a ``mesh`` (sx, sy, sz) of spatial devices, per device:
+    the block (whole on the axes the level gathers, model.gather_below), one feature map's
+    bytes, the margins one 3³ conv receives, and both against the ideal (global bytes / P)."""
+    import math
+
+    from hrseg.nn import precision, unet
+    from hrseg.parallel import partition, submesh
+    p = math.prod(mesh)
+    itemsize = precision.policy(cfg.precision).compute_bytes
+    local = [size // n for n in mesh]
+    plan = (submesh.level_plan((1, *local, 1), cfg.levels, cfg.gather_below, devices=mesh)
+            if cfg.gather_below else [()] * cfg.levels)
+    rows = []
+    for lv, c in enumerate(unet.filters(cfg)):
+        g = size // 2 ** lv
+        split = [a not in plan[lv] and n > 1 for a, n in zip(partition.SPATIAL, mesh)]
+        block = [g // n if s else g for s, n in zip(split, mesh)]
+        act = math.prod(block) * c * itemsize
+        halo = (math.prod(b + 2 if s else b for b, s in zip(block, split)) - math.prod(block)
+                ) * c * itemsize
+        ideal = g ** 3 * c * itemsize / p
+        rows.append({"level": lv, "block": "×".join(map(str, block)),
+                     "gathered": "".join(plan[lv]) or "-", "channels": c,
+                     "activation_bytes": act, "halo_bytes": halo, "ideal_bytes": round(ideal),
+                     "activation_vs_ideal": round(act / ideal, 3),
+                     "with_halo_vs_ideal": round((act + halo) / ideal, 3)})
+    return rows
 
 
 def pm2(args) -> dict:
@@ -170,7 +216,7 @@ def pm4(args) -> dict:
 
 SUMMARY = {  # summary key -> (part, key in the part's result)
     "pm1_ratio_p8": ("pm1", "ratio_p8"), "pm1_ratio_p64": ("pm1", "ratio_p64"),
-    "pm1_p1_vs_plain": ("pm1", "p1_vs_plain"),
+    "pm1_p1_vs_plain": ("pm1", "p1_vs_plain"), "pm1_levels_p64": ("pm1", "levels_p64"),
     "pm2_gspmd_over_halo_p64": ("pm2", "gspmd_over_halo_p64"),
     "pm2_gspmd_plain_flax_over_halo_p64": ("pm2", "gspmd_plain_flax_over_halo_p64"),
     "pm3_bytes_per_device": ("pm3", "bytes_per_device"),
@@ -188,6 +234,13 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object (the default)")
     ap.add_argument("--part", choices=["all", *DEVICES], default="all")
     ap.add_argument("--pm1-size", type=int, default=128, help="cube size of PM1/PM2")
+    ap.add_argument("--pm1-p", default=PM1_P,
+                    help="PM1: the device counts to compile, of 1,8,64 (ratios need 1; the "
+                         "stock flax reference only with all three)")
+    ap.add_argument("--gather-below", type=int, default=None,
+                    help="PM1: model.gather_below (all-gather a level on a mesh axis where its "
+                         "per-device block is below this many voxels; 0: never; default: the "
+                         "config's)")
     ap.add_argument("--memory-scheduler", action="store_true",
                     help="compile with XLA:CPU's memory-minimizing scheduler instead of the "
                          "default concurrency-optimized one (for comparison)")
@@ -201,6 +254,9 @@ def main() -> int:
     for part in parts:  # each in its own process: the fake-device count is fixed at import
         cmd = [sys.executable, __file__, "--child", "--part", part,
                "--pm1-size", str(args.pm1_size)]
+        if args.gather_below is not None:
+            cmd += ["--gather-below", str(args.gather_below)]
+        cmd += ["--pm1-p", args.pm1_p]
         env = dict(os.environ)
         if args.memory_scheduler:
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + MEMORY_SCHEDULER).strip()

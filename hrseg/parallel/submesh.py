@@ -26,19 +26,23 @@ from hrseg.parallel.partition import SPATIAL
 
 
 def plan(block: Sequence[int], min_block: int, axes: Sequence[str] = SPATIAL,
-         ) -> tuple[str, ...]:
+         devices: Sequence[int] | None = None) -> tuple[str, ...]:
     """Mesh axes (of ``axes``, one per spatial dim of ``block``) a level gathers: those split
-    over more than one device whose per-device block ``block[d]`` is below ``min_block``."""
-    return tuple(a for b, a in zip(block, axes)
-                 if (axis_size(a) or 1) > 1 and int(b) < int(min_block))
+    over more than one device whose per-device block ``block[d]`` is below ``min_block``.
+    ``devices`` per axis: default the bound mesh axes' sizes (1 outside shard_map)."""
+    if devices is None:
+        devices = [axis_size(a) or 1 for a in axes]
+    return tuple(a for b, a, n in zip(block, axes, devices)
+                 if n > 1 and int(b) < int(min_block))
 
 
 def level_plan(local_shape: Sequence[int], levels: int, min_block: int,
-               axes: Sequence[str] = SPATIAL) -> list[tuple[str, ...]]:
+               axes: Sequence[str] = SPATIAL, devices: Sequence[int] | None = None,
+               ) -> list[tuple[str, ...]]:
     """:func:`plan` of every level of a U-Net whose input shard is ``local_shape (B, *S, C)``;
     a coarser level gathers at least the axes of the finer one (its blocks are smaller)."""
     spatial = tuple(local_shape[1:-1])
-    return [plan([s // 2 ** lv for s in spatial], min_block, axes[:len(spatial)])
+    return [plan([s // 2 ** lv for s in spatial], min_block, axes[:len(spatial)], devices)
             for lv in range(levels)]
 
 
