@@ -148,3 +148,11 @@ def test_the_patch_study_pair_differs_only_in_the_patch():
     same = dataclasses.replace(patch, data=data,
                                train=dataclasses.replace(patch.train, name=full.train.name))
     assert same == full
+
+
+def test_gather_below_is_a_model_key_checked_for_range():
+    assert config.load(None).model.gather_below == 0                     # default: never
+    assert config.load(None, ["model.gather_below=4"]).model.gather_below == 4
+    assert config.load(None, ["model.preset=tiny", "model.gather_below=8"]).model.levels == 2
+    with pytest.raises(ValueError, match="model.gather_below"):
+        config.load(None, ["model.gather_below=-1"])
