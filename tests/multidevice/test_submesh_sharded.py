@@ -4,16 +4,14 @@ gradients, batch statistics), for several gather plans, norms and meshes."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_unet_sharded import _close, _run
 
 from hrseg import memory
 from hrseg.nn import unet
 from hrseg.parallel import partition, submesh
-
-from test_unet_sharded import _close, _run
 
 X = jax.random.normal(jax.random.key(0), (2, 16, 8, 24, 1))   # shards 8×4×12 on 2×2×2
 W = jax.random.normal(jax.random.key(1), (2, 16, 8, 24, 3))
