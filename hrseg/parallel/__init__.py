@@ -3,6 +3,6 @@
     partition   axis names, meshes, shardings, divisibility, the backends and the Layout
     exchange    halo exchange between neighbouring shards (lax.ppermute) and its transpose
     halo        per-shard ops for shard_map: conv, max-pool, up-conv, moments, psum helpers
-    cpuconv     the 3D conv as a depth-im2col GEMM on XLA:CPU (default; HRSEG_CPU_CONV=0 off)
+    cpuconv     the 3D conv as a depth-im2col GEMM on XLA:CPU (opt-in: HRSEG_CPU_CONV=1)
     devices     real accelerator or fake CPU devices (set before jax is imported)
 """

@@ -18,7 +18,7 @@ differs (relative difference ~4e-7 to XLA's conv; the earlier depth-stacked *2D 
 by 1.8e-5, which was the drift of the GSPMD step test).
 
 It replaces XLA's conv for VALID, stride-1, ungrouped 3D convolutions with a depth kernel > 1
-when JAX runs on CPU (``enabled()``); accelerators, depthwise and strided convolutions keep
+when JAX runs on CPU and ``HRSEG_CPU_CONV=1`` (``enabled()``); accelerators, depthwise and strided convolutions keep
 ``lax.conv_general_dilated``.
 """
 from __future__ import annotations
@@ -51,9 +51,12 @@ def generic():
 
 
 def enabled() -> bool:
-    """True when the GEMM formulation should replace XLA's 3D conv: JAX's default backend is
-    the CPU, ``HRSEG_CPU_CONV`` is not ``0`` and no :func:`generic` block is open."""
-    return (not _generic[0] and os.environ.get(ENV, "1") != "0"
+    """True when the GEMM formulation should replace XLA's 3D conv: asked for with
+    ``HRSEG_CPU_CONV=1``, JAX's default backend is the CPU and no :func:`generic` block is open.
+
+    Opt-in: faster per conv (micro-benchmark), but the full 64³ step was 1.61× *slower* than
+    with XLA's conv in a paired 4-round benchmarks/speed.py run at load 15-19."""
+    return (not _generic[0] and os.environ.get(ENV, "0") == "1"
             and jax.default_backend() == "cpu")
 
 
