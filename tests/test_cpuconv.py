@@ -44,7 +44,7 @@ def test_selected_on_cpu_when_asked_and_off_by_default(monkeypatch):
     monkeypatch.delenv(cpuconv.ENV, raising=False)
     assert not cpuconv.enabled()                    # opt-in
     monkeypatch.setenv(cpuconv.ENV, "1")
-    assert jax.default_backend() != "cpu" or cpuconv.enabled()
+    assert cpuconv.enabled() == (jax.default_backend() == "cpu")
     with cpuconv.generic():
         assert not cpuconv.enabled()                # memory figures trace XLA's own conv
     monkeypatch.setenv(cpuconv.ENV, "0")
@@ -56,7 +56,7 @@ def test_halo_conv_cpu_path_equals_generic_path(monkeypatch):
     # the choice is made when a function is traced (custom_vjp keeps its trace): clear caches
     x = jax.random.normal(jax.random.key(0), (1, 9, 10, 11, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 5))
-    stacked = "tensor<9x12x13x9xf32>"  # (B·X, Y+2, Z+2, 3·Cin): the 2D conv's input
+    stacked = "tensor<1x9x12x13x9xf32>"  # (B, X, Y+2, Z+2, 3·Cin): the GEMM's input
 
     def run():
         text = jax.jit(lambda x, w: halo.conv(x, w)).lower(x, w).as_text()

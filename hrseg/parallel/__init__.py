@@ -4,6 +4,6 @@
     exchange    halo exchange between neighbouring shards (lax.ppermute) and its transpose
     halo        per-shard ops for shard_map: conv, max-pool, up-conv, moments, psum helpers
     submesh     coarse levels on fewer devices: all-gather a thin level along mesh axes
-    cpuconv     the 3D conv as one depth-stacked 2D conv on XLA:CPU (opt-in, HRSEG_CPU_CONV=1)
+    cpuconv     the 3D conv as a depth-im2col GEMM on XLA:CPU (opt-in: HRSEG_CPU_CONV=1)
     devices     real accelerator or fake CPU devices (set before jax is imported)
 """

@@ -1,7 +1,7 @@
 """The CPU conv formulation (parallel/cpuconv.py) on a 2×2×2 mesh == the generic XLA conv,
 values and gradients: through halo.conv (check_vma off, as partition.spmd runs it), and the
-formulation itself under shard_map's default check_vma=True (it adds no custom_vjp: autodiff
-types the replicated weight's gradient; halo._conv's own rule is issue 11's)."""
+formulation itself under shard_map's default check_vma=True (its custom VJP psums the
+replicated weight's gradient over the mesh, as autodiff would)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +25,7 @@ def test_sharded_cpu_conv_equals_generic_conv(monkeypatch, check_vma=False):
     mesh = partition.make_mesh((2, 2, 2), 1)
     x = partition.shard(mesh, jax.random.normal(jax.random.key(0), (1, 8, 12, 10, 3)))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
-    stacked = "tensor<4x8x7x9xf32>"  # per shard (B·X/2, Y/2+2, Z/2+2, 3·Cin): the 2D conv
+    stacked = "tensor<1x4x8x7x9xf32>"  # per shard (B, X/2, Y/2+2, Z/2+2, 3·Cin): the GEMM input
     jax.clear_caches()  # the choice is made at trace time
     fast, text = _run(mesh, check_vma, x, w)
     assert stacked in text
