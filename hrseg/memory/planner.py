@@ -163,10 +163,13 @@ class Plan:
                          f"norm={m.norm}, precision={m.precision}.")
             if self.used == "compiled":
                 c = self.compiled
+                where = ("in a subprocess on fake CPU devices" if c.get("where") ==
+                         "subprocess" else "in this process")
                 lines.append(f"  per device: {_fmt(c['total'])} compiled (XLA memory_analysis "
-                             f"of the step: arguments {_fmt(c['argument'])}, temporaries "
-                             f"{_fmt(c['temp'])}) — the figure used; analytic estimate "
-                             f"{_fmt(e['total'])}; headroom {_fmt(self.headroom)}.")
+                             f"of the step, compiled {where}: arguments "
+                             f"{_fmt(c['argument'])}, temporaries {_fmt(c['temp'])}) — the "
+                             f"figure used; analytic estimate {_fmt(e['total'])}; headroom "
+                             f"{_fmt(self.headroom)}.")
             else:
                 lines.append(f"  per device: {_fmt(e['total'])} analytic estimate (activations "
                              f"{_fmt(e['activation_bytes'])}, workspace "
