@@ -114,3 +114,31 @@ def test_cli_prints_both_figures_and_which_it_used(capsys):
         assert err.startswith("hrseg memory: error: compiling the 1×2×1×1 mesh needs 2 "
                               "devices") and len(err.splitlines()) == 1
 
+
+
+@pytest.mark.parametrize("factor", [0.4, 2.5])
+def test_suggestion_walks_the_device_counts_by_the_compiled_figure(monkeypatch, factor):
+    """Nothing fits on 1 device: the fewest devices is confirmed by compiling, walking down from
+    the estimate's suggestion (the compile says less) or up (it says more). The compile is
+    replaced by a multiple of the estimate so that both directions can be built."""
+    def fake(cfg, shape, mesh, batch=1, optimizer="adafactor", in_channels=1, where="auto"):
+        est = memory.estimate(cfg, shape, mesh, optimizer=optimizer, batch=batch)["total"]
+        return {"total": int(factor * est), "argument": 0, "temp": 0, "where": "here"}
+
+    monkeypatch.setattr(confirm, "compile_step", fake)
+    shape = (64, 64, 64)
+    last = planner._ladder(TINY)[-1][1]
+
+    def compiled_best(n):  # the most intrusive technique's smallest compiled figure on n
+        return min(fake(last, shape, (1,) + s)["total"]
+                   for s in planner.spatial_splits(n, shape, unet.poolings_of(TINY)))
+
+    budget = memory.estimate(last, shape, (1, 2, 2, 2), batch=1)["total"]
+    a = planner.plan(budget, 1, shape, model_cfg=TINY)
+    assert a.mesh is None and a.suggestion.n_devices == 8
+    p = planner.plan(budget, 1, shape, model_cfg=TINY, compile="here")
+    want = next(n for n in (2, 4, 8, 16, 32, 64) if compiled_best(n) <= budget)
+    assert p.mesh is None and p.suggestion.n_devices == want
+    assert (want < 8) if factor < 1 else (want > 8)
+    assert p.suggestion.used == "compiled" and p.suggestion.total <= budget
+    assert f"It would fit on {want} devices" in p.explain()
