@@ -6,7 +6,8 @@ techniques are tried from the least to the most intrusive (bf16, in-place ABN, C
 ConvBlocks); at the first step where some mesh fits, the mesh with the most headroom wins.
 Per-device activations are about the same for every split of the same device count, so the
 headroom favours data parallelism (no halos) as far as the batch allows, then cube-like
-spatial splits (smallest halo surface).
+spatial splits (smallest halo surface). The estimate is an upper bound; ``compile=`` confirms
+the pick with XLA's figure for the step (:func:`confirm_plan`), which may move it either way.
 """
 from __future__ import annotations
 
