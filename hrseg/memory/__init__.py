@@ -2,7 +2,8 @@
 
     analytic    the estimate counted from the model's parts (no compilation)
     compiled    the real step compiled on shapes (XLA's figures), and autodiff's residuals
-    planner     the smallest partition that fits a per-device budget
+    planner     the smallest partition that fits a per-device budget, confirmed by compiling
+    confirm     compile a planned step here, or in a subprocess with enough fake CPU devices
     ablation    Wang et al.'s memory ablation table
     study       the notebooks' tables: analytic vs compiled, memory vs devices, paper schedule
     peak        real allocator peak of a training step on a GPU/TPU (None on CPU)
@@ -32,8 +33,13 @@ from hrseg.memory.peak import (  # noqa: F401
     peak_bytes_in_use,
     train_step_peak_bytes,
 )
+from hrseg.memory.confirm import (  # noqa: F401
+    CannotCompile,
+    compile_step,
+)
 from hrseg.memory.planner import (  # noqa: F401
     Plan,
+    confirm_plan,
     plan,
 )
 from hrseg.memory.study import (  # noqa: F401

@@ -6,7 +6,8 @@ techniques are tried from the least to the most intrusive (bf16, in-place ABN, C
 ConvBlocks); at the first step where some mesh fits, the mesh with the most headroom wins.
 Per-device activations are about the same for every split of the same device count, so the
 headroom favours data parallelism (no halos) as far as the batch allows, then cube-like
-spatial splits (smallest halo surface).
+spatial splits (smallest halo surface). The estimate is an upper bound; ``compile=`` confirms
+the pick with XLA's figure for the step (:func:`confirm_plan`), which may move it either way.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 
 from hrseg.config import ModelConfig
-from hrseg.memory import analytic
+from hrseg.memory import analytic, confirm
 from hrseg.nn import unet
 
 # (label, changes to the ModelConfig), cumulative, least intrusive first
@@ -33,7 +34,7 @@ ESTIMATE_OVER_COMPILED = "19 % (bf16) to 44 % (fp32)"
 
 
 def _fmt(b: float) -> str:
-    return f"{b / analytic.GiB:.2f} GiB"
+    return f"{b / analytic.GiB:.2f} GiB" if b >= analytic.GiB / 10 else f"{b / 2 ** 20:.2f} MiB"
 
 
 def _primes(n: int) -> list[int]:
@@ -75,6 +76,21 @@ class Plan:
     considered: list[tuple[str, str, int | None]] = field(default_factory=list)
     levels: int = 0                      # poolings of the network (for the divisibility rule)
     suggestion: Plan | None = None       # nothing fits: the fewest devices that would
+    optimizer: str = "adafactor"
+    in_channels: int = 1
+    base: ModelConfig | None = None      # the model before the ladder's changes
+    used: str = "analytic"               # which figure picked: "analytic" | "compiled"
+    compiled: dict = field(default_factory=dict)   # compile_step() of the pick (used=compiled)
+    analytic: Plan | None = None         # the estimate's own pick, when the compile changed it
+    checked: list[tuple[str, str, int, int]] = field(default_factory=list)
+    # (technique, mesh, estimate, compiled total) of every compile the confirmation made
+
+    @property
+    def total(self) -> int | None:
+        """Per-device bytes of the pick by the figure that picked it."""
+        if self.mesh is None:
+            return None
+        return self.compiled["total"] if self.used == "compiled" else self.estimate["total"]
 
     def yaml_lines(self) -> list[str]:
         """The run-config lines that apply the plan (mesh and model sections)."""
@@ -112,7 +128,11 @@ class Plan:
 
     @property
     def headroom(self) -> int:
-        return self.budget - self.estimate.get("total", self.budget) if self.mesh else -1
+        return self.budget - self.total if self.mesh else -1
+
+    def _mesh_txt(self) -> str:
+        d, *sp = self.mesh
+        return f"{d} (data) × {'×'.join(map(str, sp))} (x×y×z) mesh"
 
     def explain(self) -> str:
         shape = "×".join(map(str, self.shape))
@@ -122,45 +142,67 @@ class Plan:
             best = min((t for _, _, t in self.considered if t), default=None)
             why = self.why_no_split()
             lines.append("Nothing fits" + (f": the smallest estimate is {_fmt(best)} per "
-                                           f"device" if best else "") + "."
+                                           f"device" if best else "")
+                         + (", and no compiled step fits either" if self.checked else "") + "."
                          + (f" {why}." if why else ""))
             s = self.suggestion
             if s is not None and s.mesh is not None:
-                d, *sp = s.mesh
-                lines.append(f"It would fit on {s.n_devices} devices: {d} (data) × "
-                             f"{'×'.join(map(str, sp))} (x×y×z) mesh, {s.technique}, "
-                             f"{_fmt(s.estimate['total'])} per device "
-                             f"(`hrseg memory --devices {s.n_devices} ...`).")
+                lines.append(f"It would fit on {s.n_devices} devices: {s._mesh_txt()}, "
+                             f"{s.technique}, {_fmt(s.total)} per device ({s.used}"
+                             + (f"; the estimate says {_fmt(s.estimate['total'])}"
+                                if s.used == "compiled" else "")
+                             + f") (`hrseg memory --devices {s.n_devices} ...`).")
             elif best is not None:
                 lines.append(f"More devices (up to {MAX_DEVICES}) would not make it fit: the "
                              f"volume cannot be split further, or what every device holds "
                              f"whole (parameters, optimizer state) is too big for the budget.")
         else:
-            d, *sp = self.mesh
             e = self.estimate
             m = self.model
             state = e["param_bytes"] + e["gradient_bytes"] + e["optimizer_bytes"]
-            lines.append(f"Plan: {d} (data) × {'×'.join(map(str, sp))} (x×y×z) mesh, "
-                         f"{self.technique}: block={m.block}, norm={m.norm}, "
-                         f"precision={m.precision}.")
-            lines.append(f"  per device: {_fmt(e['total'])} (activations "
-                         f"{_fmt(e['activation_bytes'])}, workspace "
-                         f"{_fmt(e['workspace_bytes'] + e['halo_bytes'])}, "
-                         f"params+grads+optimizer {_fmt(state)}); headroom "
-                         f"{_fmt(self.headroom)}.")
+            lines.append(f"Plan: {self._mesh_txt()}, {self.technique}: block={m.block}, "
+                         f"norm={m.norm}, precision={m.precision}.")
+            if self.used == "compiled":
+                c = self.compiled
+                where = ("in a subprocess on fake CPU devices" if c.get("where") ==
+                         "subprocess" else "in this process")
+                lines.append(f"  per device: {_fmt(c['total'])} compiled (XLA memory_analysis "
+                             f"of the step, compiled {where}: arguments "
+                             f"{_fmt(c['argument'])}, temporaries {_fmt(c['temp'])}) — the "
+                             f"figure used; analytic estimate {_fmt(e['total'])}; headroom "
+                             f"{_fmt(self.headroom)}.")
+            else:
+                lines.append(f"  per device: {_fmt(e['total'])} analytic estimate (activations "
+                             f"{_fmt(e['activation_bytes'])}, workspace "
+                             f"{_fmt(e['workspace_bytes'] + e['halo_bytes'])}, "
+                             f"params+grads+optimizer {_fmt(state)}) — the figure used, not "
+                             f"compiled; headroom {_fmt(self.headroom)}.")
             lines.append(f"  each device holds a {'×'.join(map(str, e['local_shape'][1:-1]))} "
                          f"block of {e['local_shape'][0]} volume(s); the whole volume is kept, "
                          f"nothing is cropped.")
             lines.append("Run-config lines (YAML) that apply it:")
             lines += ["    " + y for y in self.yaml_lines()]
-            lines.append(f"  The estimate is an upper bound: in this project's measurements it "
-                         f"exceeded XLA's compiled figure by {ESTIMATE_OVER_COMPILED} "
-                         f"(benchmarks/memory.py, PM3).")
+            if self.used == "analytic":
+                lines.append(f"  The estimate is an upper bound: in this project's measurements "
+                             f"it exceeded XLA's compiled figure by {ESTIMATE_OVER_COMPILED} "
+                             f"(benchmarks/memory.py, PM3); confirm it by compiling the step "
+                             f"(`hrseg memory` does unless --compile no).")
+        a = self.analytic
+        if a is not None:
+            lines.append(f"The analytic estimate alone picked "
+                         + (f"{a._mesh_txt()}, {a.technique} ({_fmt(a.estimate['total'])})"
+                            if a.mesh else "nothing") + "; the compiled step changed the pick.")
         lines.append("Considered (per-device estimate):")
         for tech, mesh, total in self.considered:
             lines.append(f"  {tech:22s} {mesh:18s} "
                          + (_fmt(total) + (" fits" if total <= self.budget else " too big")
                             if total is not None else "no valid split"))
+        if self.checked:
+            lines.append("Compiled (XLA memory_analysis per device, abstract inputs):")
+            for tech, mesh, est, total in self.checked:
+                lines.append(f"  {tech:22s} {mesh:18s} {_fmt(total)} "
+                             f"{'fits' if total <= self.budget else 'too big'} "
+                             f"(estimate {_fmt(est)})")
         return "\n".join(lines)
 
 
@@ -169,10 +211,14 @@ MAX_DEVICES = 4096  # how far "nothing fits" looks for a device count that would
 
 def plan(budget_bytes_per_device: int, n_devices: int, resolution, batch: int = 1,
          preset: str = "paper", model_cfg: ModelConfig | None = None,
-         optimizer: str = "adafactor", in_channels: int = 1, suggest: bool = True) -> Plan:
+         optimizer: str = "adafactor", in_channels: int = 1, suggest: bool = True,
+         compile: str | None = None) -> Plan:
     """Mesh + techniques with the most headroom under the budget (see the module docstring).
 
-    ``resolution``: an int (a cube, and the paper preset's schedule) or the spatial shape.
+    ``resolution``: an int (a cube, and the paper preset's schedule) or the spatial shape, any
+    size per axis. ``compile``: None picks by the analytic estimate alone; ``"auto"`` or
+    ``"here"`` then confirms the pick by compiling the step (:func:`confirm_plan`; where the
+    compile runs: hrseg/memory/confirm.py).
     """
     shape = (resolution,) * 3 if isinstance(resolution, int) else tuple(resolution)
     if model_cfg is None:
@@ -183,33 +229,116 @@ def plan(budget_bytes_per_device: int, n_devices: int, resolution, batch: int = 
     if n_devices < 1:
         raise ValueError(f"--devices {n_devices}: need at least 1 device")
     result = Plan(int(budget_bytes_per_device), n_devices, shape, batch, None, None,
-                  levels=levels)
-    tried = []
+                  levels=levels, optimizer=optimizer, in_channels=in_channels, base=model_cfg)
+    for tech, cfg in _ladder(model_cfg):
+        opts = _options(result, cfg)
+        result.considered += [(tech, txt, total) for txt, total, _ in opts]
+        fits = [o for o in opts if o[1] is not None and o[1] <= budget_bytes_per_device]
+        if fits:
+            _, _, (mesh, est) = min(fits, key=lambda o: (o[1], -o[2][0][0]))
+            result.mesh, result.model, result.technique, result.estimate = mesh, cfg, tech, est
+            break
+    if result.mesh is None and suggest:
+        result.suggestion = _suggest(result, model_cfg, optimizer, in_channels)
+    return confirm_plan(result, compile, suggest) if compile else result
+
+
+def _ladder(model_cfg: ModelConfig) -> list[tuple[str, ModelConfig]]:
+    """LADDER applied to the model, each distinct config once (the paper presets are bf16)."""
+    out = []
     for tech, changes in LADDER:
         cfg = dataclasses.replace(model_cfg, **changes)
-        if cfg in tried:  # e.g. the paper presets are bf16 already
+        if all(cfg != c for _, c in out):
+            out.append((tech, cfg))
+    return out
+
+
+def _options(p: Plan, cfg: ModelConfig):
+    """(mesh text, estimate total or None, ((data, sx, sy, sz), estimate) or None) for each
+    data-parallel degree of ``p.n_devices``, the most data-parallel first."""
+    out = []
+    for data in [d for d in _divisors(p.n_devices) if p.batch % d == 0][::-1]:
+        splits = spatial_splits(p.n_devices // data, p.shape, p.levels, cfg.dims)
+        txt = f"{data}×" + ("×".join(map(str, splits[0])) if splits else "?")
+        if not splits:
+            out.append((txt, None, None))
             continue
-        tried.append(cfg)
-        fits = []
-        for data in [d for d in _divisors(n_devices) if batch % d == 0][::-1]:
-            splits = spatial_splits(n_devices // data, shape, levels, model_cfg.dims)
-            mesh_txt = f"{data}×" + ("×".join(map(str, splits[0])) if splits else "?")
-            if not splits:
-                result.considered.append((tech, mesh_txt, None))
-                continue
-            est = analytic.estimate(cfg, shape, (data,) + splits[0], optimizer=optimizer,
-                                  batch=batch, in_channels=in_channels)
-            result.considered.append((tech, mesh_txt, est["total"]))
-            if est["total"] <= budget_bytes_per_device:
-                fits.append((budget_bytes_per_device - est["total"], data, splits[0], est))
-        if fits:
-            _, data, split, est = max(fits, key=lambda f: (f[0], f[1]))
-            result.mesh, result.model, result.technique = (data,) + split, cfg, tech
-            result.estimate = est
-            return result
-    if suggest:
-        result.suggestion = _suggest(result, model_cfg, optimizer, in_channels)
-    return result
+        est = analytic.estimate(cfg, p.shape, (data,) + splits[0], optimizer=p.optimizer,
+                                batch=p.batch, in_channels=p.in_channels)
+        out.append((txt, est["total"], ((data,) + splits[0], est)))
+    return out
+
+
+def confirm_plan(p: Plan, where: str = "auto", suggest: bool = True) -> Plan:
+    """The plan confirmed by compiling: the least intrusive technique whose compiled step fits.
+
+    Compiles the analytic pick's step (its best mesh by the estimate); if it fits, walks down
+    the ladder while the less intrusive technique's compiled step fits too; if not, walks up
+    until one fits. Nothing fitting on ``p.n_devices``: the most intrusive technique is compiled
+    in case the estimate was too high, and the suggestion (fewest devices) is confirmed the
+    same way, walking down or up the device counts. Each compile takes seconds, allocates
+    nothing; ``p.checked`` lists them. Returns a new Plan (``used="compiled"``).
+    """
+    steps = _ladder(p.base)
+    best = {}
+
+    def fits(i):  # compiled step of the i-th technique's best mesh, or False (no split)
+        opts = [o[2] for o in _options(p, steps[i][1]) if o[2] is not None]
+        if not opts:
+            return False
+        (mesh, est), (tech, cfg) = min(opts, key=lambda o: (o[1]["total"], -o[0][0])), steps[i]
+        c = confirm.compile_step(cfg, p.shape, mesh, p.batch, p.optimizer, p.in_channels, where)
+        out.checked.append((tech, "×".join(map(str, mesh)), est["total"], c["total"]))
+        best[i] = (mesh, est, c)
+        return c["total"] <= p.budget
+
+    out = dataclasses.replace(p, checked=[], used="compiled", suggestion=None, analytic=None)
+    start = ([t for t, _ in steps].index(p.technique) if p.mesh is not None
+             else len(steps) - 1)
+    if p.why_no_split() is not None:  # no mesh of n_devices splits the volume
+        pick = None
+    elif fits(start):
+        pick = start
+        while pick > 0 and fits(pick - 1):
+            pick -= 1
+    else:
+        pick = next((i for i in range(start + 1, len(steps)) if fits(i)), None)
+    if pick is not None:
+        (mesh, est, c), (tech, cfg) = best[pick], steps[pick]
+        out.mesh, out.model, out.technique, out.estimate, out.compiled = mesh, cfg, tech, est, c
+    else:
+        out.mesh = out.model = None
+        out.technique, out.estimate = "", {}
+        out.suggestion = _confirm_suggestion(p, where) if suggest else None
+    if (out.mesh, out.technique) != (p.mesh, p.technique):
+        out.analytic = p
+    return out
+
+
+def _confirm_suggestion(p: Plan, where: str) -> Plan | None:
+    """The fewest devices (doubling from ``p.n_devices``) whose confirmed plan fits: from the
+    analytic suggestion down while it still fits, or up (at most 3 doublings) until it does."""
+    if p.suggestion is None:  # the volume splits no further, or more devices stop helping
+        return None
+    kw = dict(model_cfg=p.base, optimizer=p.optimizer, in_channels=p.in_channels,
+              suggest=False, compile=where)
+    n = p.suggestion.n_devices
+    s = plan(p.budget, n, p.shape, p.batch, **kw)
+    if s.mesh is not None:
+        while n // 2 > p.n_devices:
+            fewer = plan(p.budget, n // 2, p.shape, p.batch, **kw)
+            if fewer.mesh is None:
+                break
+            n, s = n // 2, fewer
+        return s
+    for _ in range(3):
+        n *= 2
+        if n > MAX_DEVICES or not spatial_splits(n, p.shape, p.levels, p.base.dims):
+            return None
+        s = plan(p.budget, n, p.shape, p.batch, **kw)
+        if s.mesh is not None:
+            return s
+    return None
 
 
 def _suggest(failed: Plan, model_cfg: ModelConfig, optimizer: str, in_channels: int):
