@@ -20,10 +20,13 @@ from hrseg.train import distributed, sliding, step
 PIXELS_PER_DEVICE = 2 ** 20
 
 
-def pad_multiple(cfg: Config, mesh) -> tuple[int, int, int]:
-    """``resample: native``: each padded axis is a multiple of (devices on it) × 2^poolings."""
+def pad_multiple(cfg: Config) -> tuple[int, int, int]:
+    """``resample: native``: each padded axis is a multiple of (devices on it) × 2^poolings.
+    From the config's mesh, not the devices at hand: the same run pads the same way on any
+    backend (so "none" and "halo" see the same batches), and a 1-device mesh divides it."""
     pool = 2 ** unet.poolings_of(cfg.model)
-    return tuple(int(mesh.shape[a]) * pool for a in partition.SPATIAL)
+    spatial = tuple(cfg.mesh.spatial) + (1,) * (3 - len(cfg.mesh.spatial))
+    return tuple(int(n) * pool for n in spatial)
 
 
 class Predictor:
@@ -37,7 +40,7 @@ class Predictor:
 
     def __init__(self, cfg: Config, graphdef, layout: partition.Layout):
         self.cfg, self.ndim = cfg, cfg.model.dims
-        self.multiple = pad_multiple(cfg, layout.mesh) if self.ndim == 3 else None
+        self.multiple = pad_multiple(cfg) if self.ndim == 3 else None
         self.sharding = layout.sharding(partition.volume_spec(self.ndim))
         self.data = layout.data
         self._predict = step.make_predict(graphdef, layout, self.ndim)

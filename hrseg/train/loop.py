@@ -89,14 +89,12 @@ def make_layout(cfg: Config) -> partition.Layout:
                             cfg.mesh.backend)
 
 
-def batch_shape(cfg: Config, mesh=None) -> tuple[int, ...]:
+def batch_shape(cfg: Config) -> tuple[int, ...]:
     """Global ``(B, *spatial, C)`` of a training batch (spatial: the patch, if any).
-    ``resample: native`` batches vary by bucket: spatial is then the smallest bucket the
-    ``mesh`` allows (the padding multiple; one device per axis without a mesh)."""
+    ``resample: native`` batches vary by bucket: spatial is then the smallest bucket, the
+    padding multiple (inference.pad_multiple)."""
     if cfg.data.resample == "native":
-        spatial = (inference.pad_multiple(cfg, mesh) if mesh is not None
-                   else (2 ** unet.poolings_of(cfg.model),) * 3)
-        return (cfg.train.batch, *spatial, cfg.in_channels)
+        return (cfg.train.batch, *inference.pad_multiple(cfg), cfg.in_channels)
     return (cfg.train.batch, *(cfg.data.patch or cfg.data.resolution), cfg.in_channels)
 
 
@@ -104,7 +102,7 @@ def check_batch_shape(cfg: Config, mesh) -> None:
     """The batch must split over the run's mesh (``layout.mesh``) and pool evenly; the error
     names the config key. (Native-size batches are padded to fit: only the batch counts.)"""
     try:
-        partition.check_divisible(batch_shape(cfg, mesh), mesh, unet.poolings_of(cfg.model))
+        partition.check_divisible(batch_shape(cfg), mesh, unet.poolings_of(cfg.model))
     except ValueError as e:
         key = ("train.batch" if cfg.train.batch % mesh.shape["data"]
                else "data.patch" if cfg.data.patch else "data.resolution")
@@ -122,7 +120,7 @@ class Batches:
     def __init__(self, cfg: Config, layout: partition.Layout):
         self.cfg = cfg
         ndim = cfg.model.dims
-        self.shape = batch_shape(cfg, layout.mesh)
+        self.shape = batch_shape(cfg)
         self.img_sharding = layout.sharding(partition.volume_spec(ndim))
         self.lab_sharding = layout.sharding(partition.label_spec(ndim))
         self.group, self.groups = distributed.local_rows(self.img_sharding, self.shape)
@@ -136,7 +134,7 @@ class Batches:
         self.native = cfg.data.resample == "native"
         self.sampler = (patches.Sampler(self.ds, cfg.data.patch, cfg.data.patch_foreground)
                         if cfg.data.patch else
-                        buckets.Sampler(self.ds, inference.pad_multiple(cfg, layout.mesh),
+                        buckets.Sampler(self.ds, inference.pad_multiple(cfg),
                                         cfg.data.buckets_per_octave) if self.native else None)
         aug = augment.augment_padded if self.native else augment.augment
         self._augment = jax.jit(lambda key, img, lab: aug(key, img, lab, cfg.augment))
