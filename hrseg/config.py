@@ -16,7 +16,6 @@ import yaml
 
 from hrseg import atomic
 
-
 RESAMPLE = ("stretch", "spacing", "native")   # data.resample (data/resample.py)
 
 
