@@ -35,6 +35,9 @@ stays in the backward pass under either.)
        params and memory per row; all techniques ≤ 35 % of baseline memory, params ≤ 30 %.
        pm4_memory_fraction is XLA:CPU's compiled figure; pm4_traced_fraction counts the
        activations as what ``jax.vjp`` saves (hrseg/ablation.py says why the two differ).
+       Third column, Wang's "256 × 256 × full": the largest bucket of the phantom dataset's
+       native-size cases (``--pm4-cases`` cases, 80–200 slices kept, 256 × 256 in-plane;
+       data/buckets.py), compiled: pm4_native_fraction / pm4_native_bytes_baseline.
 """
 from __future__ import annotations
 
@@ -220,10 +223,16 @@ def pm4(args) -> dict:
     from hrseg import memory
     out = {}
     for shape in [(96, 96, 96), (256, 256, 152)]:
-        rows = memory.ablation(shape, batch=1, compiled=True)
+        native = None
+        if shape == (256, 256, 152):   # and Wang's "256 × 256 × full": the largest bucket
+            out["native"] = memory.phantom_bucket(cases=args.pm4_cases, seed=0)
+            native = out["native"]["largest"]
+        rows = memory.ablation(shape, batch=1, compiled=True, native=native)
         out["×".join(map(str, shape))] = rows
         print(memory.format_table(rows), file=sys.stderr)
     last = out["256×256×152"][-1]
+    out["native_bytes_baseline"] = out["256×256×152"][0]["native"]
+    out["native_fraction"] = last["native_fraction"]
     out["memory_fraction"] = last["measured_fraction"]
     out["estimate_fraction"] = last["estimate_fraction"]
     out["traced_fraction"] = last["traced_fraction"]
@@ -245,6 +254,8 @@ SUMMARY = {  # summary key -> (part, key in the part's result)
     "pm4_memory_fraction": ("pm4", "memory_fraction"),
     "pm4_traced_fraction": ("pm4", "traced_fraction"),
     "pm4_param_fraction": ("pm4", "param_fraction"),
+    "pm4_native_fraction": ("pm4", "native_fraction"),
+    "pm4_native_bytes_baseline": ("pm4", "native_bytes_baseline"),
 }
 
 
@@ -260,6 +271,8 @@ def main() -> int:
                     help="PM1: model.gather_below (all-gather a level on a mesh axis where its "
                          "per-device block is below this many voxels; 0: never; default: the "
                          "config's)")
+    ap.add_argument("--pm4-cases", type=int, default=32,
+                    help="phantom cases whose slice counts make PM4's native-size buckets")
     ap.add_argument("--memory-scheduler", action="store_true",
                     help="compile with XLA:CPU's memory-minimizing scheduler instead of the "
                          "default concurrency-optimized one (for comparison)")
@@ -272,7 +285,7 @@ def main() -> int:
     results = {}
     for part in parts:  # each in its own process: the fake-device count is fixed at import
         cmd = [sys.executable, __file__, "--child", "--part", part,
-               "--pm1-size", str(args.pm1_size)]
+               "--pm1-size", str(args.pm1_size), "--pm4-cases", str(args.pm4_cases)]
         if args.gather_below is not None:
             cmd += ["--gather-below", str(args.gather_below)]
         cmd += ["--pm1-p", args.pm1_p]

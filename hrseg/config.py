@@ -16,6 +16,8 @@ import yaml
 
 from hrseg import atomic
 
+RESAMPLE = ("stretch", "spacing", "native")   # data.resample (data/resample.py)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -23,7 +25,11 @@ class DataConfig:
     layout: str = "auto"                # "lits" | "msd" | "auto" (detected from the files)
     resolution: tuple[int, ...] = (64, 64, 64)  # network input size R³ (2D: (512, 512))
     resample: str = "stretch"           # "stretch" to the cube (the paper) | "spacing" pad/crop
+                                        # | "native": own shape at native_spacing_mm (3D, buckets)
     spacing_mm: float = 0.0             # "spacing": isotropic voxel size (0 = fit the whole volume)
+    native_spacing_mm: tuple[float, float, float] = (1.62, 1.62, 3.22)  # "native": voxel size
+                                        # x, y, z (Wang et al.'s); resolution is then unused
+    buckets_per_octave: int = 3         # "native": padded sizes per doubling (buckets.py)
     antialias: bool = True              # average 2×+ shrinking axes in blocks before trilinear
     hu_window: tuple[float, float] = (-512.0, 512.0)  # HU mapped to [0, 1] (Mesh-TF default)
     n_val: int = 0                      # validation cases; 0 = the paper's ratio 32/131
@@ -36,6 +42,22 @@ class DataConfig:
     patch_foreground: float = 1 / 3     # share of patches centred on a labelled voxel (nnU-Net)
 
     def __post_init__(self):
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"config key 'data.resample': '{self.resample}' is not one of "
+                             f"{', '.join(RESAMPLE)}")
+        if self.resample == "native":
+            if len(self.resolution) != 3:
+                raise ValueError(f"config key 'data.resample': 'native' is for 3D networks; "
+                                 f"data.resolution is {list(self.resolution)}")
+            if self.patch:
+                raise ValueError("config key 'data.patch': patches are cut from the cube "
+                                 "(resample stretch or spacing), not from 'native' volumes")
+        if min(self.native_spacing_mm) <= 0:
+            raise ValueError(f"config key 'data.native_spacing_mm': sizes must be > 0 mm, "
+                             f"got {list(self.native_spacing_mm)}")
+        if self.buckets_per_octave < 1:
+            raise ValueError(f"config key 'data.buckets_per_octave': must be >= 1, "
+                             f"got {self.buckets_per_octave}")
         if self.patch:
             _check_patch(self.patch, self.resolution)
         if not 0.0 <= self.patch_foreground <= 1.0:

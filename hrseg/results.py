@@ -113,6 +113,9 @@ def find_runs(root: str | Path = "runs") -> list[Run]:
 def row_key(cfg) -> tuple[int, int, str]:
     """Sort key and label of a run's table row: ``(dims order, voxels, "64³")``."""
     res = tuple(int(r) for r in cfg.data.resolution)
+    if cfg.data.resample == "native":   # each case its own shape: named by the voxel size
+        mm = "×".join(f"{v:g}" for v in cfg.data.native_spacing_mm)
+        return (0, math.inf, f"native {mm} mm")
     if cfg.model.dims == 2:
         return (1, math.prod(res), f"{res[0]}² 2D" if len(set(res)) == 1
                 else f"{'×'.join(map(str, res))} 2D")
@@ -185,11 +188,13 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
             row.update({m: mean, f"{m}_std": std, f"{m}_n": n})
         cfg = runs[0].cfg
         row["devices"] = int(cfg.mesh.data * math.prod(cfg.mesh.spatial))
-        row["memory_bytes"] = step_memory(cfg) if memory else math.nan
+        native = cfg.data.resample == "native"     # shapes vary by bucket: not from the config
+        row["memory_bytes"] = step_memory(cfg) if memory and not native else math.nan
         row["step_time_s"] = metrics.mean_std(step_time(r.path) for r in runs)[0]
         # network input voxels per second (a 2D step sees `batch` slices)
-        row["voxels_per_s"] = (cfg.train.batch * math.prod(cfg.data.patch or cfg.data.resolution)
-                               / row["step_time_s"])
+        row["voxels_per_s"] = math.nan if native else (
+            cfg.train.batch * math.prod(cfg.data.patch or cfg.data.resolution)
+            / row["step_time_s"])
         rows.append(row)
     return rows
 

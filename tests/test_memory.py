@@ -132,6 +132,26 @@ def test_wang_ablation_table():
     assert "+mixed precision" in table and "traced" in table
 
 
+def test_wang_ablation_native_column_is_the_largest_bucket():
+    """Third column: the same figure at the largest bucket of native-size cases."""
+    from hrseg.data import phantom
+    shape = memory.largest_bucket([20, 27, 33], in_plane=(16, 16), levels=4, per_octave=3)
+    assert shape == (16, 16, 48)                 # 33 slices -> 8 × 6 (⌈2^(j/3)⌉: 4, 6, 7, …)
+    rows = memory.ablation((16, 16, 16), traced=False, native=shape)
+    base = unet.preset("wang_baseline")
+    for r, (_, changes) in zip(rows, memory.ABLATION):
+        cfg = dataclasses.replace(base, **changes)
+        want = memory.estimate(cfg, shape, (1, 1, 1), optimizer="adam", backend="none")
+        assert r["native"] == want["total"] > r["estimate"]      # 3× the voxels of 16³
+        assert r["native_shape"] == [16, 16, 48]
+    assert rows[-1]["native_fraction"] < 1 and "16×16×48" in memory.format_table(rows)
+    b = memory.phantom_bucket(cases=12, seed=0)
+    slices = phantom.slice_counts(12, 0)
+    assert b["slices"] == (min(slices), max(slices)) and 80 <= min(slices) <= max(slices) <= 200
+    assert b["largest"][:2] == (256, 256) and b["largest"][2] % 8 == 0
+    assert max(slices) <= b["largest"][2] == max(b["buckets"]) and len(b["buckets"]) <= 5
+
+
 def test_cli_memory_prints_the_plan(capsys):
     assert cli.main(["memory", "--resolution", "512", "--devices", "512", "--budget", "16GiB",
                      "--batch", "8", "--compile", "no"]) == 0

@@ -1,5 +1,6 @@
 """train.py on one CPU device at 16³: the loop's files, resume after SIGKILL (bit-identical),
 the NaN guard, evaluate/predict of a run directory and the CLI."""
+import dataclasses
 import json
 import math
 import signal
@@ -244,3 +245,88 @@ def test_patch_run_resumes_bit_identically_and_evaluates_by_sliding_window(datas
     again = train.evaluate(tmp_path / "pieces")
     assert calls == [(8, 8, 8)] and again["cases"] == 1
     assert same_json(again, straight.eval)                    # same weights, same Dice
+
+
+# --- resample: native (buckets.py) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def native_dataset(tmp_path_factory):
+    from tests.test_buckets import write_native_dataset
+    return write_native_dataset(tmp_path_factory.mktemp("native"))
+
+
+def native(dataset, out, *overrides):
+    """The smoke config, native sizes at the fixture's own spacing (each case its shape)."""
+    return smoke(dataset, out, "data.resample=native", "data.native_spacing_mm=[4.0,4.0,6.0]",
+                 *overrides)
+
+
+def test_native_run_resumes_bit_identically_in_buckets(native_dataset, tmp_path):
+    over = ["train.batch=2", "train.ckpt_every=2", "train.eval_every=-1"]
+    first = train.train(native(native_dataset, tmp_path, "train.name=pieces", "train.steps=3",
+                               *over), progress=False)
+    resumed = train.train(native(native_dataset, tmp_path, "train.name=pieces",
+                                 "train.steps=6", *over), progress=False)
+    assert (first.steps, resumed.resumed_from, resumed.steps) == (3, 3, 6)
+    straight = train.train(native(native_dataset, tmp_path, "train.name=straight",
+                                  "train.steps=6", "train.batch=2", "train.ckpt_every=2",
+                                  "train.eval_every=0"), progress=False)
+    _, a = _final_state(tmp_path / "pieces")
+    _, b = _final_state(tmp_path / "straight")
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    steps = [r for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    assert len({round(r["voxels_per_s"] * r["step_time_s"]) for r in steps}) > 1  # buckets
+    assert straight.eval["cases"] == 1 and math.isfinite(straight.eval["liver_dice_global"])
+
+
+def test_native_predict_returns_every_label_on_the_original_grid(native_dataset, tmp_path,
+                                                                  monkeypatch):
+    """A network replaced by one that reads the label off the image: `hrseg predict` and the
+    evaluation then give back every labelled voxel, on the file's own grid (nothing cropped
+    by the padding, nothing lost by the uncrop)."""
+    import jax.numpy as jnp
+
+    from hrseg.train import inference, step
+    cfg = native(native_dataset, tmp_path, "train.name=ident", "train.steps=1",
+                 "train.eval_every=-1", "data.native_spacing_mm=[2.0,2.0,3.0]")
+    run = train.train(cfg, progress=False).run_dir
+    lo, hi = cfg.data.hu_window
+
+    def make_predict(graphdef, layout, ndim):    # HU = 100 × label -> the label
+        def predict(params, rest, x):
+            hu = x[..., 0] * (hi - lo) + lo
+            return jnp.round(hu / 100).astype(jnp.int32), None
+        return predict
+
+    monkeypatch.setattr(step, "make_predict", make_predict)
+    for seg in sorted(Path(native_dataset).glob("segmentation-*.nii.gz")):
+        lab = nib.load(seg)
+        labels = np.asarray(lab.dataobj)
+        vol = tmp_path / seg.name.replace("segmentation", "volume")
+        nib.save(nib.Nifti1Image((labels * 100).astype(np.int16), lab.affine), vol)
+        out = nib.load(train.predict(run, vol, tmp_path / f"pred-{seg.name}"))
+        np.testing.assert_array_equal(np.asarray(out.dataobj), labels)
+        np.testing.assert_allclose(out.affine, lab.affine, atol=1e-5)
+    # evaluation of the same stand-in on the native grid: prediction = label, Dice 1
+    _, graphdef, state, layout, _ = train.load_run(run)
+    ds = data.load_dataset(cfg.data)
+    cases = [dataclasses.replace(v, image=(v.label * 100 - lo) / (hi - lo)) for v in ds.train]
+    result = inference.Evaluator(cfg, graphdef, layout, cases)(state)
+    assert result["liver_dice_global"] == 1.0 and result["cases"] == len(cases)
+
+
+@pytest.mark.parametrize("item, match", [
+    ("data.resample=cube", r"'data.resample': 'cube' is not one of stretch, spacing, native"),
+    ("data.native_spacing_mm=[1,0,3]", r"'data.native_spacing_mm': sizes must be > 0"),
+    ("data.native_spacing_mm=[1,2]", r"'data.native_spacing_mm': expected 3 values"),
+    ("data.buckets_per_octave=0", r"'data.buckets_per_octave': must be >= 1"),
+])
+def test_cli_native_config_errors_are_one_line(item, match, capsys):
+    import re
+    assert cli.main(["train", "-f", str(SMOKE), "--set", "data.resample=native", item]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hrseg train: error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+    assert cli.main(["train", "-f", str(SMOKE), "--set", "data.resample=native",
+                     "data.patch=[8,8,8]"]) == 2
+    assert "'data.patch': patches are cut from the cube" in capsys.readouterr().err

@@ -4,6 +4,7 @@
     resample    the resampling grid (spacing, shape) and trilinear / nearest resampling
     integrity   ``hrseg verify``: every case readable, shapes and affines agree, labels in range
     dataset     windowing, preprocessing, the on-disk cache, splits, batches (``load_dataset``)
+    buckets     native-size volumes: bucketed padding (IGNORE) and same-bucket batches
     patches     random training crops with nnU-Net's foreground oversampling (``data.patch``)
     augment     flips and tumour synthesis (Hou et al.): remove real tumours, paint blurred ones
     phantom     the embedded synthetic abdomen dataset (``hrseg phantom``)

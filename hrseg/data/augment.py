@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from hrseg.config import AugmentConfig
 from hrseg.data.field import field_nodes, smooth_field
+from hrseg.metrics import IGNORE
 
 # Intensity drop used when a case has no tumour (or no liver) to measure it on, in window
 # units: 1.15 × 40 HU / 1024 HU ≈ 0.045. 40 HU is a typical liver − tumour contrast
@@ -121,6 +122,20 @@ def split_key(key, synthesis_p: float):
     """
     k_apply, k_synth, k_flip = jax.random.split(key, 3)
     return jax.random.uniform(k_apply) < synthesis_p, k_synth, k_flip
+
+
+def augment_padded(key, image, label, cfg: AugmentConfig):
+    """:func:`augment` of a padded case (buckets.pad): padding (label IGNORE) stays padding.
+
+    Synthesis sees the padding as background (it changes only the liver); the flips move the
+    padding mask with the voxels, and it is labelled IGNORE again afterwards."""
+    label = jnp.asarray(label)
+    padding = label < 0                                   # IGNORE (hrseg.metrics)
+    image, new = augment(key, image, jnp.where(padding, 0, label), cfg)
+    if cfg.flip or cfg.rotate180:
+        _, _, k_flip = split_key(key, cfg.tumour_synthesis_p)
+        _, padding = flip_rotate(k_flip, padding, padding, cfg.flip, cfg.rotate180)
+    return image, jnp.where(padding, IGNORE, new).astype(label.dtype)
 
 
 def augment(key, image, label, cfg: AugmentConfig):

@@ -50,7 +50,7 @@ def _spacing(affine_or_spacing) -> np.ndarray:
 def grid_for(shape, affine_or_spacing, cfg: DataConfig) -> resample.Grid:
     """The resampling grid ``cfg`` gives a canonical volume of ``shape``."""
     return resample.grid(shape, _spacing(affine_or_spacing), cfg.resolution, cfg.resample,
-                         cfg.spacing_mm)
+                         cfg.spacing_mm, cfg.native_spacing_mm)
 
 
 def preprocess(hu: np.ndarray, affine_or_spacing, cfg: DataConfig) -> np.ndarray:
@@ -76,7 +76,8 @@ def _label_on(g: resample.Grid, label: np.ndarray) -> np.ndarray:   # uint8 on t
 @dataclass(frozen=True)
 class Volume:
     """A preprocessed case: ``image`` float32 in [0, 1] and ``label`` int32, both on the
-    network grid (3D ``(R, R, R)``, 2D ``(R, R, Z)``); ``meta`` holds the source files, the
+    network grid (3D ``(R, R, R)``, 2D ``(R, R, Z)``; ``resample: native``: the case's own
+    shape at the native spacing, padded to a bucket only when batched, see buckets.py); ``meta`` holds the source files, the
     original shape/affine/spacing and the resampling grid (see to_original_geometry)."""
     id: str
     image: np.ndarray
@@ -118,12 +119,17 @@ def _stat(p: Path) -> dict:
 
 
 def _settings(cfg: DataConfig) -> dict:
-    return {"version": CACHE_VERSION, "resolution": list(cfg.resolution),
-            "resample": cfg.resample, "spacing_mm": cfg.spacing_mm,
-            "hu_window": list(cfg.hu_window), "antialias": cfg.antialias}
+    out = {"version": CACHE_VERSION, "resolution": list(cfg.resolution),
+           "resample": cfg.resample, "spacing_mm": cfg.spacing_mm,
+           "hu_window": list(cfg.hu_window), "antialias": cfg.antialias}
+    if cfg.resample == "native":   # only here: the other modes' cache keys stay as they were
+        out["native_spacing_mm"] = list(cfg.native_spacing_mm)
+    return out
 
 
 def cache_dir(cfg: DataConfig) -> Path:
+    if cfg.resample == "native":   # each case keeps its own shape: named by the voxel size
+        return Path(cfg.cache_dir) / f"native-{'x'.join(map(str, cfg.native_spacing_mm))}mm"
     return Path(cfg.cache_dir) / f"{'x'.join(map(str, cfg.resolution))}-{cfg.resample}"
 
 

@@ -60,6 +60,13 @@ def _geometry(rng: np.random.Generator, shape):
     return fov, extent, shape, spacing, flips
 
 
+def slice_counts(cases: int, seed: int = 0) -> list[int]:
+    """The slice count (80–200) of each case of the default-shape dataset ``seed``, without
+    rendering anything: the first draws of :func:`generate_case`."""
+    return [_geometry(np.random.default_rng(case_seed(seed, i)), None)[2][2]
+            for i in range(int(cases))]
+
+
 def _centres(n: int, step: float, lo: float) -> np.ndarray:
     return (lo + (np.arange(n) + 0.5) * step).astype(np.float32)
 

@@ -7,7 +7,12 @@ Every output voxel ``o`` (per axis) samples the input at the continuous voxel co
 * ``"stretch"`` (the paper): each axis is stretched to the output size, the volume's outer
   faces on the grid's (``scale = n_in / n_out``, ``offset = scale/2 - 1/2``);
 * ``"spacing"``: one isotropic spacing for all axes (``spacing_mm``, or 0 = the smallest
-  that fits the whole volume), centred; the rest is padded (air, background) or cropped.
+  that fits the whole volume), centred; the rest is padded (air, background) or cropped;
+* ``"native"`` (Wang et al.'s "256 × 256 × full"): a fixed voxel size per axis
+  (``native_mm``, e.g. 1.62 × 1.62 × 3.22 mm); each case keeps its own extent, so its output
+  shape is ``round(n_in × spacing / native_mm)`` per axis (≥ 1) and the grid is stretched
+  faces-on-faces onto that shape (the realised spacing is within half a voxel of the asked
+  one over the whole extent). Nothing is cropped or padded here: buckets.py pads to the mesh.
 
 Images are trilinear (order 1); when an axis shrinks by 2× or more it is first averaged in
 blocks of ``floor(scale)`` voxels (anti-aliasing, and far less work at 512×512 → 64²); a
@@ -43,17 +48,28 @@ class Grid:
                    tuple(d["offset"]), bool(d["pad"]))
 
 
-def grid(in_shape, spacing, resolution, mode: str = "stretch", spacing_mm: float = 0.0) -> Grid:
+def native_shape(in_shape, spacing, native_mm) -> tuple[int, int, int]:
+    """The shape of a case of ``in_shape`` voxels of ``spacing`` mm at ``native_mm`` voxels."""
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(in_shape, spacing, native_mm))
+
+
+def grid(in_shape, spacing, resolution, mode: str = "stretch", spacing_mm: float = 0.0,
+         native_mm=(1.62, 1.62, 3.22)) -> Grid:
     """The map from a canonical volume ``in_shape`` (voxel ``spacing`` mm) to ``resolution``
-    (3 sizes, or 2 for in-plane only: the slices are kept)."""
+    (3 sizes, or 2 for in-plane only: the slices are kept); ``"native"`` ignores
+    ``resolution`` and resamples to ``native_mm`` voxels."""
     in_shape = tuple(int(s) for s in in_shape)
     spacing = [float(s) for s in spacing]
     res = tuple(int(r) for r in resolution)
     if len(res) not in (2, 3) or min(res) < 1:
         raise ValueError(f"data.resolution must be 2 or 3 positive sizes, got {resolution}")
+    if mode == "native":
+        if len(native_mm) != 3 or min(native_mm) <= 0:
+            raise ValueError(f"data.native_spacing_mm must be 3 sizes > 0, got {native_mm}")
+        res = native_shape(in_shape, spacing, native_mm)
     out = res + (in_shape[2],) if len(res) == 2 else res
     axes = len(res)
-    if mode == "stretch":
+    if mode in ("stretch", "native"):
         scale = [n / r for n, r in zip(in_shape[:axes], res)]
         offset = [s / 2 - 0.5 for s in scale]
     elif mode == "spacing":
@@ -63,7 +79,7 @@ def grid(in_shape, spacing, resolution, mode: str = "stretch", spacing_mm: float
         scale = [mm / s for s in spacing[:axes]]
         offset = [(n - 1) / 2 - a * (r - 1) / 2 for n, a, r in zip(in_shape, scale, res)]
     else:
-        raise ValueError(f"data.resample '{mode}' is not one of stretch, spacing")
+        raise ValueError(f"data.resample '{mode}' is not one of stretch, spacing, native")
     if axes == 2:
         scale, offset = scale + [1.0], offset + [0.0]
     return Grid(in_shape, out, tuple(scale), tuple(offset), mode == "spacing")

@@ -14,6 +14,8 @@ from hrseg.memory.ablation import (  # noqa: F401
     ABLATION,
     ablation,
     format_table,
+    largest_bucket,
+    phantom_bucket,
 )
 from hrseg.memory.analytic import (  # noqa: F401
     MASK_BYTES,

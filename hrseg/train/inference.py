@@ -11,6 +11,8 @@ import numpy as np
 
 from hrseg import data, metrics
 from hrseg.config import Config
+from hrseg.data import buckets
+from hrseg.nn import unet
 from hrseg.parallel import partition
 from hrseg.train import distributed, sliding, step
 
@@ -18,16 +20,27 @@ from hrseg.train import distributed, sliding, step
 PIXELS_PER_DEVICE = 2 ** 20
 
 
+def pad_multiple(cfg: Config) -> tuple[int, int, int]:
+    """``resample: native``: each padded axis is a multiple of (devices on it) × 2^poolings.
+    From the config's mesh, not the devices at hand: the same run pads the same way on any
+    backend (so "none" and "halo" see the same batches), and a 1-device mesh divides it."""
+    pool = 2 ** unet.poolings_of(cfg.model)
+    spatial = tuple(cfg.mesh.spatial) + (1,) * (3 - len(cfg.mesh.spatial))
+    return tuple(int(n) * pool for n in spatial)
+
+
 class Predictor:
     """``predict(state, volumes [(X, Y, Z)]) -> [labels (X, Y, Z) int32]`` on the mesh.
 
     3D: as many whole volumes per forward pass as the mesh's "data" axis has replicas, or as
     many sliding windows for a patch-trained run. 2D: every axial slice, with its neighbours
-    as channels, in chunks of slices.
+    as channels, in chunks of slices. ``resample: native``: each volume is padded to its
+    bucket (buckets.pad), predicted, and cropped back to its own shape.
     """
 
     def __init__(self, cfg: Config, graphdef, layout: partition.Layout):
         self.cfg, self.ndim = cfg, cfg.model.dims
+        self.multiple = pad_multiple(cfg) if self.ndim == 3 else None
         self.sharding = layout.sharding(partition.volume_spec(self.ndim))
         self.data = layout.data
         self._predict = step.make_predict(graphdef, layout, self.ndim)
@@ -55,6 +68,14 @@ class Predictor:
             return [np.argmax(sliding.sliding_window(
                 lambda w: self._probs(state, w), np.asarray(v, np.float32)[..., None],
                 self.cfg.data.patch, batch=self.data), -1).astype(np.int32) for v in volumes]
+        if self.ndim == 3 and self.cfg.data.resample == "native":
+            out = []
+            for v in volumes:
+                shape = buckets.bucket_shape(np.shape(v), self.multiple,
+                                             self.cfg.data.buckets_per_octave)
+                padded = buckets.pad_image(np.asarray(v, np.float32), shape)[..., None]
+                out.append(buckets.crop(self._run(state, [padded], self.data)[0], np.shape(v)))
+            return out
         if self.ndim == 3:
             labels = self._run(state, [np.asarray(v)[..., None] for v in volumes], self.data)
             return list(labels)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from hrseg import atomic, config, data
 from hrseg.config import Config, TrainConfig
-from hrseg.data import augment, nifti, patches
+from hrseg.data import augment, buckets, nifti, patches
 from hrseg.metrics import region_dice
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
@@ -90,13 +90,17 @@ def make_layout(cfg: Config) -> partition.Layout:
 
 
 def batch_shape(cfg: Config) -> tuple[int, ...]:
-    """Global ``(B, *spatial, C)`` of a training batch (spatial: the patch, if any)."""
+    """Global ``(B, *spatial, C)`` of a training batch (spatial: the patch, if any).
+    ``resample: native`` batches vary by bucket: spatial is then the smallest bucket, the
+    padding multiple (inference.pad_multiple)."""
+    if cfg.data.resample == "native":
+        return (cfg.train.batch, *inference.pad_multiple(cfg), cfg.in_channels)
     return (cfg.train.batch, *(cfg.data.patch or cfg.data.resolution), cfg.in_channels)
 
 
 def check_batch_shape(cfg: Config, mesh) -> None:
     """The batch must split over the run's mesh (``layout.mesh``) and pool evenly; the error
-    names the config key."""
+    names the config key. (Native-size batches are padded to fit: only the batch counts.)"""
     try:
         partition.check_divisible(batch_shape(cfg), mesh, unet.poolings_of(cfg.model))
     except ValueError as e:
@@ -109,7 +113,8 @@ class Batches:
     """This process's training data: its batch rows of each step, augmented, as global arrays.
 
     A process loads only the rows its devices hold (distributed.local_rows); with one process
-    that is the whole batch.
+    that is the whole batch. ``resample: native``: each step's batch is one bucket's shape
+    (buckets.Sampler), padded with IGNORE labels that augmentation keeps in place.
     """
 
     def __init__(self, cfg: Config, layout: partition.Layout):
@@ -126,9 +131,13 @@ class Batches:
                   file=sys.stderr)
         self.ds = data.load_dataset(cfg.data, process_index=self.group,
                                     process_count=self.groups)
+        self.native = cfg.data.resample == "native"
         self.sampler = (patches.Sampler(self.ds, cfg.data.patch, cfg.data.patch_foreground)
-                        if cfg.data.patch else None)
-        self._augment = jax.jit(lambda key, img, lab: augment.augment(key, img, lab, cfg.augment))
+                        if cfg.data.patch else
+                        buckets.Sampler(self.ds, inference.pad_multiple(cfg),
+                                        cfg.data.buckets_per_octave) if self.native else None)
+        aug = augment.augment_padded if self.native else augment.augment
+        self._augment = jax.jit(lambda key, img, lab: aug(key, img, lab, cfg.augment))
 
     def key(self, step_: int, row: int) -> jax.Array:
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.train.seed),
@@ -144,9 +153,11 @@ class Batches:
         for i in range(rows):
             img, lab = self._augment(self.key(step_, self.group * rows + i), images[i], labels[i])
             images[i], labels[i] = np.asarray(img), np.asarray(lab)
-        return (distributed.global_array(self.img_sharding, images, self.shape, self.group),
-                distributed.global_array(self.lab_sharding, labels, self.shape[:-1],
-                                         self.group))
+        shape = self.shape
+        if self.native:   # this step's bucket
+            shape = (t.batch, *self.sampler.shape_of_step(step_, t.batch, t.seed), shape[-1])
+        return (distributed.global_array(self.img_sharding, images, shape, self.group),
+                distributed.global_array(self.lab_sharding, labels, shape[:-1], self.group))
 
 
 def _finite_or_raise(metrics: dict, step_no: int, ckpts: checkpoint.Checkpoints) -> None:
@@ -248,7 +259,6 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
                                       policy.loss_scaling)
     log = rundir.MetricsLog(run_dir / rundir.METRICS, start, main)
     schedule = make_schedule(t)
-    voxels = math.prod(batch_shape(cfg)[:-1])
 
     def evaluate_and_log(n):
         result = evaluator(state, n)
@@ -261,11 +271,12 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
 
     bar = tqdm(total=t.steps, initial=min(start, t.steps), disable=not (progress and main),
                desc=t.name, dynamic_ncols=True)
-    times, last_loss, last_eval, compile_s = [], None, None, None
+    times, sizes, last_loss, last_eval, compile_s = [], [], None, None, None
     try:
         for s in range(start, t.steps):
             t_data = time.perf_counter()
             images, labels = batches(s)
+            voxels = math.prod(images.shape[:-1])      # native sizes: this step's bucket
             t0 = time.perf_counter()
             state, metrics = train_step(state, images, labels)
             metrics = jax.device_get(metrics)
@@ -274,6 +285,7 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
                 compile_s = dt
             else:
                 times.append(dt)
+                sizes.append(voxels)
             n = s + 1
             if not (policy.loss_scaling and not metrics["finite"]):
                 _finite_or_raise(metrics, n, ckpts)
@@ -305,6 +317,7 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
         bar.close()
 
     step_time = float(np.median(times)) if times else None
+    voxels = float(np.mean(sizes)) if sizes else 0.0     # one size unless native buckets
     return RunResult(run_dir=run_dir, steps=max(start, t.steps), resumed_from=None,
                      final_loss=last_loss, eval=last_eval, step_time_s=step_time,
                      compile_s=compile_s,

@@ -37,3 +37,27 @@ def test_partitioned_training_matches_single_device(dataset, losses_of, tmp_path
         np.testing.assert_allclose(losses, ref, rtol=5e-3, atol=0, err_msg=name)
         for k in ("liver_dice_global", "tumour_dice_global"):
             assert result.eval[k] == pytest.approx(ref_result.eval[k], abs=1e-3), name
+
+
+def test_native_buckets_train_the_same_partitioned(tmp_path_factory, losses_of, tmp_path):
+    """``resample: native``: the padding multiple comes from the config's mesh, so one device
+    (backend none) and 2×2×2 devices see the same padded batches (IGNORE on the padding), and
+    take the same steps."""
+    from tests.test_buckets import write_native_dataset
+    root = write_native_dataset(tmp_path_factory.mktemp("native"))
+
+    def run(name, backend):
+        cfg = config.load(SMOKE, [
+            f"data.root={root}", f"data.cache_dir={root}/cache", f"train.out_dir={tmp_path}",
+            f"train.name={name}", "train.steps=4", "train.batch=2", "train.ckpt_every=0",
+            "train.eval_every=0", f"mesh.backend={backend}", "mesh.spatial=[2,2,2]",
+            "data.resample=native", "data.native_spacing_mm=[4.0,4.0,6.0]"])
+        return train.train(cfg, progress=False)
+
+    one, eight = run("one", "none"), run("halo8", "halo")
+    assert (one.devices, eight.devices) == (1, 8)
+    ref, got = losses_of(one.run_dir), losses_of(eight.run_dir)
+    assert len(ref) == 4 and np.all(np.isfinite(ref))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=0)
+    for k in ("liver_dice_global", "tumour_dice_global"):
+        assert eight.eval[k] == pytest.approx(one.eval[k], abs=1e-3)
