@@ -8,10 +8,11 @@ the local shard inside ``jax.shard_map`` ("halo"), or on the global array under 
 meets the sharded activations (jax's ops and the custom VJPs of halo.py / norm.py alike).
 
 Uneven shapes: a spatial size that pools evenly but does not split evenly over its devices
-is padded at its upper end inside the halo step (parallel/uneven.py: images with zeros,
-labels with hrseg.metrics.IGNORE) and the padding is masked, so loss, gradients, batch
-statistics and predictions (cropped back) are those of the unpadded volume. The gspmd
-backend runs the unpadded global arrays: XLA's partitioner splits uneven sizes itself.
+is padded at its upper end inside the step (parallel/uneven.py: images with zeros, labels
+with hrseg.metrics.IGNORE) and the padding is masked, so loss, gradients, batch statistics
+and predictions (cropped back) are those of the unpadded volume — on the halo and the gspmd
+backend alike (gspmd on the unpadded arrays, left to XLA's own uneven splitting, gave twice
+the gradient of a deep conv's kernel on this jax/XLA:CPU).
 """
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ def _specs(ndim: int):
 def _extent(layout: Layout, graphdef, params, rest, shape, poolings: int | None):
     """The padding (uneven.Extent) a batch of ``shape (B, *S, C)`` needs in the per-shard
     step, or None. ``poolings`` defaults to the model's ``poolings`` attribute (0 if none)."""
-    if not layout.backend.shard_map:
-        return None  # gspmd: XLA splits uneven sizes itself; none: one device
+    if layout.backend.one_device:
+        return None
     if poolings is None:
         poolings = getattr(nnx.merge(graphdef, params, rest), "poolings", 0)
     return uneven.extent(shape, layout.spatial[:len(shape) - 2], poolings)
@@ -98,7 +99,7 @@ def make_forward(graphdef: nnx.GraphDef, layout: Layout, ndim: int = 3,
         ext = _extent(layout, graphdef, params, rest, images.shape, poolings)
         fn = layout.spmd(partial(local, ext), in_specs=(P(), P(), vspec),
                          out_specs=(vspec, P()))
-        logits, new_rest = fn(params, rest, uneven.pad(images, ext))
+        logits, new_rest = fn(params, rest, layout.constrain(uneven.pad(images, ext), vspec))
         return _crop(layout, logits, ext, vspec), new_rest
 
     return forward
@@ -140,8 +141,10 @@ def make_loss(graphdef, loss_fn: Callable, layout: Layout, ndim: int = 3,
         ext = _extent(layout, graphdef, params, rest, images.shape, poolings)
         fwd = layout.spmd(partial(local, ext), in_specs=(P(), P(), vspec, lspec),
                           out_specs=(P(), P(), P()))
-        loss, new_rest, counts = fwd(params, rest, uneven.pad(images, ext),
-                                     uneven.pad(labels, ext, scores.IGNORE))
+        loss, new_rest, counts = fwd(params, rest,
+                                     layout.constrain(uneven.pad(images, ext), vspec),
+                                     layout.constrain(uneven.pad(labels, ext, scores.IGNORE),
+                                                      lspec))
         return loss * scale, (loss, new_rest, counts)
 
     return loss_and_aux
