@@ -3,6 +3,7 @@
     partition   axis names, meshes, shardings, divisibility, the backends and the Layout
     exchange    halo exchange between neighbouring shards (lax.ppermute) and its transpose
     halo        per-shard ops for shard_map: conv, max-pool, up-conv, moments, psum helpers
+    uneven      sizes that do not split evenly: padded in the step, masked in conv and moments
     cpuconv     the 3D conv as one depth-stacked 2D conv on XLA:CPU (opt-in, HRSEG_CPU_CONV=1)
     devices     real accelerator or fake CPU devices (set before jax is imported)
 """
