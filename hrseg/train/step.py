@@ -67,8 +67,8 @@ def _specs(ndim: int):
 def _extent(layout: Layout, graphdef, params, rest, shape, poolings: int | None):
     """The padding (uneven.Extent) a batch of ``shape (B, *S, C)`` needs in the per-shard
     step, or None. ``poolings`` defaults to the model's ``poolings`` attribute (0 if none)."""
-    if layout.backend.one_device:
-        return None
+    if layout.backend.one_device or all(n == 1 for n in layout.spatial):
+        return None  # nothing split: the network's own checks apply
     if poolings is None:
         poolings = getattr(nnx.merge(graphdef, params, rest), "poolings", 0)
     return uneven.extent(shape, layout.spatial[:len(shape) - 2], poolings)
