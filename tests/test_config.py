@@ -127,7 +127,7 @@ def test_a_patch_that_does_not_pool_evenly_names_the_key():
     from hrseg.train import loop
     cfg = config.load(None, ["data.resolution=[64,64,64]", "data.patch=[32,32,20]",
                              "model.levels=4", "mesh.spatial=[1,1,2]"])
-    with pytest.raises(ValueError, match=r"'data.patch'.*size 20, not a multiple of 16"):
+    with pytest.raises(ValueError, match=r"'data.patch'.*size 20, not a multiple of 8 \(2\^3 poolings"):
         loop.check_batch_shape(cfg, _FakeMesh(cfg.mesh))
     whole = config.load(None, ["data.resolution=[64,64,36]", "model.levels=4"])
     with pytest.raises(ValueError, match=r"'data.resolution'.*size 36, not a multiple of 8"):

@@ -33,17 +33,26 @@ class FakeMesh:  # check_divisible reads only mesh.shape
 
 def test_check_divisible_names_axis_size_and_nearest():
     partition.check_divisible((2, 64, 32, 16, 1), FakeMesh, levels=3)
-    # an unsplit axis still has to pool evenly
+    # an axis that pools evenly but does not split evenly is padded by the step (uneven.py)
+    partition.check_divisible((2, 48, 32, 16, 1), FakeMesh, levels=3)
+    # an axis has to pool evenly, split or not
     with pytest.raises(ValueError, match=r"axis 3 \(mesh axis 'z'\) has size 17, not a multiple "
-                                         r"of 8 \(1 device\(s\) × 2\^3 poolings\)"):
+                                         r"of 8 \(2\^3 poolings; no mesh can run it"):
         partition.check_divisible((2, 64, 32, 17, 1), FakeMesh, levels=3)
-    with pytest.raises(ValueError, match=r"axis 1 \(mesh axis 'x'\) has size 48.*multiple of 32"
-                                         r".*nearest sizes that work: 32 or 64"):
-        partition.check_divisible((2, 48, 32, 16, 1), FakeMesh, levels=3)
+    with pytest.raises(ValueError, match=r"axis 1 \(mesh axis 'x'\) has size 44.*multiple of 8"
+                                         r".*nearest sizes that work: 40 or 48"):
+        partition.check_divisible((2, 44, 32, 16, 1), FakeMesh, levels=3)
     with pytest.raises(ValueError, match=r"mesh axis 'data'\) has size 3"):
         partition.check_divisible((3, 64, 32, 16, 1), FakeMesh, levels=0)
     with pytest.raises(ValueError, match="expected a volume shape"):
         partition.check_divisible((64, 64), FakeMesh, levels=1)
+
+
+def test_placement_spec_keeps_uneven_axes_whole():
+    spec = partition.placement_spec((2, 48, 30, 16, 1), FakeMesh, partition.volume_spec())
+    assert tuple(spec) == ("data", "x", "y", "z", None)    # 48 on 4 devices, 30 on 2: even
+    spec = partition.placement_spec((2, 50, 31, 16), FakeMesh, partition.label_spec())
+    assert tuple(spec) == ("data", None, None, "z")        # 50 on 4, 31 on 2: kept whole
 
 
 def test_unknown_backend():

@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from hrseg.parallel import halo, partition
+from hrseg.parallel import halo, partition, uneven
 
 GAMMA_EPS = 1e-5  # in-place ABN scales by |γ| + GAMMA_EPS: never zero, always invertible
 INVERTIBLE = ("leaky_relu", "elu", "identity")
@@ -59,15 +59,19 @@ def effective_scale(gamma):
     return jnp.abs(gamma) + GAMMA_EPS
 
 
-def _count(x, axes, mesh_axes):
-    n = 1
-    for a in axes:
-        n *= x.shape[a]
-    return halo.psum(jnp.float32(n), mesh_axes)
+def _count(x, axes, mesh_axes, ext):
+    """Voxels of the global tensor over ``axes`` (an uneven shard's padding not counted)."""
+    return halo.psum(uneven.valid_count(x, axes, ext), mesh_axes)
 
 
-def _stats(x, axes, mesh_axes, eps):
-    mean, var = halo.moments(x, axes, mesh_axes)
+def _drop_padding(dx, ext):
+    """No gradient to an uneven shard's padding: the conv before the norm would carry it
+    across the true border (forward, halo.conv zeroes the padding it reads)."""
+    return uneven.zero_padding(dx, ext)
+
+
+def _stats(x, axes, mesh_axes, eps, ext):
+    mean, var = halo.moments(x, axes, mesh_axes, ext)
     return mean, var, jax.lax.rsqrt(var + eps)
 
 
@@ -92,58 +96,70 @@ def _param_grads(dz, xhat, gamma):
 
 # --- normalization that keeps its input -----------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def normalize(x, gamma, beta, axes: tuple[int, ...], mesh_axes: tuple[str, ...], eps: float):
     """``γ·(x − mean)/√(var + eps) + β`` with statistics over ``axes`` of the global tensor.
 
     ``gamma``/``beta`` broadcast against the trailing dims of ``x`` (``(C,)`` for batch norm,
     ``(G, C/G)`` for group norm on ``x`` reshaped to ``(B, *S, G, C/G)``). Returns ``(z, mean,
-    var)``: ``z`` in ``x.dtype``, float32 statistics (keepdims) without gradient.
+    var)``: ``z`` in ``x.dtype``, float32 statistics (keepdims) without gradient. Inside a
+    step on an uneven shape, its padding (uneven.py) is left out of the statistics and gets
+    no gradient.
     """
-    return _normalize_fwd(x, gamma, beta, axes, mesh_axes, eps)[0]
+    return _normalize(x, gamma, beta, axes, mesh_axes, eps, uneven.current())
 
 
-def _normalize_fwd(x, gamma, beta, axes, mesh_axes, eps):
-    mean, var, inv = _stats(x, axes, mesh_axes, eps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _normalize(x, gamma, beta, axes, mesh_axes, eps, ext):
+    return _normalize_fwd(x, gamma, beta, axes, mesh_axes, eps, ext)[0]
+
+
+def _normalize_fwd(x, gamma, beta, axes, mesh_axes, eps, ext):
+    mean, var, inv = _stats(x, axes, mesh_axes, eps, ext)
     z = ((x.astype(jnp.float32) - mean) * inv * gamma + beta).astype(x.dtype)
     return (z, mean, var), (x, gamma, beta, mean, inv)  # beta: only its type (check_vma)
 
 
-def _normalize_bwd(axes, mesh_axes, eps, res, cts):
+def _normalize_bwd(axes, mesh_axes, eps, ext, res, cts):
     x, gamma, beta, mean, inv = res
     dz = cts[0].astype(jnp.float32)  # statistics only feed running averages: no cotangent
     xhat = (halo.after(x, dz).astype(jnp.float32) - mean) * inv
-    dx = _backward(xhat, dz * gamma, inv, axes, mesh_axes, _count(x, axes, mesh_axes))
+    dx = _backward(xhat, dz * gamma, inv, axes, mesh_axes, _count(x, axes, mesh_axes, ext))
+    dx = _drop_padding(dx, ext)
     dgamma, dbeta = _param_grads(dz, xhat, gamma)
     return _like_primals((dx.astype(x.dtype), dgamma, dbeta), (x, gamma, beta))
 
 
-normalize.defvjp(_normalize_fwd, _normalize_bwd)
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 # --- in-place activated batch norm: keeps only its output -----------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def inplace_abn(x, gamma, beta, eps: float, act: str, slope: float,
                 mesh_axes: tuple[str, ...] = partition.AXES):
     """``φ((|γ| + ε)·x̂ + β)`` with batch statistics; returns ``(y, mean, var)``.
 
     ``x (B, *S, C)``; statistics over batch and space of the global tensor; ``y`` in
-    ``x.dtype``; ``mean``/``var`` float32 ``(C,)``, for the running averages only.
+    ``x.dtype``; ``mean``/``var`` float32 ``(C,)``, for the running averages only. An uneven
+    shard's padding is handled as in :func:`normalize`.
     """
-    return _abn_fwd(x, gamma, beta, eps, act, slope, mesh_axes)[0]
+    return _inplace_abn(x, gamma, beta, eps, act, slope, mesh_axes, uneven.current())
 
 
-def _abn_fwd(x, gamma, beta, eps, act, slope, mesh_axes):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _inplace_abn(x, gamma, beta, eps, act, slope, mesh_axes, ext):
+    return _abn_fwd(x, gamma, beta, eps, act, slope, mesh_axes, ext)[0]
+
+
+def _abn_fwd(x, gamma, beta, eps, act, slope, mesh_axes, ext):
     axes = tuple(range(x.ndim - 1))
-    mean, var, inv = _stats(x, axes, mesh_axes, eps)
+    mean, var, inv = _stats(x, axes, mesh_axes, eps, ext)
     z = (x.astype(jnp.float32) - mean) * (inv * effective_scale(gamma)) + beta
     y = forward_act(z, act, slope).astype(x.dtype)
     # Saved: y (shared with the next conv, which keeps its input anyway) + O(C) numbers.
     return (y, mean.reshape(-1), var.reshape(-1)), (y, gamma, beta, inv)
 
 
-def _abn_bwd(eps, act, slope, mesh_axes, res, cts):
+def _abn_bwd(eps, act, slope, mesh_axes, ext, res, cts):
     y, gamma, beta, inv = res
     axes = tuple(range(y.ndim - 1))
     # x̂ is recovered here, in the backward pass (halo.after), and nowhere kept
@@ -151,13 +167,14 @@ def _abn_bwd(eps, act, slope, mesh_axes, res, cts):
     g = effective_scale(gamma)
     xhat = (z - beta) / g
     dz = cts[0].astype(jnp.float32) * dphi
-    dx = _backward(xhat, dz * g, inv, axes, mesh_axes, _count(y, axes, mesh_axes))
+    dx = _backward(xhat, dz * g, inv, axes, mesh_axes, _count(y, axes, mesh_axes, ext))
+    dx = _drop_padding(dx, ext)
     dg, dbeta = _param_grads(dz, xhat, gamma)
     # y stands in for x (not kept): it varies over x's mesh axes (γ, β are replicated)
     return _like_primals((dx.astype(y.dtype), dg * jnp.sign(gamma), dbeta), (y, gamma, beta))
 
 
-inplace_abn.defvjp(_abn_fwd, _abn_bwd)
+_inplace_abn.defvjp(_abn_fwd, _abn_bwd)
 
 
 def inplace_abn_reference(x, gamma, beta, eps: float, act: str, slope: float,

@@ -5,7 +5,8 @@ Parts are named in data-flow order — ``down_1 … down_{L-1}``, ``bottom``, ``
 both walk (so a part cannot be in one and not the other); each is built from layers.py, so one model runs on the halo, gspmd and none
 backends. ``model(x, train) -> logits``: x ``(B, X, Y, Z, Cin)`` (2D ``(B, X, Y, Cin)``),
 logits float32 ``(B, X, Y, Z, classes)``. Every spatial size must be a multiple of
-``2 ** poolings_of(cfg)`` per shard (partition.check_divisible).
+``2 ** poolings_of(cfg)`` (partition.check_divisible); one that does not split evenly over
+its devices is padded and masked by the partitioned step (parallel/uneven.py).
 
 Coarse levels on fewer devices: with ``cfg.gather_below`` > 0, inside shard_map a level whose
 per-device block on a mesh axis is below that many voxels runs all-gathered on that axis
@@ -82,6 +83,11 @@ class UNet(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
         self.head = Conv(f[0], cfg.classes, 1, ndim=cfg.dims, bias=cfg.head_bias,
                          dtype=o.dtype, rngs=rngs)
+
+    @property
+    def poolings(self) -> int:
+        """2× poolings of the network (train/step.py pads uneven shards to fit them)."""
+        return self.levels - 1
 
     def parts(self) -> list[Part]:
         """The network in data-flow order; ``__call__`` runs exactly this list."""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hrseg.parallel import cpuconv
+from hrseg.parallel import cpuconv, uneven
 from hrseg.parallel.exchange import (  # noqa: F401  (re-exported: halo.psum, …)
     after,
     axes_for,
@@ -72,6 +72,8 @@ def conv(x, w, strides: int | Sequence[int] = 1, feature_group_count: int = 1,
             raise ValueError(f"{name}: shard size {x.shape[d + 1]} on axis {d + 1} "
                              f"(mesh axis '{name_}') is not divisible by stride {s}")
     pads = tuple(same_padding(kernel, strides))
+    if any(k > 1 for k in kernel):  # padding of an uneven shard: zeros, as beyond the border
+        x = uneven.zero_padding(x)
     return _conv(x, w.astype(x.dtype), pads, tuple(axes), strides, feature_group_count,
                  precision)
 
@@ -202,18 +204,21 @@ def conv_transpose_xla(x, w, precision=None):
                               precision=precision)
 
 
-def moments(x, axes: Sequence[int] | None = None, mesh_axes: Sequence[str] = AXES):
+def moments(x, axes: Sequence[int] | None = None, mesh_axes: Sequence[str] = AXES,
+            ext=uneven.CURRENT):
     """Mean and (biased) variance over array ``axes`` of the *global* tensor, in float32.
 
     Sums are psum'd over the bound ``mesh_axes`` (spatial for instance/group norm, plus
-    "data" for batch norm). Two passes (mean, then centred squares) for accuracy.
+    "data" for batch norm). Two passes (mean, then centred squares) for accuracy. Padding of
+    an uneven shard (uneven.py: ``ext``, by default the one being traced) is left out of the
+    sums and the count.
     """
     axes = tuple(range(x.ndim - 1)) if axes is None else tuple(axes)
     xf = x.astype(jnp.float32)
-    count = 1
-    for a in axes:
-        count *= x.shape[a]
-    count = psum(jnp.float32(count), mesh_axes)
-    mean = psum(jnp.sum(xf, axis=axes, keepdims=True), mesh_axes) / count
-    var = psum(jnp.sum(jnp.square(xf - mean), axis=axes, keepdims=True), mesh_axes) / count
+    mask = uneven.valid_mask(x, ext)   # padding of an uneven shard (None: there is none)
+    keep = (lambda v: v) if mask is None else (lambda v: jnp.where(mask, v, 0.0))
+    count = psum(uneven.valid_count(x, axes, ext), mesh_axes)
+    mean = psum(jnp.sum(keep(xf), axis=axes, keepdims=True), mesh_axes) / count
+    var = psum(jnp.sum(keep(jnp.square(xf - mean)), axis=axes, keepdims=True),
+               mesh_axes) / count
     return mean, var

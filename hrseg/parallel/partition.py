@@ -113,10 +113,21 @@ def _spec_for(array_ndim: int, spatial_ndim: int) -> P:
 
 
 def shard(mesh: Mesh, array, spec: P | None = None, spatial_ndim: int = 3) -> jax.Array:
-    """Put a host (or single-device) array onto the mesh; infers volume/label spec by rank."""
+    """Put a host (or single-device) array onto the mesh; infers volume/label spec by rank.
+
+    A spatial axis that does not split evenly over its devices is kept whole on each of them
+    (:func:`placement_spec`); the partitioned step pads and splits it (parallel/uneven.py).
+    """
     spec = _spec_for(np.ndim(array), spatial_ndim) if spec is None else spec
     check_divisible(np.shape(array), mesh, levels=0, spec=spec)
-    return jax.device_put(array, NamedSharding(mesh, spec))
+    return jax.device_put(array, NamedSharding(mesh, placement_spec(np.shape(array), mesh, spec)))
+
+
+def placement_spec(shape: Sequence[int], mesh: Mesh, spec: P) -> P:
+    """``spec`` without the mesh axes that do not split their array axis evenly: how an
+    unevenly sized global array can live on the mesh (jax arrays split evenly only)."""
+    return P(*(None if name is not None and int(shape[dim]) % int(mesh.shape[name]) else name
+               for dim, name in enumerate(spec)))
 
 
 def _nearest_ok(size: int, multiple: int) -> str:
@@ -126,10 +137,12 @@ def _nearest_ok(size: int, multiple: int) -> str:
 
 
 def check_divisible(shape: Sequence[int], mesh: Mesh, levels: int, spec: P | None = None) -> None:
-    """Every split axis must be a multiple of (devices on that axis) × 2**levels.
+    """Every spatial axis must pool evenly (a multiple of 2**levels), the batch must split
+    evenly over the "data" devices.
 
-    ``levels`` is the number of 2× poolings: each shard must pool evenly on its own, since a
-    pooling window never straddles two devices.
+    ``levels`` is the number of 2× poolings. A spatial axis that does not split evenly over
+    its devices is fine: the partitioned step pads it to the next multiple of
+    devices × 2**levels and masks the padding (parallel/uneven.py).
     """
     shape = tuple(int(s) for s in shape)
     if spec is None:
@@ -144,13 +157,15 @@ def check_divisible(shape: Sequence[int], mesh: Mesh, levels: int, spec: P | Non
         if name is None:
             continue
         n = int(mesh.shape[name])
-        mult = n * (2 ** levels if name in SPATIAL else 1)
-        if size % mult:
-            what = (f"{n} device(s) × 2^{levels} poolings" if name in SPATIAL
-                    else f"{n} device(s)")
+        if name in SPATIAL and size % 2 ** levels:
             raise ValueError(f"shape {shape}: axis {dim} (mesh axis '{name}') has size {size}, "
-                             f"not a multiple of {mult} ({what}); nearest sizes that work: "
-                             f"{_nearest_ok(size, mult)}")
+                             f"not a multiple of {2 ** levels} (2^{levels} poolings; no mesh "
+                             f"can run it, one device neither); nearest sizes that work: "
+                             f"{_nearest_ok(size, 2 ** levels)}")
+        if name not in SPATIAL and size % n:
+            raise ValueError(f"shape {shape}: axis {dim} (mesh axis '{name}') has size {size}, "
+                             f"not a multiple of {n} ({n} device(s): every device needs "
+                             f"whole samples); nearest sizes that work: {_nearest_ok(size, n)}")
 
 
 def devices_used(shape: Sequence[int], backend_name: str) -> tuple[int, ...]:

@@ -6,10 +6,18 @@ the local shard inside ``jax.shard_map`` ("halo"), or on the global array under 
 ("gspmd", "none"); the gradient is taken *outside* shard_map. shard_map runs in its default
 ``check_vma`` mode: a replicated weight's gradient is summed over every shard where the weight
 meets the sharded activations (jax's ops and the custom VJPs of halo.py / norm.py alike).
+
+Uneven shapes: a spatial size that pools evenly but does not split evenly over its devices
+is padded at its upper end inside the step (parallel/uneven.py: images with zeros, labels
+with hrseg.metrics.IGNORE) and the padding is masked, so loss, gradients, batch statistics
+and predictions (cropped back) are those of the unpadded volume — on the halo and the gspmd
+backend alike (gspmd on the unpadded arrays, left to XLA's own uneven splitting, gave twice
+the gradient of a deep conv's kernel on this jax/XLA:CPU).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hrseg import metrics as scores
-from hrseg.parallel import halo, partition
+from hrseg.parallel import halo, partition, uneven
 from hrseg.parallel.partition import Layout
 
 # fp16 dynamic loss scaling (as flax's DynamicScale): grow ×2 after this many finite steps.
@@ -56,17 +64,45 @@ def _specs(ndim: int):
     return partition.volume_spec(ndim), partition.label_spec(ndim)
 
 
+def _extent(layout: Layout, graphdef, params, rest, shape, poolings: int | None):
+    """The padding (uneven.Extent) a batch of ``shape (B, *S, C)`` needs in the per-shard
+    step, or None. ``poolings`` defaults to the model's ``poolings`` attribute (0 if none)."""
+    if layout.backend.one_device or all(n == 1 for n in layout.spatial):
+        return None  # nothing split: the network's own checks apply
+    if poolings is None:
+        poolings = getattr(nnx.merge(graphdef, params, rest), "poolings", 0)
+    return uneven.extent(shape, layout.spatial[:len(shape) - 2], poolings)
+
+
+def _crop(layout: Layout, x, ext, spec: P):
+    """Padded step output -> the unpadded global shape, split where it splits evenly."""
+    if ext is None:
+        return x
+    x = uneven.crop(x, ext)
+    return jax.lax.with_sharding_constraint(
+        x, layout.sharding(partition.placement_spec(x.shape, layout.mesh, spec)))
+
+
 def make_forward(graphdef: nnx.GraphDef, layout: Layout, ndim: int = 3,
-                 train: bool = False) -> Callable:
-    """``forward(params, rest, images) -> (logits, new_rest)`` on global arrays."""
+                 train: bool = False, poolings: int | None = None) -> Callable:
+    """``forward(params, rest, images) -> (logits, new_rest)`` on global arrays (any spatial
+    size that pools evenly; ``poolings``: see :func:`_extent`)."""
     vspec, _ = _specs(ndim)
 
-    def local(params, rest, images):  # images (B, X, Y, Z, C) local shard
+    def local(ext, params, rest, images):  # images (B, X, Y, Z, C) local shard
         model = _merge(graphdef, params, rest)
-        logits = model(images, train=train)
+        with uneven.active(ext):
+            logits = model(images, train=train)
         return logits, nnx.state(model, nnx.Not(nnx.Param))
 
-    return layout.spmd(local, in_specs=(P(), P(), vspec), out_specs=(vspec, P()))
+    def forward(params, rest, images):
+        ext = _extent(layout, graphdef, params, rest, images.shape, poolings)
+        fn = layout.spmd(partial(local, ext), in_specs=(P(), P(), vspec),
+                         out_specs=(vspec, P()))
+        logits, new_rest = fn(params, rest, layout.constrain(uneven.pad(images, ext), vspec))
+        return _crop(layout, logits, ext, vspec), new_rest
+
+    return forward
 
 
 def count_overlap(pred, labels):
@@ -83,25 +119,32 @@ def count_overlap(pred, labels):
     return halo.psum(jnp.stack(rows))
 
 
-def make_loss(graphdef, loss_fn: Callable, layout: Layout, ndim: int = 3):
+def make_loss(graphdef, loss_fn: Callable, layout: Layout, ndim: int = 3,
+              poolings: int | None = None):
     """``loss(params, rest, images, labels, scale) -> (scaled loss, (loss, new_rest, counts))``.
 
     ``loss_fn(logits, labels)`` must psum its voxel sums (hrseg.nn.losses does), so the loss is
-    the global one on every shard.
+    the global one on every shard; it must leave labels hrseg.metrics.IGNORE out (the padding
+    of an uneven shape; hrseg.nn.losses does).
     """
     vspec, lspec = _specs(ndim)
 
-    def local(params, rest, images, labels):
+    def local(ext, params, rest, images, labels):
         model = _merge(graphdef, params, rest)
-        logits = model(images, train=True)                           # (B, *S, K) float32
+        with uneven.active(ext):
+            logits = model(images, train=True)                       # (B, *S, K) float32
         loss = loss_fn(logits, labels)
         counts = count_overlap(jnp.argmax(logits, -1), labels)
         return loss, nnx.state(model, nnx.Not(nnx.Param)), counts
 
-    fwd = layout.spmd(local, in_specs=(P(), P(), vspec, lspec), out_specs=(P(), P(), P()))
-
     def loss_and_aux(params, rest, images, labels, scale):
-        loss, new_rest, counts = fwd(params, rest, images, labels)
+        ext = _extent(layout, graphdef, params, rest, images.shape, poolings)
+        fwd = layout.spmd(partial(local, ext), in_specs=(P(), P(), vspec, lspec),
+                          out_specs=(P(), P(), P()))
+        loss, new_rest, counts = fwd(params, rest,
+                                     layout.constrain(uneven.pad(images, ext), vspec),
+                                     layout.constrain(uneven.pad(labels, ext, scores.IGNORE),
+                                                      lspec))
         return loss * scale, (loss, new_rest, counts)
 
     return loss_and_aux
@@ -116,7 +159,8 @@ def _all_finite(tree) -> jax.Array:
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: Callable,
                     layout: Layout, ndim: int = 3,
-                    loss_scaling: bool = False, donate: bool = True, jit: bool = True):
+                    loss_scaling: bool = False, donate: bool = True, jit: bool = True,
+                    poolings: int | None = None):
     """``train_step(state, images, labels) -> (state, metrics)``; the state is donated.
 
     ``metrics``: loss, grad_norm, finite (False = NaN/Inf loss, gradients or new state), loss_scale,
@@ -124,7 +168,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     step under fp16 loss scaling is skipped and the scale halved; otherwise the caller must stop
     (train.py does, keeping the last good checkpoint).
     """
-    grad_fn = jax.value_and_grad(make_loss(graphdef, loss_fn, layout, ndim),
+    grad_fn = jax.value_and_grad(make_loss(graphdef, loss_fn, layout, ndim, poolings),
                                  has_aux=True)
     vspec, lspec = _specs(ndim)
 
@@ -156,9 +200,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 
 
-def make_predict(graphdef, layout: Layout, ndim: int = 3):
+def make_predict(graphdef, layout: Layout, ndim: int = 3, poolings: int | None = None):
     """``predict(params, rest, images) -> (labels (B, *S) int32, probs (B, *S, K) float32)``."""
-    fwd = make_forward(graphdef, layout, ndim, train=False)
+    fwd = make_forward(graphdef, layout, ndim, train=False, poolings=poolings)
 
     def predict(params, rest, images):
         logits, _ = fwd(params, rest, images)
@@ -188,8 +232,9 @@ def abstract_inputs(state: TrainState, layout: Layout, batch_shape,
     abs_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
                                                             sharding=rep), state)
     partition.check_divisible(batch_shape, mesh, levels=0, spec=vspec)
+    place = lambda shape, spec: NamedSharding(mesh, partition.placement_spec(shape, mesh, spec))
     images = jax.ShapeDtypeStruct(tuple(batch_shape), image_dtype,
-                                  sharding=NamedSharding(mesh, vspec))
+                                  sharding=place(batch_shape, vspec))
     labels = jax.ShapeDtypeStruct(tuple(batch_shape[:-1]), jnp.int32,
-                                  sharding=NamedSharding(mesh, lspec))
+                                  sharding=place(batch_shape[:-1], lspec))
     return abs_state, images, labels
