@@ -207,7 +207,11 @@ class Layout:
             return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
         return x
 
-    def sharding(self, spec: P) -> NamedSharding:
+    def sharding(self, spec: P, shape: Sequence[int] | None = None) -> NamedSharding:
+        """``spec`` on the mesh; with ``shape``, an axis that does not split evenly is kept
+        whole on its devices (:func:`placement_spec`; the step splits it, padded)."""
+        if shape is not None:
+            spec = placement_spec(shape, self.mesh, spec)
         return NamedSharding(self.mesh, spec)
 
     def shard(self, array, spec: P | None = None, spatial_ndim: int = 3) -> jax.Array:

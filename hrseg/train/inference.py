@@ -41,7 +41,7 @@ class Predictor:
     def __init__(self, cfg: Config, graphdef, layout: partition.Layout):
         self.cfg, self.ndim = cfg, cfg.model.dims
         self.multiple = pad_multiple(cfg) if self.ndim == 3 else None
-        self.sharding = layout.sharding(partition.volume_spec(self.ndim))
+        self.layout = layout
         self.data = layout.data
         self._predict = step.make_predict(graphdef, layout, self.ndim)
 
@@ -53,14 +53,16 @@ class Predictor:
             part = [np.asarray(a, np.float32) for a in items[i:i + chunk]]
             n = len(part)
             part = np.stack(part + part[-1:] * (chunk - n))
-            g = distributed.global_array(self.sharding, part, part.shape, 0)
+            sharding = self.layout.sharding(partition.volume_spec(self.ndim), part.shape)
+            g = distributed.global_array(sharding, part, part.shape, 0)
             labels, _ = self._predict(state.params, state.rest, g)
             out.append(distributed.to_host(labels)[:n])
         return np.concatenate(out).astype(np.int32)
 
     def _probs(self, state, windows: np.ndarray) -> np.ndarray:
         """Windows ``(n, px, py, pz, C)`` (n = the data axis) -> probabilities ``(n, …, K)``."""
-        g = distributed.global_array(self.sharding, windows, windows.shape, 0)
+        sharding = self.layout.sharding(partition.volume_spec(self.ndim), windows.shape)
+        g = distributed.global_array(sharding, windows, windows.shape, 0)
         return distributed.to_host(self._predict(state.params, state.rest, g)[1])
 
     def __call__(self, state, volumes) -> list[np.ndarray]:

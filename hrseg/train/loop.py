@@ -121,8 +121,8 @@ class Batches:
         self.cfg = cfg
         ndim = cfg.model.dims
         self.shape = batch_shape(cfg)
-        self.img_sharding = layout.sharding(partition.volume_spec(ndim))
-        self.lab_sharding = layout.sharding(partition.label_spec(ndim))
+        self.img_sharding = layout.sharding(partition.volume_spec(ndim), self.shape)
+        self.lab_sharding = layout.sharding(partition.label_spec(ndim), self.shape[:-1])
         self.group, self.groups = distributed.local_rows(self.img_sharding, self.shape)
         if jax.process_count() > 1:
             b = self.shape[0] // self.groups
