@@ -49,10 +49,12 @@ def test_estimate_parts_and_errors():
     abn = memory.estimate(dataclasses.replace(cfg, norm="inplace_abn"), (16, 24, 32),
                           (1, 2, 2, 2), batch=2)
     assert abn["activation_bytes"] < 0.65 * est["activation_bytes"]
-    with pytest.raises(ValueError, match="not divisible by 1 devices × 2"):
+    with pytest.raises(ValueError, match="not divisible by 2\\^1"):
         memory.estimate(cfg, (16, 24, 31), (1, 1, 1), batch=1)       # 31 does not pool
-    with pytest.raises(ValueError, match="not divisible by 3 devices"):
-        memory.estimate(cfg, (16, 24, 32), (3, 1, 1), batch=1)
+    # 16 on 3 devices: padded to 18 in the step, 6 per device — more than 16 / 3 each
+    uneven_est = memory.estimate(cfg, (16, 24, 32), (3, 1, 1), batch=1)
+    even_est = memory.estimate(cfg, (18, 24, 32), (3, 1, 1), batch=1)
+    assert uneven_est["total"] == even_est["total"]
 
     with pytest.raises(ValueError, match="replicas"):
         memory.estimate(cfg, (16, 16, 16), (2, 1, 1, 1), batch=1)
@@ -94,7 +96,11 @@ def test_plan_escalates_techniques_and_reports_failure():
 def test_spatial_splits_respect_pooling():
     # 5 poolings at 512: every split axis must keep a multiple of 32 voxels per shard
     splits = planner.spatial_splits(256, (512, 512, 512), 5)
-    assert splits[0] == (4, 8, 8) and (16, 16, 1) in splits and (32, 8, 1) not in splits
+    assert splits[0] == (4, 8, 8) and (16, 16, 1) in splits
+    # 512 / 32 = 16 voxels: that axis is padded to 1024 in the step, so it comes after
+    # every split that needs no padding
+    assert splits.index((32, 8, 1)) > max(splits.index(s) for s in splits
+                                          if all(512 % (k * 32) == 0 for k in s))
     assert planner.spatial_splits(4, (64, 64), 2, ndim=2) == [(2, 2, 1), (1, 4, 1), (4, 1, 1)]
 
 

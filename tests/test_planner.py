@@ -1,5 +1,6 @@
 """`hrseg memory` as a new user meets it: units, impossible device counts, what would fit,
 the YAML that applies a plan, and how far the estimate is from the compiled figure."""
+import pytest
 import yaml
 
 from hrseg import cli, config
@@ -13,12 +14,13 @@ def test_budget_without_a_unit_is_refused(capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_impossible_device_count_says_why_and_what_works():
+def test_a_device_count_that_does_not_divide_is_planned_with_padded_shards():
+    """6 devices on 512³: 512 does not split in 3, so that axis is padded in the step
+    (parallel/uneven.py); the planner considers that mesh instead of refusing it."""
     p = planner.plan(16 * 2 ** 30, 6, 512)
     text = p.explain()
-    assert p.mesh is None
-    assert "6 devices cannot split a 512×512×512 volume" in text
-    assert "the factor 3" in text and "nearest device counts that work: 4 or 8" in text
+    assert "cannot split" not in text and "1×1×2×3" in text
+    assert p.suggestion is not None and p.suggestion.n_devices > 6
 
 
 def test_nothing_fits_names_the_devices_and_mesh_that_would():
@@ -44,3 +46,17 @@ def test_plan_prints_yaml_that_loads_as_the_plan_and_the_estimate_caveat(tmp_pat
     assert yaml.safe_load("\n".join(line[4:] for line in text.splitlines()
                                     if line.startswith("    ")))["mesh"]["spatial"] == list(
         p.mesh[1:])
+
+
+def test_uneven_sizes_are_planned_on_their_padded_shards():
+    """100 slices on 8 devices: no longer refused; the shard is the padded 128 / 8 = 16
+    (2 poolings: 100 pools; the step pads to a multiple of 8 × 2²), and even splits come
+    before padded ones."""
+    from hrseg.memory import analytic
+    assert analytic.local_shape((1, 100, 16, 16, 1), (1, 8, 1, 1), 3, 2) == (1, 16, 16, 16)
+    with pytest.raises(ValueError, match="2\\^2"):
+        analytic.local_shape((1, 98, 16, 16, 1), (1, 8, 1, 1), 3, 2)
+    splits = planner.spatial_splits(8, (100, 64, 64), 2)
+    assert splits[0] != (8, 1, 1) and (8, 1, 1) in splits
+    padded = [s for s in splits if 100 % (s[0] * 4)]
+    assert splits.index(padded[0]) > splits.index((1, 2, 4))

@@ -29,7 +29,7 @@ from flax import nnx
 
 from hrseg.config import ModelConfig, TrainConfig
 from hrseg.nn import layers, precision, unet
-from hrseg.parallel import partition
+from hrseg.parallel import partition, uneven
 from hrseg.train.loop import make_optimizer
 
 GiB = 2 ** 30
@@ -82,11 +82,14 @@ def local_shape(shape, ms, ndim, poolings):
     B, *S, _ = shape
     if B % data:
         raise ValueError(f"batch {B} is not divisible by {data} data-parallel replicas")
-    for s, n in zip(S, sp[:ndim]):
-        if s % (n * 2 ** poolings):
-            raise ValueError(f"spatial size {s} is not divisible by {n} devices × 2^{poolings} "
+    for s in S:
+        if s % 2 ** poolings:
+            raise ValueError(f"spatial size {s} is not divisible by 2^{poolings} "
                              f"poolings (shape {tuple(S)}, mesh {ms})")
-    return (B // data,) + tuple(s // n for s, n in zip(S, sp[:ndim]))
+    # an axis that does not split evenly is padded in the step (parallel/uneven.py): its
+    # shard is the padded size over the devices
+    return (B // data,) + tuple(uneven.padded_size(s, n, poolings) // n
+                                for s, n in zip(S, sp[:ndim]))
 
 
 # --- the tensors of one training step --------------------------------------------------------

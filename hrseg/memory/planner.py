@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from hrseg.config import ModelConfig
 from hrseg.memory import analytic, confirm
 from hrseg.nn import unet
+from hrseg.parallel import uneven
 
 # (label, changes to the ModelConfig), cumulative, least intrusive first
 LADDER = (
@@ -47,8 +48,9 @@ def _divisors(n: int) -> list[int]:
 
 
 def spatial_splits(n: int, shape, levels: int, ndim: int = 3) -> list[tuple[int, int, int]]:
-    """Splits ``(sx, sy, sz)`` of ``n`` devices whose shards pool evenly ``levels`` times, the
-    most cube-like shards (smallest halo surface) first."""
+    """Splits ``(sx, sy, sz)`` of ``n`` devices for a shape that pools evenly ``levels`` times:
+    the least padding first (an axis that does not split evenly is padded in the step,
+    parallel/uneven.py), then the most cube-like shards (smallest halo surface)."""
     out = []
     for sx in _divisors(n):
         for sy in _divisors(n // sx):
@@ -56,11 +58,11 @@ def spatial_splits(n: int, shape, levels: int, ndim: int = 3) -> list[tuple[int,
             split = (sx, sy, sz)
             if ndim == 2 and sz != 1:
                 continue
-            if all(s % (k * 2 ** levels) == 0 for s, k in zip(shape, split)):
-                local = [s // k for s, k in zip(shape, split)]
+            if all(s % 2 ** levels == 0 for s in shape):
+                local = [uneven.padded_size(s, k, levels) // k for s, k in zip(shape, split)]
                 surface = sum(math.prod(local) / d for d in local)
-                out.append((surface, split))
-    return [s for _, s in sorted(out)]
+                out.append((math.prod(local), surface, split))
+    return [s for *_, s in sorted(out)]
 
 
 @dataclass
