@@ -2,7 +2,6 @@
 moves when the compile disagrees with the estimate, and `hrseg memory` says which it used.
 
 Tiny model on a 16×8×8 volume (a different size per axis): each compile takes seconds."""
-import dataclasses
 
 import jax
 import pytest

@@ -31,13 +31,13 @@ from hrseg.memory.compiled import (  # noqa: F401
     measure,
     residuals,
 )
-from hrseg.memory.peak import (  # noqa: F401
-    peak_bytes_in_use,
-    train_step_peak_bytes,
-)
 from hrseg.memory.confirm import (  # noqa: F401
     CannotCompile,
     compile_step,
+)
+from hrseg.memory.peak import (  # noqa: F401
+    peak_bytes_in_use,
+    train_step_peak_bytes,
 )
 from hrseg.memory.planner import (  # noqa: F401
     Plan,

@@ -73,7 +73,7 @@ def compile_step(model_cfg: ModelConfig, shape, mesh, batch: int = 1,
     flags = re.sub(FLAG + r"=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
     env = dict(os.environ, XLA_FLAGS=f"{flags} {FLAG}={need}".strip(), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "hrseg.memory.confirm", json.dumps(req)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          capture_output=True, text=True, env=env,
                           check=False)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]

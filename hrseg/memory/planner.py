@@ -191,7 +191,7 @@ class Plan:
                              f"(`hrseg memory` does unless --compile no).")
         a = self.analytic
         if a is not None:
-            lines.append(f"The analytic estimate alone picked "
+            lines.append("The analytic estimate alone picked "
                          + (f"{a._mesh_txt()}, {a.technique} ({_fmt(a.estimate['total'])})"
                             if a.mesh else "nothing") + "; the compiled step changed the pick.")
         lines.append("Considered (per-device estimate):")
@@ -322,8 +322,8 @@ def _confirm_suggestion(p: Plan, where: str) -> Plan | None:
     analytic suggestion down while it still fits, or up (at most 3 doublings) until it does."""
     if p.suggestion is None:  # the volume splits no further, or more devices stop helping
         return None
-    kw = dict(model_cfg=p.base, optimizer=p.optimizer, in_channels=p.in_channels,
-              suggest=False, compile=where)
+    kw = {"model_cfg": p.base, "optimizer": p.optimizer, "in_channels": p.in_channels,
+              "suggest": False, "compile": where}
     n = p.suggestion.n_devices
     s = plan(p.budget, n, p.shape, p.batch, **kw)
     if s.mesh is not None:

@@ -69,7 +69,7 @@ def applies(w_shape, strides, groups: int) -> bool:
 def _gemm_conv(xp, w, precision):
     """The forward formulation (module docstring), no custom VJP."""
     kd, kh, kw, cin, cout = w.shape
-    B, Xp, Yp, Zp, _ = xp.shape
+    _B, Xp, Yp, Zp, _ = xp.shape
     X, Y, Z = Xp - kd + 1, Yp - kh + 1, Zp - kw + 1
     # (B, X, Y', Z', kd·Cin): channel d·Cin + c holds xp[:, x + d, …, c]
     stacked = jnp.concatenate([xp[:, d:d + X] for d in range(kd)], axis=-1)
