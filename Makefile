@@ -36,10 +36,10 @@ run: install
 test: install test-core test-multidevice test-napari
 
 test-core: install
-	JAX_PLATFORMS=cpu $(BIN)/pytest -q tests --ignore=tests/multidevice --ignore=tests/napari
+	JAX_PLATFORMS=cpu $(BIN)/pytest -q --durations=12 tests --ignore=tests/multidevice --ignore=tests/napari
 
 test-multidevice: install
-	JAX_PLATFORMS=cpu XLA_FLAGS=$(FAKE8) $(BIN)/pytest -q tests/multidevice
+	JAX_PLATFORMS=cpu XLA_FLAGS=$(FAKE8) $(BIN)/pytest -q --durations=12 tests/multidevice
 
 test-napari: install
 ifeq ($(XVFB),)
