@@ -1,0 +1,202 @@
+"""The run configuration's schema: frozen dataclasses, one section per concern, and the papers'
+model presets. Each module reads only its own section: data/ <- DataConfig, augment.py <-
+AugmentConfig, nn/unet.py <- ModelConfig, parallel/partition.py <- MeshConfig, train/ <-
+TrainConfig. Reading YAML, overrides, validation and serialization live in config.py, which
+re-exports everything here (``hrseg.config.Config`` etc.).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+RESAMPLE = ("stretch", "spacing", "native")   # data.resample (data/resample.py)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/phantom"          # dataset directory (LiTS or MSD layout)
+    layout: str = "auto"                # "lits" | "msd" | "auto" (detected from the files)
+    resolution: tuple[int, ...] = (64, 64, 64)  # network input size R³ (2D: (512, 512))
+    resample: str = "stretch"           # "stretch" to the cube (the paper) | "spacing" pad/crop
+                                        # | "native": own shape at native_spacing_mm (3D, buckets)
+    spacing_mm: float = 0.0             # "spacing": isotropic voxel size (0 = fit the whole volume)
+    native_spacing_mm: tuple[float, float, float] = (1.62, 1.62, 3.22)  # "native": voxel size
+                                        # x, y, z (Wang et al.'s); resolution is then unused
+    buckets_per_octave: int = 3         # "native": padded sizes per doubling (buckets.py)
+    antialias: bool = True              # average 2×+ shrinking axes in blocks before trilinear
+    hu_window: tuple[float, float] = (-512.0, 512.0)  # HU mapped to [0, 1] (Mesh-TF default)
+    n_val: int = 0                      # validation cases; 0 = the paper's ratio 32/131
+    split_seed: int = 0                 # seed of the deterministic train/validation split
+    slices_2d: int = 5                  # adjacent slices as channels for the 2D network
+    cache_dir: str = "data/cache"       # preprocessed arrays, one file per case and resolution
+    max_cases: int = 0                  # use only the first N cases (0 = all)
+    patch: tuple[int, ...] = ()         # training crop [px, py, pz] (empty = the whole volume);
+                                        # patch runs predict by sliding window (train/sliding.py)
+    patch_foreground: float = 1 / 3     # share of patches centred on a labelled voxel (nnU-Net)
+
+    def __post_init__(self):
+        if self.resample not in RESAMPLE:
+            raise ValueError(f"config key 'data.resample': '{self.resample}' is not one of "
+                             f"{', '.join(RESAMPLE)}")
+        if self.resample == "native":
+            if len(self.resolution) != 3:
+                raise ValueError(f"config key 'data.resample': 'native' is for 3D networks; "
+                                 f"data.resolution is {list(self.resolution)}")
+            if self.patch:
+                raise ValueError("config key 'data.patch': patches are cut from the cube "
+                                 "(resample stretch or spacing), not from 'native' volumes")
+        if min(self.native_spacing_mm) <= 0:
+            raise ValueError(f"config key 'data.native_spacing_mm': sizes must be > 0 mm, "
+                             f"got {list(self.native_spacing_mm)}")
+        if self.buckets_per_octave < 1:
+            raise ValueError(f"config key 'data.buckets_per_octave': must be >= 1, "
+                             f"got {self.buckets_per_octave}")
+        if self.patch:
+            _check_patch(self.patch, self.resolution)
+        if not 0.0 <= self.patch_foreground <= 1.0:
+            raise ValueError(f"config key 'data.patch_foreground': must be in [0, 1], "
+                             f"got {self.patch_foreground}")
+
+
+def _check_patch(patch: tuple[int, ...], resolution: tuple[int, ...]) -> None:
+    """A patch is 3 sizes, each in [1, resolution]; the mesh's divisibility is checked where
+    the mesh is known (train/loop.py names this key in that error too)."""
+    where = "config key 'data.patch'"
+    if len(resolution) != 3:
+        raise ValueError(f"{where}: patches are for 3D networks; data.resolution is "
+                         f"{list(resolution)}")
+    if len(patch) != 3:
+        raise ValueError(f"{where}: expected 3 sizes [px, py, pz], got {list(patch)}")
+    if any(not 1 <= p <= r for p, r in zip(patch, resolution)):
+        raise ValueError(f"{where}: each size must be in [1, data.resolution], got "
+                         f"{list(patch)} for resolution {list(resolution)}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    tumour_synthesis_p: float = 0.5     # probability of replacing tumours by synthetic ones
+    tumour_fraction: tuple[float, float] = (0.05, 0.25)  # synthetic tumour share of the liver
+    flip: bool = True                   # random flips on each axis
+    rotate180: bool = True              # random 180° in-plane rotation
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "mtf"                 # sets every key below (explicit keys override it); "custom": none
+    dims: int = 3                       # 3 = UNet3D, 2 = UNet2D
+    levels: int = 4                     # resolution levels (poolings = levels - 1)
+    base: int = 32                      # filters at the first level, doubling per level
+    convs_per_block: int = 2            # conv layers per encoder/decoder block
+    block: str = "plain"                # "plain" | "bottleneck" | "separable" | "compact" (Wang's Compact ConvBlock)
+    reduction: int = 4                  # bottleneck factor K of bottleneck/compact blocks (C -> C/K)
+    norm: str = "batch"                 # "batch" | "group" | "instance" | "inplace_abn" | "none"
+    norm_groups: int = 8                # groups of group norm
+    bn_momentum: float = 0.9            # running-statistics decay (Mesh-TF: 0.9)
+    bn_eps: float = 1e-6                # normalization epsilon (Mesh-TF: 1e-6)
+    activation: str = "leaky_relu"      # "leaky_relu" (slope 0.1) | "relu" | "elu"
+    dropout: float = 0.0                # dropout rate before the head
+    head_bias: bool = False             # bias of the 1×1×1 head (Mesh-TF: none)
+    classes: int = 3                    # background, liver, tumour
+    precision: str = "fp32"             # "fp32" | "bf16" | "fp16"
+    gather_below: int = 0               # halo backend: a level whose per-device block on a mesh axis is below this many voxels is all-gathered on that axis (0: never; see parallel/submesh.py)
+
+
+PRESETS = ("tiny", "mtf", "paper", "paper2d", "wang_baseline", "wang_compact")
+
+# Hou et al. (2019), Sec. 3: at 64³ three blocks of four 3³ convs starting at 256 filters and
+# doubling after each pool (levels 256, 512, 1024); each doubling of the resolution puts one
+# more block in front with half the filters, so every resolution ends at 1024 filters and a
+# similar receptive field in millimetres.  resolution -> (levels, base filters)
+PAPER_SCHEDULE = {64: (3, 256), 128: (4, 128), 256: (5, 64), 512: (6, 32)}
+
+
+def preset(name: str, resolution: int | None = None) -> ModelConfig:
+    """The ModelConfig of a named architecture (``resolution`` only for ``"paper"``).
+
+    * ``tiny``   levels 2, base 4: the test variant of every other preset.
+    * ``mtf``    tensorflow/mesh ``experimental/unet.py`` flag defaults: ``network_depth 4``
+      levels, ``n_base_filters 32`` doubling, ``n_conv_per_block 2``, conv without bias ->
+      ``batch_norm(momentum 0.90, epsilon 1e-6)`` -> ``leaky_relu(0.1)``, k2s2 transposed conv
+      (``n_base_filters * 2**depth`` filters) then concat, 1×1×1 head without bias. (Its
+      ``dropout_keep_p 0.5`` flag is left out: dropout defaults to off here.)
+    * ``paper``  Hou et al. 3D schedule (PAPER_SCHEDULE), 4 convs per block, bfloat16 as in
+      the released code's ``mtf_dtype`` flag.
+    * ``paper2d`` the same architecture as paper(512) in 2D, for 512² slices with the
+      adjacent slices as channels (``build(cfg, in_channels=5)``).
+    * ``wang_baseline`` / ``wang_compact`` Wang, Oda & Mori (2020): a 3D U-Net baseline and
+      the same network with Compact ConvBlocks (their Table 1 reports ~9.5 M and ~2.6 M
+      parameters). Their layer widths are not published in what we could read; this is our
+      reconstruction: the mtf network with 3 convs per block (8,533,059 parameters) and 4
+      levels, so 256×256×152 pools evenly; compact = 1³ reduce by K = 4, three depthwise-
+      separable convs, 1³ restore per block (430,235, i.e. 5 % of the baseline, inside the
+      issue's ≤ 30 %; hand counts in tests/test_unet.py).
+    """
+    mtf = ModelConfig(preset="mtf", dims=3, levels=4, base=32, convs_per_block=2,
+                      block="plain", norm="batch", bn_momentum=0.9, bn_eps=1e-6,
+                      activation="leaky_relu", head_bias=False, classes=3, precision="fp32")
+    if name == "mtf":
+        return mtf
+    if name == "tiny":
+        return dataclasses.replace(mtf, preset="tiny", levels=2, base=4)
+    if name in ("paper", "paper2d"):
+        res = 512 if name == "paper2d" else resolution
+        if res not in PAPER_SCHEDULE:
+            raise ValueError(f"preset 'paper' needs resolution in {sorted(PAPER_SCHEDULE)}, "
+                             f"got {resolution}")
+        levels, base = PAPER_SCHEDULE[res]
+        return dataclasses.replace(mtf, preset=name, dims=2 if name == "paper2d" else 3,
+                                   levels=levels, base=base, convs_per_block=4,
+                                   precision="bf16")
+    if name == "wang_baseline":
+        return dataclasses.replace(mtf, preset=name, convs_per_block=3, head_bias=True)
+    if name == "wang_compact":
+        return dataclasses.replace(preset("wang_baseline"), preset=name, block="compact",
+                                   reduction=4)
+    raise ValueError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    backend: str = "halo"               # "halo" (shard_map + ppermute) | "gspmd" | "none"
+    spatial: tuple[int, int, int] = (1, 1, 1)  # devices along x, y, z
+    data: int = 1                       # data-parallel replicas
+    distributed: bool = False           # call jax.distributed.initialize() (multi-host)
+    coordinator: str = ""               # host:port of process 0 ("" = from the environment)
+    num_processes: int = 0              # 0 = from the environment
+    process_id: int = -1                # -1 = from the environment
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "train"                 # run name: runs/<name>/
+    out_dir: str = "runs"               # parent of run directories
+    seed: int = 0                       # model init, data order and augmentation seed
+    steps: int = 200                    # optimizer steps
+    batch: int = 1                      # global batch (volumes per step)
+    optimizer: str = "adafactor"        # "adafactor" (the paper) | "adam"
+    lr: float = 3e-3                    # peak learning rate (the paper: 3e-3)
+    lr_decay: float = 0.3               # step decay factor (released Mesh-TF code)
+    lr_decay_every: int = 0             # steps between decays (0 = never)
+    grad_clip: float = 1.0              # global-norm clipping (0 = off)
+    loss: str = "dice_ce"               # "gdice" | "wce" | "dice_ce" (0.2 Dice + 0.8 CE)
+    ce_weights: tuple[float, ...] = (1.0, 8.0, 16.0)  # per-class CE weights (released code)
+    dice_weight: float = 0.2            # dice_ce: share of the generalized Dice (the rest: CE)
+    eval_every: int = 50                # steps between validation passes (0 = only at the end, -1 = never)
+    ckpt_every: int = 50                # steps between checkpoints (0 = only at the end)
+    keep_ckpts: int = 3                 # newest checkpoints kept
+    resume: bool = True                 # continue from the newest checkpoint in the run dir
+    empty_dice: float = 1.0             # Dice when prediction and label are both empty
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def in_channels(self) -> int:
+        """CT channels of the network input: 1 in 3D; the adjacent slices in 2D."""
+        return 1 if self.model.dims == 3 else self.data.slices_2d
