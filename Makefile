@@ -32,8 +32,12 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/hrseg run --params-dir $(PARAMS)
 
-# Unit tests (1 CPU device), multi-device tests (8 fake CPU devices, own process), napari (xvfb).
-test: install test-core test-multidevice test-napari
+# Unit tests (1 CPU device), multi-device tests (8 fake CPU devices, own process), napari (xvfb):
+# two suites at a time (XLA compiles are single-threaded, so 2 cores nearly halve the wall time);
+# each suite's output is printed in one block when it ends; any failure fails `make test`.
+test: install
+	@echo "make test: test-core, test-multidevice, test-napari, two at a time (output per suite when it ends)"
+	@$(MAKE) --no-print-directory -k -j2 --output-sync=target test-core test-multidevice test-napari
 
 test-core: install
 	JAX_PLATFORMS=cpu $(BIN)/pytest -q --durations=12 tests --ignore=tests/multidevice --ignore=tests/napari
