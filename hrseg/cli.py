@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params-dir", default="params/default",
                    help="one YAML of notebook parameters per run (default: params/default)")
     s.add_argument("--only", nargs="+", metavar="NAME",
-                   help="runs or notebooks to execute, e.g. 02 04_train_64 (default: all)")
+                   help="runs or notebooks to execute, e.g. 02 04_train_2d_64 (default: all)")
     s.add_argument("--out", default="runs", help="executed notebooks, figures and tables")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_run)

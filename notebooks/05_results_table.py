@@ -22,10 +22,10 @@
 # `hrseg.memory.estimate`), the median step time and the voxels per second. Runs of one
 # resolution with different recipes (not just another seed) get a row each.
 #
-# With `params/default` (what `make run` runs) the two training runs are 120-step
-# demonstrations sized for the 15-minute budget on 2 CPU cores: the liver is learnt, the tumours
-# not yet (they appear after 200–300 steps). The 600-step study — tumour Dice rising from 32³ to
-# 64³ — and its table are in the README (`hrseg table runs/study`).
+# With `params/default` (what `make run` runs) the three training runs are the study in 2D —
+# 16², 32² and 64² axial slices × 5, one 600-step recipe — sized for the 15-minute budget on 2
+# CPU cores (3D steps at 64³ are ~10× dearer there). The 3D study (32³, 64³, 600 steps) and its
+# table are in the README (`hrseg table runs/study`).
 
 # %% tags=["parameters"]
 runs_dir = ""                  # empty: out_dir (the run directories directly in it)

@@ -215,8 +215,12 @@ def test_2d_network_trains_on_slices_and_evaluates_whole_volumes(dataset, tmp_pa
     _, graphdef, state, layout, _ = train.load_run(result.run_dir)
     from hrseg.train import inference
     vol = np.random.default_rng(0).random((16, 16, 7), np.float32)
-    [labels] = inference.Predictor(cfg, graphdef, layout)(state, [vol])
+    predictor = inference.Predictor(cfg, graphdef, layout)
+    seen, forward = [], predictor._predict
+    predictor._predict = lambda p, r, x: seen.append(x.shape[0]) or forward(p, r, x)
+    [labels] = predictor(state, [vol])
     assert labels.shape == (16, 16, 7) and labels.dtype == np.int32
+    assert seen == [7]   # one pass of the 7 slices, not padded up to the pixel budget (4096)
 
 
 def test_patch_run_resumes_bit_identically_and_evaluates_by_sliding_window(dataset, tmp_path,
