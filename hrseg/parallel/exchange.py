@@ -176,15 +176,47 @@ def halo_exchange(x, halo, axes: Sequence[str | None] | None = None):
     received, so corner and edge blocks arrive correctly.
     """
     axes = axes_for(x, axes)
-    nsp = len(axes)
+    for d, (name, (lo, hi)) in enumerate(zip(axes, _pairs(halo, len(axes)))):
+        x = _exchange_dim(x, d + 1, name, lo, hi)
+    return _materialize(x)
+
+
+def _pairs(halo, nsp: int) -> list[tuple[int, int]]:
     if isinstance(halo, int):
         halo = [(halo, halo)] * nsp
     halo = [(h, h) if isinstance(h, int) else tuple(h) for h in halo]
     if len(halo) != nsp or any(len(h) != 2 or min(h) < 0 for h in halo):
         raise ValueError(f"halo {halo} must give non-negative (lo, hi) for {nsp} spatial dims")
+    return halo
+
+
+def margins(x, halo, axes: Sequence[str | None] | None = None):
+    """What :func:`halo_exchange` receives, without forming the padded shard: a list of
+    ``(start, slab)``, ``slab`` the box of the padded shard that begins at index ``start``.
+
+    One slab per side of each dim exchanged with neighbours (one per hop when a margin is
+    wider than a shard), in exchange order: dim d's slabs span the padded extent of the dims
+    before it (corners included) and the block of the dims after it, so with ``x`` they tile
+    the padded shard, but for the zero rows of dims that are not split.
+    """
+    axes = axes_for(x, axes)
+    nd = x.ndim
+    halo = _pairs(halo, len(axes))
+    t, out = _Cat(1, [x]), []   # a _Cat from the start: a dim not split adds zero slabs, no copy
     for d, (name, (lo, hi)) in enumerate(zip(axes, halo)):
-        x = _exchange_dim(x, d + 1, name, lo, hi)
-    return _materialize(x)
+        inner, t = t, _exchange_dim(t, d + 1, name, lo, hi)
+        if name is None or (axis_size(name) or 1) == 1 or not (lo or hi):
+            continue
+        start = [0] * nd
+        for e in range(d + 2, nd - 1):      # the dims after d: their block only
+            start[e] = halo[e - 1][0]
+        at = 0
+        for p in t.parts:
+            if p is not inner:
+                start[d + 1] = at
+                out.append((tuple(start), _materialize(p)))
+            at += p.shape[d + 1]
+    return out
 
 
 def after(x, g):
@@ -211,13 +243,27 @@ def return_margins(dxp, pads, axes):
     of ``dxp`` with the slabs added in place. Autodiff of the exchange, or cropping dim by dim,
     would make a full-size buffer per dim (alive together at the peak of the backward pass).
     """
-    nd = dxp.ndim
-    start, size = [0] * nd, list(dxp.shape)   # the current crop, in dxp's coordinates
+    return _return(dxp.shape, lambda lo, shape: lax.slice(
+        dxp, lo, [a + b for a, b in zip(lo, shape)]), pads, axes)
+
+
+def return_tiles(tiles, shape, pads, axes):
+    """:func:`return_margins` of a padded gradient of ``shape`` given as tiles: ``tiles
+    [(start, tile_shape)]``, the interior box and each slab of :func:`margins` (single-hop),
+    formed apart; the padded gradient itself is never formed."""
+    return _return(shape, lambda lo, s: tiles[(tuple(lo), tuple(s))], pads, axes)
+
+
+def _return(shape, base, pads, axes):
+    """The single-hop transpose on a padded gradient of ``shape`` whose box ``(lo, shape)``
+    is ``base(lo, shape)`` (asked only for the margins' boxes and the interior)."""
+    nd = len(shape)
+    start, size = [0] * nd, list(shape)        # the current crop, in dxp's coordinates
     adds = []                                  # (slab, its first index in dxp's coordinates)
 
     def region(lo, shape):
         """The running sum on the box ``lo`` + ``shape``."""
-        out = lax.slice(dxp, lo, [a + b for a, b in zip(lo, shape)])
+        out = base(lo, shape)
         for slab, at in adds:
             a = [max(p, q) for p, q in zip(lo, at)]
             b = [min(p + m, q + n) for p, m, q, n in zip(lo, shape, at, slab.shape)]

@@ -11,6 +11,7 @@ Called with no mesh axis bound (plain jit, gspmd, one device) every op is the pl
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from functools import partial
 
@@ -26,8 +27,10 @@ from hrseg.parallel.exchange import (  # noqa: F401  (re-exported: halo.psum, �
     bound,
     cotangent_like,
     halo_exchange,
+    margins,
     psum,
     return_margins,
+    return_tiles,
     varying,
 )
 from hrseg.parallel.partition import AXES
@@ -91,7 +94,10 @@ def _valid_conv(x, w, strides, groups, precision):
 # activation plus its margins (XLA folds a plain pad into the conv, but not a concatenation of
 # received halos): at 32³ blocks, ~20 % more residual memory than one device would keep.
 # Saving the unpadded input and exchanging the margins again in the backward pass costs one
-# more ppermute of a thin slab per conv instead.
+# more ppermute of a thin slab per conv instead. Nor does the backward pass form the padded
+# input or its gradient (34³ beside a 32³ block, each 1.2× the block, alive beside the
+# input's gradient at the peak of the step): it runs the block's own SAME conv backward, as
+# one device would, and each received slab's share apart (_lean_bwd).
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _conv(x, w, pads, axes, strides, groups, precision):
     return _valid_conv(halo_exchange(x, pads, axes), w, strides, groups, precision)
@@ -104,14 +110,57 @@ def _conv_fwd(x, w, pads, axes, strides, groups, precision):
 def _conv_bwd(pads, axes, strides, groups, precision, res, g):
     vx, vw = (varying(t) for t in res)  # check_vma: w replicated -> dw psum'd over the mesh
     x, w = (after(t, g) for t in res)  # re-pad and transpose here, not in the forward pass
+    single_hop = all(max(p) <= x.shape[d + 1] for d, p in enumerate(pads))
+    margin = math.prod(x.shape[d + 1] + sum(p) for d, p in enumerate(pads)) - math.prod(
+        x.shape[1:-1])                   # voxels of the margins, per batch row and channel
+    lean = margin * x.shape[0] * x.shape[-1] > w.size  # activations, not weights, dominate
+    if (single_hop and lean
+            and not (cpuconv.applies(w.shape, strides, groups) and cpuconv.enabled())):
+        dx, dw = _lean_bwd(x, w, g, pads, axes, strides, groups, precision)
+        return cotangent_like(dx, vx), cotangent_like(dw, vw)
+    # the CPU's GEMM conv (its own backward) or multi-hop halos: through the padded input
     xp, exchange_vjp = jax.vjp(lambda x: halo_exchange(x, pads, axes), x)
     _, conv_vjp = jax.vjp(lambda xp, w: _valid_conv(xp, w, strides, groups, precision), xp, w)
     dxp, dw = conv_vjp(g)
-    if all(max(p) <= x.shape[d + 1] for d, p in enumerate(pads)):
+    if single_hop:
         dx = return_margins(dxp, pads, axes)
     else:
         (dx,) = exchange_vjp(dxp)  # multi-hop halos: let autodiff transpose the exchange
     return cotangent_like(dx, vx), cotangent_like(dw, vw)
+
+
+def _lean_bwd(x, w, g, pads, axes, strides, groups, precision):
+    """dx, dw of the halo conv without the padded input or its gradient: the padded input is
+    the block (zero margins) plus the received slabs (exchange.margins), and the conv is
+    linear in it, so its gradients are the block's SAME conv gradients plus each slab's, a
+    conv of the few rows of ``g`` that the slab reaches. The slabs' input gradients go back
+    to the neighbours they came from (exchange.return_tiles)."""
+    nsp = x.ndim - 2
+    kernel = w.shape[:nsp]
+    padded = [x.shape[d + 1] + sum(pads[d]) for d in range(nsp)]
+
+    def conv_vjp(xs, pad, gs):
+        _, vjp = jax.vjp(lambda xs, w: lax.conv_general_dilated(
+            xs, w, strides, pad, dimension_numbers=_dimension_numbers(nsp),
+            feature_group_count=groups, precision=precision), xs, w)
+        return vjp(gs)
+
+    dx, dw = conv_vjp(x, pads, g)          # the block's own SAME conv, as on one device
+    tiles = {(tuple([0] + [p[0] for p in pads] + [0]), x.shape): dx}
+    for start, slab in margins(x, pads, axes):
+        rows, pad = [slice(None)], []       # the rows of g the slab reaches, its padding
+        for d in range(nsp):
+            a, b, k, s = start[d + 1], start[d + 1] + slab.shape[d + 1], kernel[d], strides[d]
+            i0, i1 = max(0, -((k - 1 - a) // s)), min(g.shape[d + 1], (b - 1) // s + 1)
+            rows.append(slice(i0, max(i0, i1)))
+            pad.append((a - s * i0, s * (i1 - 1) + k - b))
+        if any(r.start >= r.stop for r in rows[1:]):   # reaches no output: no gradient
+            dslab = jnp.zeros_like(slab)
+        else:  # one slab after another (after): each share of dw is a whole kernel
+            dslab, dws = conv_vjp(after(slab, dw), pad, g[tuple(rows)])
+            dw = dw + dws
+        tiles[(start, slab.shape)] = dslab
+    return return_tiles(tiles, (x.shape[0], *padded, x.shape[-1]), pads, axes), dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
