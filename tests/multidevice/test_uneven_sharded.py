@@ -119,7 +119,10 @@ def test_uneven_train_steps_equal_unpartitioned():
     for a, b in zip(jax.tree.leaves((ref.params, ref.rest)), jax.tree.leaves((got.params,
                                                                               got.rest))):
         if jnp.issubdtype(np.asarray(a).dtype, jnp.floating):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+            # Adam divides by sqrt(v): a gradient element near 0 turns fp32 round-off (the halo
+            # conv's backward sums its slabs in another order) into up to ~2e-5 after 3 steps;
+            # a masking error moves a parameter by a whole step (lr = 1e-2), 100× this tolerance
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
 
 
 def test_impossible_mesh_is_one_line_error():
