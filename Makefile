@@ -9,6 +9,9 @@ XVFB    := $(shell command -v xvfb-run 2>/dev/null)
 INSTALLED := $(patsubst $(VENV)/.installed-%,%,$(wildcard $(VENV)/.installed-*))
 ACCEL   ?= $(or $(filter cpu cuda tpu,$(firstword $(subst -, ,$(INSTALLED)))),cpu)
 PARAMS  ?= params/default
+# Notebooks executed at once by `make run`: 2 on CPU (one kernel leaves a core idle while it
+# compiles or starts), 1 on an accelerator (two kernels would share its memory).
+JOBS    ?= $(if $(filter cpu,$(ACCEL)),2,1)
 ifeq ($(filter $(ACCEL),cpu cuda tpu),)
 $(error ACCEL=$(ACCEL): use ACCEL=cpu, ACCEL=cuda or ACCEL=tpu)
 endif
@@ -30,7 +33,7 @@ $(STAMP): pyproject.toml
 # The main job: phantom data -> the five notebooks (papermill) -> results table, on CPU
 # (on a GPU box / TPU VM: `make run PARAMS=params/gpu` / `PARAMS=params/tpu`).
 run: install
-	$(BIN)/hrseg run --params-dir $(PARAMS)
+	$(BIN)/hrseg run --params-dir $(PARAMS) --jobs $(JOBS)
 
 # Unit tests (1 CPU device), multi-device tests (8 fake CPU devices, own process), napari (xvfb):
 # two suites at a time (XLA compiles are single-threaded, so 2 cores nearly halve the wall time);

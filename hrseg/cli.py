@@ -6,6 +6,7 @@ the module that owns the work. Errors a user can fix print one line and exit 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -63,7 +64,9 @@ def _run(args) -> int:
     from hrseg.train import compile_cache
     compile_cache.enable()  # the notebooks' kernels inherit it through the environment
     try:
-        pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet)
+        extra = json.loads(args.extra) if args.extra else None
+        pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet,
+                     extra=extra, jobs=args.jobs)
     except pipeline.PipelineError as e:
         print(f"hrseg run: {e}", file=sys.stderr)
         return 1
@@ -171,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs or notebooks to execute, e.g. 02 04_train_2d_64 (default: all)")
     s.add_argument("--out", default="runs", help="executed notebooks, figures and tables")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="notebooks executed at the same time, each in its own process "
+                        "(default 1; the results table waits for the others)")
+    s.add_argument("--extra", help=argparse.SUPPRESS)  # JSON parameters for --jobs' children
     s.set_defaults(func=_run)
 
     s = sub.add_parser("table", help="paper-style Dice table of the runs in a folder")

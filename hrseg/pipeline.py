@@ -28,8 +28,14 @@ KERNEL = "python3"  # the Makefile registers the venv's kernel under this name
 RESULTS_TABLE = Path("results") / "results.md"  # written by notebook 05 under --out
 
 
+NOTEBOOKS_ENV = "HRSEG_NOTEBOOKS"  # another folder of numbered notebooks (and --jobs' children)
+
+
 def notebooks_dir() -> Path:
-    """``notebooks/`` of the source tree (hrseg is installed editable, `pip install -e .`)."""
+    """``$HRSEG_NOTEBOOKS`` if set, else ``notebooks/`` of the source tree (hrseg is installed
+    editable, `pip install -e .`)."""
+    if os.environ.get(NOTEBOOKS_ENV):
+        return Path(os.environ[NOTEBOOKS_ENV])
     return Path(__file__).resolve().parent.parent / "notebooks"
 
 
@@ -183,20 +189,34 @@ def execute(run: NotebookRun, out_dir: Path, progress: bool = True, kernel: str 
 
 def run(params_dir: str | Path = "params/default", only: list[str] | None = None,
         out: str | Path = "runs", progress: bool = True, kernel: str = KERNEL,
-        extra: dict | None = None) -> list[Path]:
+        extra: dict | None = None, jobs: int = 1) -> list[Path]:
     """Execute every run of ``params_dir`` in order; stop at the first failure (PipelineError).
 
     ``extra``: parameters set after the YAML in every run whose notebook defines them (tests
-    use it to redirect data paths).
+    use it to redirect data paths). ``jobs`` > 1: that many runs at a time, each in its own
+    process (hrseg.pool).
     Returns the executed notebooks.
     """
+    if jobs < 1:
+        raise PipelineError(f"--jobs must be >= 1, got {jobs}")
     runs = discover(params_dir, only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    done = []
     t0 = time.perf_counter()
-    for i, r in enumerate(runs, 1):
-        done.append(execute(r, out, progress, kernel, extra, position=f"[{i}/{len(runs)}] "))
+    if jobs > 1 and len(runs) > 1:
+        from hrseg import pool
+        last = notebook_names()[-1]   # the results table reads every other run: it goes last
+        stages = [[r.name for r in runs if r.notebook != last],
+                  [r.name for r in runs if r.notebook == last]]
+        try:
+            pool.run_parallel([s for s in stages if s], params_dir, out, jobs, progress, extra,
+                              env={NOTEBOOKS_ENV: str(notebooks_dir())})
+        except pool.RunFailed as e:
+            raise PipelineError(str(e)) from None
+        done = [out / f"{r.name}.ipynb" for r in runs]
+    else:
+        done = [execute(r, out, progress, kernel, extra, position=f"[{i}/{len(runs)}] ")
+                for i, r in enumerate(runs, 1)]
     if progress:
         print(f"{len(done)} notebook(s) executed in {time.perf_counter() - t0:.0f} s -> {out}/")
     return done
@@ -226,10 +246,21 @@ def ensure_phantom(root: str | Path, cases: int, seed: int = 0, shape=None,
 
     Only a missing or empty folder gets a phantom (hrseg.data.phantom.write_dataset). A folder that
     already holds data — a phantom written with other arguments (e.g. `hrseg phantom --cases
-    24`), LiTS or MSD — is used as it is and never rewritten.
+    24`), LiTS or MSD — is used as it is and never rewritten. Concurrent callers (notebooks
+    run side by side) are serialised by a lock file next to ``root``.
     """
-    from hrseg.data import phantom
+    import fcntl
     root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # `hrseg run --jobs 2` may start two notebooks that both want it: one writes, the other
+    # waits on the lock and then finds it written
+    with open(root.parent / f".{root.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_phantom(root, cases, seed, shape, progress)
+
+
+def _ensure_phantom(root: Path, cases: int, seed: int, shape, progress: bool) -> str:
+    from hrseg.data import phantom
     if root.is_dir() and any(root.iterdir()):
         manifest = root / phantom.MANIFEST
         if manifest.is_file():

@@ -16,6 +16,7 @@ LAYERS = (
     {"hrseg.data", "hrseg.parallel"},
     {"hrseg.nn"},
     {"hrseg.train", "hrseg.memory", "hrseg.viz"},
+    {"hrseg.pool"},
     {"hrseg.results", "hrseg.pipeline", "hrseg.cli"},
 )
 

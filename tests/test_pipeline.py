@@ -176,3 +176,73 @@ def test_notebook_setup_moves_to_the_params_folder_and_asks_for_devices(tmp_path
     (tmp_path / "params" / "smoke").mkdir()
     monkeypatch.chdir(tmp_path / "params" / "smoke")
     assert pipeline.notebook_setup() == tmp_path / "params" / "smoke"   # no params/ above: stays
+
+
+def _timed_notebooks(nbdir, fail=None, sleep=0.0):
+    """Notebooks that write their start and end times; ``fail`` raises in its second cell."""
+    for name in NOTEBOOKS:
+        body = [f"import time, pathlib\nt0 = time.time()\ntime.sleep({sleep})",
+                (f"pathlib.Path(out_dir, 'ran_{name}_' + str(x)).write_text("
+                 "f'{t0} {time.time()}')")]
+        if name == fail:
+            body[1] = "raise ValueError(f'boom {x}')"
+        _notebook(nbdir / f"{name}.ipynb", *body, params="x = 0\nout_dir = 'runs'")
+
+
+def _interval(out, name, x):
+    return tuple(float(t) for t in (out / f"ran_{name}_{x}").read_text().split())
+
+
+def test_jobs_run_notebooks_side_by_side_and_the_table_after_all(tmp_path, fake_notebooks,
+                                                                  capsys):
+    _timed_notebooks(fake_notebooks, sleep=4.0)   # kernels start a few seconds apart
+    params = _params_dir(tmp_path, ["05_results_table"])
+    for x in (1, 2):
+        (params / f"04_train_{x}.yaml").write_text(f"x: {x}\n")
+    out = tmp_path / "runs"
+    rc = cli.main(["run", "--params-dir", str(params), "--out", str(out), "--jobs", "2",
+                   "--only", "04", "05"])
+    assert rc == 0, capsys.readouterr().err
+    a, b = _interval(out, "04_train", 1), _interval(out, "04_train", 2)
+    assert a[0] < b[1] and b[0] < a[1]                      # the two 04 runs overlapped
+    table = _interval(out, "05_results_table", 1)
+    assert table[0] > max(a[1], b[1])                       # the table waited for both
+    stdout = capsys.readouterr().out
+    assert "[3/3] 05_results_table done in" in stdout
+    assert (out / "04_train_2.ipynb").is_file() and (out / "04_train_2.log").is_file()
+
+
+def test_jobs_failure_is_one_line_and_stops_what_follows(tmp_path, fake_notebooks, capsys):
+    _timed_notebooks(fake_notebooks, fail="03_augmentation")
+    params = _params_dir(tmp_path, ["03_augmentation", "05_results_table"])
+    out = tmp_path / "runs"
+    rc = cli.main(["run", "--params-dir", str(params), "--out", str(out), "--jobs", "2",
+                   "--quiet", "--only", "03", "05"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith("hrseg run: 03_augmentation failed in cell In [4]") and "boom 1" \
+        in err[0], err
+    assert not (out / "ran_05_results_table_1").exists()
+    with pytest.raises(PipelineError, match="--jobs must be >= 1"):
+        pipeline.run(params, out=out, jobs=0)
+
+
+def test_concurrent_ensure_phantom_writes_it_once(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hrseg.data import phantom
+    calls = []
+
+    def slow_write(root, **kw):
+        calls.append(root)
+        import time
+        time.sleep(0.3)
+        root.mkdir(parents=True)
+        (root / phantom.MANIFEST).write_text('{"cases": 2, "seed": 0}')
+
+    monkeypatch.setattr(phantom, "write_dataset", slow_write)
+    with ThreadPoolExecutor(2) as pool:
+        said = list(pool.map(lambda _: pipeline.ensure_phantom(tmp_path / "ph", 2), range(2)))
+    assert len(calls) == 1
+    assert sorted(s.split(":")[1].strip().split(",")[0] for s in said) == [
+        "phantom written", "using the phantom there (2 cases"]
