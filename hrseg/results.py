@@ -15,12 +15,12 @@ rows, labelled with their first run's name. Next to them: the per-device memory 
 NaN Dice values (no such class in prediction nor label with ``empty_dice`` None) are left
 out of the mean; a row with none left shows "–". A row whose validation cases hold no tumour
 at all shows ``n/a`` for the tumour columns (a 0.000 there would be a false positive's score,
-not a measurement). :func:`summary` says in one sentence what the table shows.
+not a measurement). :func:`summary` (hrseg/verdict.py) says in one sentence what the table
+shows.
 """
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -30,13 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from hrseg import atomic, metrics
+from hrseg.verdict import HEADERS, summary
+from hrseg.verdict import has_tumour as _has_tumour
 
 METRICS = ("tumour_dice_per_case", "tumour_dice_global", "liver_dice_per_case",
            "liver_dice_global")
-HEADERS = {"tumour_dice_per_case": "Tumour Dice per case",
-           "tumour_dice_global": "Tumour Dice global",
-           "liver_dice_per_case": "Liver Dice per case",
-           "liver_dice_global": "Liver Dice global"}
 
 
 # --- small table helpers (also used by the notebooks) -----------------------------------------
@@ -217,39 +215,6 @@ def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
         d["Voxels/s"] = "–" if v is None or math.isnan(v) else f"{v:.3g}"
         out.append(d)
     return out
-
-
-def _has_tumour(row: dict) -> bool:
-    """False only where the row's validation cases are known to hold no tumour."""
-    return row.get("val_tumour_cases", -1) != 0
-
-
-def summary(rows: Sequence[dict], metric: str = "tumour_dice_global") -> str:
-    """One sentence saying what the table shows, computed from its numbers: whether tumour Dice
-    global rises with the input resolution over the 3D rows (in table order, lowest resolution
-    first), its values, and liver Dice global at the highest resolution."""
-    if not rows:
-        return "No training run with an evaluation: nothing to compare."
-    rows3 = [r for r in rows if "2D" not in r["resolution"].split(" (")[0]] or list(rows)
-    pts = [(r["resolution"], r[metric]) for r in rows3
-           if _has_tumour(r) and not math.isnan(r[metric])]
-    liver = rows3[-1]["liver_dice_global"]
-    tail = (f"; liver Dice global {liver:.3f} at {rows3[-1]['resolution']}"
-            if not math.isnan(liver) else "")
-    what = HEADERS[metric]
-    if len(pts) < 2:
-        why = ("no validation tumour" if any(not _has_tumour(r) for r in rows3)
-               else "fewer than two resolutions with a value")
-        return f"{what} cannot be compared across resolutions ({why}){tail}."
-    values = " → ".join(f"{v:.3f} ({label})" for label, v in pts)
-    diffs = [b[1] - a[1] for a, b in itertools.pairwise(pts)]
-    if all(d > 0 for d in diffs):
-        verdict = "rises with the input resolution, as in Hou et al.'s Table 1"
-    elif all(d < 0 for d in diffs):
-        verdict = "falls with the input resolution, against Hou et al.'s Table 1"
-    else:
-        verdict = "does not rise steadily with the input resolution"
-    return f"{what} {verdict}: {values}{tail}."
 
 
 def _bytes(n: float) -> str:

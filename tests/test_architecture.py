@@ -17,6 +17,7 @@ LAYERS = (
     {"hrseg.nn"},
     {"hrseg.train", "hrseg.memory", "hrseg.viz"},
     {"hrseg.pool"},
+    {"hrseg.verdict"},
     {"hrseg.results", "hrseg.pipeline", "hrseg.cli"},
 )
 

@@ -183,5 +183,22 @@ def test_summary_sentence_is_computed_from_the_numbers():
     assert "does not rise steadily" in results.summary(
         [_row("16³", 0.1), _row("32³", 0.3), _row("64³", 0.2)])
     assert "falls with" in results.summary([_row("32³", 0.3), _row("64³", 0.2)])
-    assert "fewer than two resolutions" in results.summary([_row("64³", 0.2)])
+    assert "fewer than two resolutions" in results.summary([_row("32³", math.nan), _row("64³", 0.2)])
+    assert results.summary([_row("64³", 0.2)]) == "Liver Dice global 0.900 at 64³."
     assert results.summary([]).startswith("No training run")
+
+
+def test_summary_compares_whole_volume_with_patches_not_as_a_resolution():
+    rows = [_row("64³, 32³ patches", 0.477, 0.883), _row("64³", 0.543, 0.901)]
+    s = results.summary(rows)
+    assert "rises with" not in s and "across resolutions" not in s
+    assert s == ("Liver Dice global 0.901 at 64³. At 64³, tumour Dice global 0.543 (whole "
+                 "volume) vs 0.477 (32³ patches): the whole volume beats patches, as in Wang "
+                 "et al.'s Fig. 4b.")
+    flipped = [_row("64³, 32³ patches", 0.6), _row("64³", 0.5)]
+    assert "patches beat the whole volume" in results.summary(flipped)
+    both = [_row("32³", 0.3), _row("64³, 32³ patches", 0.4), _row("64³", 0.5, 0.88)]
+    s = results.summary(both)
+    assert s.startswith("Tumour Dice global rises with the input resolution, as in Hou et al.'s "
+                        "Table 1: 0.300 (32³) → 0.500 (64³); liver Dice global 0.880 at 64³.")
+    assert "0.500 (whole volume) vs 0.400 (32³ patches)" in s

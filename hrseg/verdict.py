@@ -1,0 +1,87 @@
+"""What a results table shows, in one or two sentences computed from its numbers.
+
+:func:`summary` reads the rows of :func:`hrseg.results.collect` (lowest resolution first):
+whether tumour Dice global rises with the input resolution over the whole-volume rows (Hou et
+al.'s Table 1), liver Dice global at the highest resolution, and — where the table holds a
+patch-trained row and a whole-volume row at the same resolution — which of the two wins
+(Wang et al.'s Fig. 4b). Rows whose validation cases hold no tumour have no tumour figure.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+HEADERS = {"tumour_dice_per_case": "Tumour Dice per case",
+           "tumour_dice_global": "Tumour Dice global",
+           "liver_dice_per_case": "Liver Dice per case",
+           "liver_dice_global": "Liver Dice global"}
+
+
+def has_tumour(row: dict) -> bool:
+    """False only where the row's validation cases are known to hold no tumour."""
+    return row.get("val_tumour_cases", -1) != 0
+
+
+def _patch_of(label: str) -> tuple[str, str] | None:
+    """``"64³, 32³ patches"`` -> ``("64³", "32³")``; None for a whole-volume row."""
+    if not label.endswith(" patches") or ", " not in label:
+        return None
+    whole, patch = label.removesuffix(" patches").split(", ", 1)
+    return whole, patch
+
+
+def _patch_sentences(rows: Sequence[dict], metric: str) -> list[str]:
+    """One sentence per patch row that has a whole-volume row at its resolution."""
+    by_label = {r["resolution"]: r for r in rows}
+    out = []
+    for r in rows:
+        split = _patch_of(r["resolution"])
+        if split is None or split[0] not in by_label:
+            continue
+        w = by_label[split[0]]
+        if not (has_tumour(r) and has_tumour(w)) or math.isnan(r[metric]) or math.isnan(w[metric]):
+            continue
+        a, b = w[metric], r[metric]
+        verdict = ("the whole volume beats patches, as in Wang et al.'s Fig. 4b" if a > b else
+                   "patches beat the whole volume, against Wang et al.'s Fig. 4b" if b > a else
+                   "a tie")
+        out.append(f"At {split[0]}, {HEADERS[metric][0].lower() + HEADERS[metric][1:]} "
+                   f"{a:.3f} (whole volume) vs {b:.3f} ({split[1]} patches): {verdict}.")
+    return out
+
+
+def _resolution_sentence(rows3: Sequence[dict], metric: str) -> str:
+    pts = [(r["resolution"], r[metric]) for r in rows3
+           if has_tumour(r) and not math.isnan(r[metric])]
+    liver = rows3[-1]["liver_dice_global"]
+    at = f"at {rows3[-1]['resolution']}"
+    what = HEADERS[metric]
+    if len(rows3) == 1:   # one resolution: nothing to compare across resolutions
+        return f"Liver Dice global {liver:.3f} {at}." if not math.isnan(liver) else ""
+    tail = f"; liver Dice global {liver:.3f} {at}" if not math.isnan(liver) else ""
+    if len(pts) < 2:
+        why = ("no validation tumour" if any(not has_tumour(r) for r in rows3)
+               else "fewer than two resolutions with a value")
+        return f"{what} cannot be compared across resolutions ({why}){tail}."
+    values = " → ".join(f"{v:.3f} ({label})" for label, v in pts)
+    diffs = [b[1] - a[1] for a, b in itertools.pairwise(pts)]
+    if all(d > 0 for d in diffs):
+        verdict = "rises with the input resolution, as in Hou et al.'s Table 1"
+    elif all(d < 0 for d in diffs):
+        verdict = "falls with the input resolution, against Hou et al.'s Table 1"
+    else:
+        verdict = "does not rise steadily with the input resolution"
+    return f"{what} {verdict}: {values}{tail}."
+
+
+def summary(rows: Sequence[dict], metric: str = "tumour_dice_global") -> str:
+    """What the table shows: the resolution trend over the 3D whole-volume rows (the 2D rows
+    when there are no 3D ones), then whole volume vs patches where both are in the table."""
+    if not rows:
+        return "No training run with an evaluation: nothing to compare."
+    whole = [r for r in rows if _patch_of(r["resolution"]) is None]
+    rows3 = [r for r in whole if "2D" not in r["resolution"].split(" (")[0]] or whole
+    parts = [_resolution_sentence(rows3, metric)] if rows3 else []
+    parts += _patch_sentences(rows, metric)
+    return " ".join(p for p in parts if p)
