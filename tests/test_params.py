@@ -76,3 +76,14 @@ def test_accelerator_config_fits_its_stated_memory(path):
                           in_channels=cfg.in_channels)
     assert est["total"] <= budget, (f"{_rel(path)}: {est['total'] / memory.GiB:.1f} GiB "
                                     f"estimated > {budget / memory.GiB:.1f} GiB stated")
+
+
+def test_train_128_is_the_64_recipe_at_twice_the_resolution_on_a_2x2x2_mesh():
+    """Issue 12 §4: one recipe across the resolution study; only size, levels, mesh differ."""
+    import dataclasses
+    a, b = config.load(ROOT / "params/train_64.yaml"), config.load(ROOT / "params/train_128.yaml")
+    assert tuple(b.data.resolution) == (128, 128, 128) and tuple(b.mesh.spatial) == (2, 2, 2)
+    assert (b.model.levels, b.model.base) == (a.model.levels + 1, a.model.base // 2)
+    assert dataclasses.replace(b.data, resolution=a.data.resolution) == a.data
+    assert b.augment == a.augment
+    assert dataclasses.replace(b.train, name=a.train.name, resume=a.train.resume) == a.train
