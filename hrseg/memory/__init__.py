@@ -3,6 +3,8 @@
     analytic    the estimate counted from the model's parts (no compilation)
     compiled    the real step compiled on shapes (XLA's figures), and autodiff's residuals
     planner     the smallest partition that fits a per-device budget, confirmed by compiling
+    splits      which meshes of n devices split a volume (pooling, padding, halo surface)
+    levels      which levels to gather (model.gather_below) on a planned mesh
     confirm     compile a planned step here, or in a subprocess with enough fake CPU devices
     ablation    Wang et al.'s memory ablation table
     study       the notebooks' tables: analytic vs compiled, memory vs devices, paper schedule
@@ -34,6 +36,7 @@ from hrseg.memory.compiled import (  # noqa: F401
 from hrseg.memory.confirm import (  # noqa: F401
     CannotCompile,
     compile_step,
+    compile_steps,
 )
 from hrseg.memory.peak import (  # noqa: F401
     peak_bytes_in_use,

@@ -13,7 +13,8 @@ keeps (the model code decides this, see layers.py / norm.py):
 plus float32 parameters, their gradients (twice on a mesh: the all-reduce's input and output),
 the optimizer state (``optimizer.init`` on shapes), BatchNorm statistics, the input shard, and
 the backward pass's working set (the two largest gradients in flight, and the padded halo
-buffers of the largest conv's backward). The layer list walks ``UNet.parts()`` — the list the
+buffers of the largest conv's backward). A level that ``model.gather_below`` runs all-gathered
+(parallel/submesh.py) is counted whole on its gathered axes: n× its share. The layer list walks ``UNet.parts()`` — the list the
 forward pass runs — and checks that it reached every conv of the model. compiled.py measures
 the real step for comparison.
 """
@@ -29,7 +30,7 @@ from flax import nnx
 
 from hrseg.config import ModelConfig, TrainConfig
 from hrseg.nn import layers, precision, unet
-from hrseg.parallel import partition, uneven
+from hrseg.parallel import partition, submesh, uneven
 from hrseg.train.loop import make_optimizer
 
 GiB = 2 ** 30
@@ -124,16 +125,21 @@ def _convs(model) -> list[tuple[str, nnx.Module]]:
             if isinstance(m, (layers.Conv, layers.ConvTranspose))]
 
 
-def tensors(model, local_batch_shape, dt) -> list[Tensor]:
+def tensors(model, local_batch_shape, dt, grown=None) -> list[Tensor]:
     """The activations one device keeps for the backward pass, in data-flow order.
 
     Walks ``model.parts()``; a part of an unknown role, or a conv that no part reaches, is an
-    error naming it — a new block cannot silently fall out of the estimate.
+    error naming it — a new block cannot silently fall out of the estimate. ``grown``: per
+    level, per spatial axis, how many devices' blocks one device holds (:func:`gathered`;
+    default 1: nothing gathered).
     """
     B, *S, cin = local_batch_shape
+    ones = (1,) * len(S)
+    grown = list(grown) if grown else [ones] * model.levels
 
-    def lead(level):
-        return (B,) + tuple(s // 2 ** level for s in S)
+    def lead(level, grow=None):  # (B, *S): the level's block, whole on its gathered axes
+        grow = grown[level] if grow is None else grow
+        return (B,) + tuple(s // 2 ** level * k for s, k in zip(S, grow))
 
     # the image is an argument (input_bytes); a cast to a narrower compute dtype is a new buffer
     out = [Tensor("input", lead(0) + (cin,), dt)] if dt != 4 else []
@@ -147,13 +153,18 @@ def tensors(model, local_batch_shape, dt) -> list[Tensor]:
             out.append(Tensor(f"{part.name}.pool", lead(part.level + 1) + (skips[-1],), dt))
         elif part.role == "up":
             seen.append(part.module.upsample)
+            if grown[part.level + 1] != grown[part.level]:  # the up-conv keeps its input,
+                # the coarser output taken back to this level's blocks (unet._regather)
+                out.append(Tensor(f"{part.name}.regathered", lead(part.level + 1, grown[
+                    part.level]) + (out[-1].shape[-1],), dt))
             out.append(Tensor(f"{part.name}.concat", here + (2 * skips.pop(),), dt))
             out += _block(part.module.block, part.name, here, dt, seen)
         elif part.role == "head":
             seen.append(part.module)
             k = part.module.kernel.shape[-1]
-            out += [Tensor("logits", here + (k,), 4), Tensor("log_probs", here + (k,), 4),
-                    Tensor("logits.max", here + (1,), 4)]  # log_softmax keeps its shift
+            own = lead(0, ones)  # the loss runs on this device's block (logits scattered)
+            out += [Tensor("logits", own + (k,), 4), Tensor("log_probs", own + (k,), 4),
+                    Tensor("logits.max", own + (1,), 4)]  # log_softmax keeps its shift
         elif part.role != "bottom":
             raise ValueError(f"memory estimate: part '{part.name}' has role '{part.role}', "
                              f"which hrseg/memory/analytic.py does not count")
@@ -184,6 +195,20 @@ def _halo_staging(acts) -> int:
     return 2 * B * math.prod(s + 2 for s in S) * C * big.itemsize
 
 
+def gathered(model_cfg: ModelConfig, local, ms, backend: str = "halo"):
+    """(mesh axes each level runs all-gathered on, per level per spatial axis the devices'
+    blocks one device then holds): ``model.gather_below``'s plan (parallel/submesh.py) for
+    an input shard ``local = (B, *S)`` on ``ms = (data, sx, sy, sz)``; only the halo backend
+    (shard_map) gathers."""
+    sp = tuple(ms[1:1 + model_cfg.dims])
+    if not model_cfg.gather_below or not partition.backend(backend).shard_map:
+        return [()] * model_cfg.levels, [(1,) * len(sp)] * model_cfg.levels
+    plan = submesh.level_plan((*local, 1), model_cfg.levels, model_cfg.gather_below,
+                              devices=sp)
+    return plan, [tuple(n if a in axes else 1 for a, n in zip(partition.SPATIAL, sp))
+                  for axes in plan]
+
+
 def _tree_bytes(tree) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -206,7 +231,8 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     params = nnx.state(model, nnx.Param)
     opt_state = jax.eval_shape(make_optimizer(TrainConfig(optimizer=optimizer)).init, params)
     dt = pol.compute_bytes
-    acts = tensors(model, lead + (shape[-1],), dt)
+    plan, grown = gathered(model_cfg, lead, ms, backend)
+    acts = tensors(model, lead + (shape[-1],), dt, grown)
     saved = sum(t.bytes for t in acts)
     largest = max(t.bytes for t in _feature_maps(acts))
     split = partition.backend(backend).shard_map and math.prod(ms[1:]) > 1
@@ -214,6 +240,7 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     p = _tree_bytes(params)
     out = {
         "mesh": ms, "local_shape": lead + (shape[-1],), "policy": pol.name,
+        "gathered": plan,  # mesh axes per level (model.gather_below)
         "params": unet.param_count(model), "param_bytes": p,
         "gradient_bytes": p,
         # the gradients' all-reduce over the mesh: its input and its output are both alive

@@ -8,7 +8,7 @@ get more, so ``where="auto"`` compiles in a child process started with N fake CP
 same flag hrseg/parallel/devices.py sets for the notebooks); ``where="here"`` refuses with one
 line that says what to set.
 
-    python -m hrseg.memory.confirm '<json request>'   # the child: prints measure()'s JSON
+    python -m hrseg.memory.confirm '<json requests>'   # the child: prints measure()'s JSON list
 """
 from __future__ import annotations
 
@@ -57,13 +57,20 @@ def compile_step(model_cfg: ModelConfig, shape, mesh, batch: int = 1,
     """``compiled.measure`` of the training step on ``mesh`` = ``(data, sx, sy, sz)``, halo
     backend: in this process when it has the devices, else (``where="auto"``) in a child process
     with that many fake CPU devices. Adds ``"where"``: ``"here"`` or ``"subprocess"``."""
+    return compile_steps([model_cfg], shape, mesh, batch, optimizer, in_channels, where)[0]
+
+
+def compile_steps(model_cfgs, shape, mesh, batch: int = 1, optimizer: str = "adafactor",
+                  in_channels: int = 1, where: str = "auto") -> list[dict]:
+    """:func:`compile_step` of several models on the same mesh; one child process compiles
+    them all (it starts jax once)."""
     if where not in WHERE:
         raise ValueError(f"compile where={where!r}: give one of {', '.join(WHERE)}")
     need = devices_needed(mesh)
-    req = _request(model_cfg, shape, mesh, batch, optimizer, in_channels)
+    reqs = [_request(c, shape, mesh, batch, optimizer, in_channels) for c in model_cfgs]
     have = jax.device_count()
-    if need <= have:
-        return _measure(req) | {"where": "here"}
+    if need <= have or not reqs:
+        return [_measure(r) | {"where": "here"} for r in reqs]
     mesh_txt = "×".join(map(str, mesh))
     if where == "here":
         raise CannotCompile(f"compiling the {mesh_txt} mesh needs {need} devices and this "
@@ -72,15 +79,16 @@ def compile_step(model_cfg: ModelConfig, shape, mesh, batch: int = 1,
                             f"subprocess (compile='auto')")
     flags = re.sub(FLAG + r"=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
     env = dict(os.environ, XLA_FLAGS=f"{flags} {FLAG}={need}".strip(), JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "hrseg.memory.confirm", json.dumps(req)],
+    proc = subprocess.run([sys.executable, "-m", "hrseg.memory.confirm", json.dumps(reqs)],
                           capture_output=True, text=True, env=env,
                           check=False)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         raise CannotCompile(f"compiling the {mesh_txt} mesh on {need} fake CPU devices in a "
                             f"subprocess failed: {last}")
-    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"where": "subprocess"}
+    return [o | {"where": "subprocess"}
+            for o in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
 if __name__ == "__main__":
-    print(json.dumps(_measure(json.loads(sys.argv[1]))))
+    print(json.dumps([_measure(r) for r in json.loads(sys.argv[1])]))

@@ -8,17 +8,18 @@ Per-device activations are about the same for every split of the same device cou
 headroom favours data parallelism (no halos) as far as the batch allows, then cube-like
 spatial splits (smallest halo surface). The estimate is an upper bound; ``compile=`` confirms
 the pick with XLA's figure for the step (:func:`confirm_plan`), which may move it either way.
+On the pick's mesh, levels.py then chooses which levels run gathered (``model.gather_below``)
+by the same figure; splits.py lists the meshes.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from hrseg.config import ModelConfig
-from hrseg.memory import analytic, confirm
+from hrseg.memory import analytic, confirm, levels
+from hrseg.memory.splits import divisors, spatial_splits, why_not
 from hrseg.nn import unet
-from hrseg.parallel import uneven
 
 # (label, changes to the ModelConfig), cumulative, least intrusive first
 LADDER = (
@@ -36,33 +37,6 @@ ESTIMATE_OVER_COMPILED = "19 % (bf16) to 44 % (fp32)"
 
 def _fmt(b: float) -> str:
     return f"{b / analytic.GiB:.2f} GiB" if b >= analytic.GiB / 10 else f"{b / 2 ** 20:.2f} MiB"
-
-
-def _primes(n: int) -> list[int]:
-    """The distinct prime factors of ``n``."""
-    return [p for p in range(2, n + 1) if n % p == 0 and all(p % q for q in range(2, p))]
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def spatial_splits(n: int, shape, levels: int, ndim: int = 3) -> list[tuple[int, int, int]]:
-    """Splits ``(sx, sy, sz)`` of ``n`` devices for a shape that pools evenly ``levels`` times:
-    the least padding first (an axis that does not split evenly is padded in the step,
-    parallel/uneven.py), then the most cube-like shards (smallest halo surface)."""
-    out = []
-    for sx in _divisors(n):
-        for sy in _divisors(n // sx):
-            sz = n // (sx * sy)
-            split = (sx, sy, sz)
-            if ndim == 2 and sz != 1:
-                continue
-            if all(s % 2 ** levels == 0 for s in shape):
-                local = [uneven.padded_size(s, k, levels) // k for s, k in zip(shape, split)]
-                surface = sum(math.prod(local) / d for d in local)
-                out.append((math.prod(local), surface, split))
-    return [s for *_, s in sorted(out)]
 
 
 @dataclass
@@ -86,6 +60,7 @@ class Plan:
     analytic: Plan | None = None         # the estimate's own pick, when the compile changed it
     checked: list[tuple[str, str, int, int]] = field(default_factory=list)
     # (technique, mesh, estimate, compiled total) of every compile the confirmation made
+    gather: list = field(default_factory=list)  # levels.Candidate per gather_below weighed
 
     @property
     def total(self) -> int | None:
@@ -103,30 +78,14 @@ class Plan:
         return ["mesh:", "  backend: halo", f"  data: {d}",
                 f"  spatial: [{', '.join(map(str, sp))}]", "model:", f"  block: {m.block}",
                 f"  norm: {m.norm}", f"  precision: {m.precision}",
+                f"  gather_below: {m.gather_below}",
                 "train:", f"  batch: {self.batch}"]
 
     def why_no_split(self) -> str | None:
         """Why no mesh of ``n_devices`` can split the volume, or None if some can."""
         if any(t is not None for _, _, t in self.considered):
             return None
-        mult = 2 ** self.levels
-        shape = "×".join(map(str, self.shape))
-        ok = [n for n in range(1, 2 * self.n_devices + 1)
-              if any(spatial_splits(n // d, self.shape, self.levels, len(self.shape))
-                     for d in _divisors(n) if self.batch % d == 0)]
-        below = max((n for n in ok if n < self.n_devices), default=None)
-        above = min((n for n in ok if n > self.n_devices), default=None)
-        near = " or ".join(str(n) for n in (below, above) if n)
-        blocks = [s // mult for s in self.shape]
-        stuck = [p for p in _primes(self.n_devices)
-                 if all(b % p for b in blocks) and self.batch % p]
-        detail = (f" ({self.n_devices} has the factor {stuck[0]}, which divides none of the "
-                  f"{', '.join(map(str, blocks))} blocks per axis nor the batch)" if stuck else "")
-        return (f"{self.n_devices} devices cannot split a {shape} volume (batch {self.batch}): "
-                f"each device's block must be a whole multiple of 2^{self.levels} = {mult} "
-                f"voxels per axis (one per pooling), so the devices on an axis must divide its "
-                f"size / {mult}{detail}"
-                + (f"; nearest device counts that work: {near}" if near else ""))
+        return why_not(self.n_devices, self.shape, self.batch, self.levels)
 
     @property
     def headroom(self) -> int:
@@ -189,6 +148,9 @@ class Plan:
                              f"it exceeded XLA's compiled figure by {ESTIMATE_OVER_COMPILED} "
                              f"(benchmarks/memory.py, PM3); confirm it by compiling the step "
                              f"(`hrseg memory` does unless --compile no).")
+        if self.mesh is not None and self.gather:
+            lines += levels.describe(levels.equivalent(self.gather, self.model.gather_below),
+                                     self.gather, self.batch, _fmt)
         a = self.analytic
         if a is not None:
             lines.append("The analytic estimate alone picked "
@@ -214,24 +176,25 @@ MAX_DEVICES = 4096  # how far "nothing fits" looks for a device count that would
 def plan(budget_bytes_per_device: int, n_devices: int, resolution, batch: int = 1,
          preset: str = "paper", model_cfg: ModelConfig | None = None,
          optimizer: str = "adafactor", in_channels: int = 1, suggest: bool = True,
-         compile: str | None = None) -> Plan:
+         compile: str | None = None, choose_gather: bool = True) -> Plan:
     """Mesh + techniques with the most headroom under the budget (see the module docstring).
 
     ``resolution``: an int (a cube, and the paper preset's schedule) or the spatial shape, any
     size per axis. ``compile``: None picks by the analytic estimate alone; ``"auto"`` or
     ``"here"`` then confirms the pick by compiling the step (:func:`confirm_plan`; where the
-    compile runs: hrseg/memory/confirm.py).
+    compile runs: hrseg/memory/confirm.py). ``choose_gather``: also choose which levels run
+    gathered (``model.gather_below``, hrseg/memory/levels.py), by the same figure.
     """
     shape = (resolution,) * 3 if isinstance(resolution, int) else tuple(resolution)
     if model_cfg is None:
         model_cfg = (unet.preset(preset, shape[0]) if preset == "paper"
                      else unet.preset(preset))
     shape = shape[:model_cfg.dims]
-    levels = unet.poolings_of(model_cfg)
+    poolings = unet.poolings_of(model_cfg)
     if n_devices < 1:
         raise ValueError(f"--devices {n_devices}: need at least 1 device")
     result = Plan(int(budget_bytes_per_device), n_devices, shape, batch, None, None,
-                  levels=levels, optimizer=optimizer, in_channels=in_channels, base=model_cfg)
+                  levels=poolings, optimizer=optimizer, in_channels=in_channels, base=model_cfg)
     for tech, cfg in _ladder(model_cfg):
         opts = _options(result, cfg)
         result.considered += [(tech, txt, total) for txt, total, _ in opts]
@@ -239,10 +202,12 @@ def plan(budget_bytes_per_device: int, n_devices: int, resolution, batch: int = 
         if fits:
             _, _, (mesh, est) = min(fits, key=lambda o: (o[1], -o[2][0][0]))
             result.mesh, result.model, result.technique, result.estimate = mesh, cfg, tech, est
+            if choose_gather:
+                levels.apply(result, None)
             break
     if result.mesh is None and suggest:
         result.suggestion = _suggest(result, model_cfg, optimizer, in_channels)
-    return confirm_plan(result, compile, suggest) if compile else result
+    return confirm_plan(result, compile, suggest, choose_gather) if compile else result
 
 
 def _ladder(model_cfg: ModelConfig) -> list[tuple[str, ModelConfig]]:
@@ -259,7 +224,7 @@ def _options(p: Plan, cfg: ModelConfig):
     """(mesh text, estimate total or None, ((data, sx, sy, sz), estimate) or None) for each
     data-parallel degree of ``p.n_devices``, the most data-parallel first."""
     out = []
-    for data in [d for d in _divisors(p.n_devices) if p.batch % d == 0][::-1]:
+    for data in [d for d in divisors(p.n_devices) if p.batch % d == 0][::-1]:
         splits = spatial_splits(p.n_devices // data, p.shape, p.levels, cfg.dims)
         txt = f"{data}×" + ("×".join(map(str, splits[0])) if splits else "?")
         if not splits:
@@ -271,7 +236,8 @@ def _options(p: Plan, cfg: ModelConfig):
     return out
 
 
-def confirm_plan(p: Plan, where: str = "auto", suggest: bool = True) -> Plan:
+def confirm_plan(p: Plan, where: str = "auto", suggest: bool = True,
+                 choose_gather: bool = True) -> Plan:
     """The plan confirmed by compiling: the least intrusive technique whose compiled step fits.
 
     Compiles the analytic pick's step (its best mesh by the estimate); if it fits, walks down
@@ -294,7 +260,8 @@ def confirm_plan(p: Plan, where: str = "auto", suggest: bool = True) -> Plan:
         best[i] = (mesh, est, c)
         return c["total"] <= p.budget
 
-    out = dataclasses.replace(p, checked=[], used="compiled", suggestion=None, analytic=None)
+    out = dataclasses.replace(p, checked=[], used="compiled", suggestion=None, analytic=None,
+                              gather=[])
     start = ([t for t, _ in steps].index(p.technique) if p.mesh is not None
              else len(steps) - 1)
     if p.why_no_split() is not None:  # no mesh of n_devices splits the volume
@@ -308,6 +275,8 @@ def confirm_plan(p: Plan, where: str = "auto", suggest: bool = True) -> Plan:
     if pick is not None:
         (mesh, est, c), (tech, cfg) = best[pick], steps[pick]
         out.mesh, out.model, out.technique, out.estimate, out.compiled = mesh, cfg, tech, est, c
+        if choose_gather:
+            levels.apply(out, where)
     else:
         out.mesh = out.model = None
         out.technique, out.estimate = "", {}
@@ -323,7 +292,7 @@ def _confirm_suggestion(p: Plan, where: str) -> Plan | None:
     if p.suggestion is None:  # the volume splits no further, or more devices stop helping
         return None
     kw = {"model_cfg": p.base, "optimizer": p.optimizer, "in_channels": p.in_channels,
-              "suggest": False, "compile": where}
+          "suggest": False, "compile": where, "choose_gather": False}
     n = p.suggestion.n_devices
     s = plan(p.budget, n, p.shape, p.batch, **kw)
     if s.mesh is not None:
@@ -358,7 +327,8 @@ def _suggest(failed: Plan, model_cfg: ModelConfig, optimizer: str, in_channels: 
                                 batch=failed.batch, in_channels=in_channels)["total"]
         if total <= failed.budget:
             return plan(failed.budget, n, failed.shape, failed.batch, model_cfg=model_cfg,
-                        optimizer=optimizer, in_channels=in_channels, suggest=False)
+                        optimizer=optimizer, in_channels=in_channels, suggest=False,
+                        choose_gather=False)
         if prev is not None and total >= 0.99 * prev:
             return None
         n, prev = n * 2, total
