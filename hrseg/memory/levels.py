@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from hrseg.config import ModelConfig
 from hrseg.memory import analytic, confirm
 
-COMPILE_WITHIN = 2.0  # compile the candidates whose estimate is within this × the smallest
+# The estimate exceeds XLA's compiled step by up to 44 % (benchmarks/memory.py PM3, fp32): a
+# candidate whose estimate is more than 1.45× the smallest cannot compile below the smallest's
+# own estimate, so only those within it are worth a compile (minutes each at paper scale).
+COMPILE_WITHIN = 1.45
 
 
 @dataclass
