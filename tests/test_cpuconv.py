@@ -1,4 +1,4 @@
-"""parallel/cpuconv.py: the depth-stacked 3D conv equals XLA's, values and gradients."""
+"""parallel/cpuconv.py: the wide-image 3D conv equals XLA's, values and gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +16,7 @@ def _close(a, b, tol=2e-6):  # fp32 round-off of a different summation order, re
     assert np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1e-6), np.abs(a - b).max()
 
 
-@pytest.mark.parametrize("kernel", [(3, 3, 3), (5, 3, 1), (3, 1, 1)])
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (5, 3, 1), (3, 1, 1), (1, 3, 3), (3, 2, 5)])
 def test_valid_conv3d_equals_lax_values_and_gradients(kernel):
     xp = jax.random.normal(jax.random.key(0), (2, 9, 8, 7, 3))    # odd, unequal sizes
     w = jax.random.normal(jax.random.key(1), kernel + (3, 4))
@@ -36,13 +36,16 @@ def test_applies_only_to_plain_3d_convs():
     assert cpuconv.applies((3, 3, 3, 4, 4), (1, 1, 1), 1)
     assert not cpuconv.applies((3, 3, 3, 1, 4), (1, 1, 1), 4)     # depthwise
     assert not cpuconv.applies((3, 3, 3, 4, 4), (2, 2, 2), 1)     # strided
-    assert not cpuconv.applies((1, 1, 1, 4, 4), (1, 1, 1), 1)     # no depth taps
+    assert not cpuconv.applies((1, 1, 1, 4, 4), (1, 1, 1), 1)     # a matmul
+    assert not cpuconv.applies((2, 3, 3, 4, 4), (1, 1, 1), 1)     # even depth kernel
+    assert not cpuconv.applies((3, 3, 2, 4, 4), (1, 1, 1), 1)     # even width kernel
+    assert cpuconv.applies((1, 3, 3, 4, 4), (1, 1, 1), 1)
     assert not cpuconv.applies((3, 3, 4, 4), (1, 1), 1)           # 2D
 
 
-def test_selected_on_cpu_when_asked_and_off_by_default(monkeypatch):
+def test_selected_on_cpu_by_default(monkeypatch):
     monkeypatch.delenv(cpuconv.ENV, raising=False)
-    assert not cpuconv.enabled()                    # opt-in
+    assert cpuconv.enabled() == (jax.default_backend() == "cpu")
     monkeypatch.setenv(cpuconv.ENV, "1")
     assert cpuconv.enabled() == (jax.default_backend() == "cpu")
     with cpuconv.generic():
@@ -56,7 +59,7 @@ def test_halo_conv_cpu_path_equals_generic_path(monkeypatch):
     # the choice is made when a function is traced (custom_vjp keeps its trace): clear caches
     x = jax.random.normal(jax.random.key(0), (1, 9, 10, 11, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 5))
-    stacked = "tensor<1x9x12x13x9xf32>"  # (B, X, Y+2, Z+2, 3·Cin): the GEMM's input
+    stacked = "tensor<1x11x130x3xf32>"  # (1, X+2, Y·(Z+2), Cin): a wide image of the 2D conv
 
     def run():
         text = jax.jit(lambda x, w: halo.conv(x, w)).lower(x, w).as_text()

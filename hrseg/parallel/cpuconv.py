@@ -1,25 +1,26 @@
 """A faster formulation of the 3D convolution for XLA:CPU (issue 16).
 
-XLA:CPU's native 3D convolution is slow, its backward pass most of all. Stacking the ``kd``
-depth-shifted slices of the input along channels (a cheap copy: whole (Y, Z, C) planes) and
-multiplying by the weight reshaped ``(kd·Cin, kh·kw·Cout)`` gives, in *one GEMM*, every
-in-plane tap's partial product; the output is their sum, each shifted by its tap:
+XLA:CPU's native 3D convolution is slow (one 3³ conv 64³ × 32 -> 32: 0.51 s forward, 0.50 s
+input gradient, 0.80 s weight gradient on the 2-core machine), while its 2D convolution of
+*one large image* is fast (a 3×3 conv of a 512² × 32 image: 0.04 s). So a VALID 3D conv is
+written as ``kh`` 2D convs, one per tap along Y, each over one *wide* image whose rows are the
+depth axis (B·X', batches stacked) and whose columns are the (Y, Z') planes side by side:
 
-    p[b, x, j', k', (j, k, o)] = Σ_{d, c} xp[b, x + d, j', k', c] · w[d, j, k, c, o]
-    y[b, x, j, k, o]           = Σ_{j₀, k₀} p[b, x, j + j₀, k + k₀, (j₀, k₀, o)]
+    img_b[(n, x'), (y, z')] = xp[n, x', y + b, z']                     (a cheap slice + reshape)
+    y[n, x, y, z]           = Σ_b  conv2d(img_b, w[:, b])[(n, x + kd//2), (y, z + kw//2)]
 
-(im2col along depth, K = kd·Cin; the kh·kw shifted adds fuse into one pass). A custom VJP
-writes the backward pass the same way: the input gradient is this very formulation applied
-to the zero-padded output gradient with the flipped, in/out-swapped kernel; the weight
-gradient is XLA's own (its backprop-filter conv is the fastest of the GEMM forms measured).
-One 3³ conv 64³ × 32 -> 32, CPU seconds on 2 loaded cores: forward 0.6–0.7 vs XLA's 1.0–1.1,
-forward + backward 1.9–2.0 vs 2.3. The sums are the same; only the order of float additions
-differs (relative difference ~4e-7 to XLA's conv; the earlier depth-stacked *2D conv* differed
-by 1.8e-5, which was the drift of the GSPMD step test).
+the 2D conv padded by (kd//2, kw//2) so that each output is computed from its own plane; rows
+and columns that straddle two planes or batches are computed and dropped (the padding rows
+and columns of ``xp`` separate them). Measured on one conv as above: forward 0.18 s. A custom
+VJP writes the input gradient the same way (the full conv of the zero-padded output gradient
+with the flipped, in/out-swapped kernel); the weight gradient is XLA's own backprop-filter
+conv (the best GEMM form tried, one matmul per depth tap against a stack of the 9 in-plane
+shifts of the gradient, took 0.57 s against XLA's 0.80 s, for a transient 9× the activation). The sums are the same; only the order of float
+additions differs (~1e-6 relative to XLA's conv).
 
-It replaces XLA's conv for VALID, stride-1, ungrouped 3D convolutions with a depth kernel > 1
-when JAX runs on CPU and ``HRSEG_CPU_CONV=1`` (``enabled()``); accelerators, depthwise and strided convolutions keep
-``lax.conv_general_dilated``.
+It replaces XLA's conv for VALID, stride-1, ungrouped 3D convolutions with odd depth and width
+kernels (not 1×1×1) whenever JAX runs on the CPU (``enabled()``; ``HRSEG_CPU_CONV=0`` turns it
+off); accelerators, depthwise and strided convolutions keep ``lax.conv_general_dilated``.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from hrseg.parallel.exchange import cotangent_like, varying
 
 ENV = "HRSEG_CPU_CONV"
 DN = ("NDHWC", "DHWIO", "NDHWC")
+DN2 = ("NHWC", "HWIO", "NHWC")
 _generic = [False]   # set while tracing under generic()
 
 
@@ -51,55 +53,57 @@ def generic():
 
 
 def enabled() -> bool:
-    """True when the GEMM formulation should replace XLA's 3D conv: asked for with
-    ``HRSEG_CPU_CONV=1``, JAX's default backend is the CPU and no :func:`generic` block is open.
+    """True when the wide-image formulation replaces XLA's 3D conv: JAX's default backend is
+    the CPU, ``HRSEG_CPU_CONV`` is not ``0`` and no :func:`generic` block is open.
 
-    Opt-in: faster per conv (micro-benchmark), but the full 64³ step was 1.61× *slower* than
-    with XLA's conv in a paired 4-round benchmarks/speed.py run at load 15-19."""
-    return (not _generic[0] and os.environ.get(ENV, "0") == "1"
+    Selected by default on the CPU: the 64³ mtf training step 0.67× (inference 0.41×) the
+    time of XLA's own conv, paired in one 3-round ``benchmarks/speed.py --generic`` run."""
+    return (not _generic[0] and os.environ.get(ENV, "1") != "0"
             and jax.default_backend() == "cpu")
 
 
 def applies(w_shape, strides, groups: int) -> bool:
-    """Whether :func:`valid_conv3d` handles this conv (3D, stride 1, ungrouped, depth > 1)."""
+    """Whether :func:`valid_conv3d` handles this conv: 3D, stride 1, ungrouped, odd depth and
+    width kernels (centred padding of the 2D conv), not 1×1×1 (a plain matmul)."""
     return (len(w_shape) == 5 and groups == 1 and all(s == 1 for s in strides)
-            and w_shape[0] > 1)
+            and w_shape[0] % 2 == 1 and w_shape[2] % 2 == 1 and tuple(w_shape[:3]) != (1, 1, 1))
 
 
-def _gemm_conv(xp, w, precision):
+def _wide_conv(xp, w, precision):
     """The forward formulation (module docstring), no custom VJP."""
     kd, kh, kw, cin, cout = w.shape
-    _B, Xp, Yp, Zp, _ = xp.shape
+    B, Xp, Yp, Zp, _ = xp.shape
     X, Y, Z = Xp - kd + 1, Yp - kh + 1, Zp - kw + 1
-    # (B, X, Y', Z', kd·Cin): channel d·Cin + c holds xp[:, x + d, …, c]
-    stacked = jnp.concatenate([xp[:, d:d + X] for d in range(kd)], axis=-1)
-    w2 = jnp.transpose(w, (0, 3, 1, 2, 4)).reshape(kd * cin, kh * kw * cout)
-    p = jnp.dot(stacked, w2, precision=precision)                # (B, X, Y', Z', kh·kw·Cout)
-    taps = [p[:, :, j:j + Y, k:k + Z, (j * kw + k) * cout:(j * kw + k + 1) * cout]
-            for j in range(kh) for k in range(kw)]
-    return sum(taps[1:], taps[0])                                # (B, X, Y, Z, Cout)
+    pd, pw = kd // 2, kw // 2
+    out = None
+    for b in range(kh):
+        img = xp[:, :, b:b + Y].reshape(1, B * Xp, Y * Zp, cin)     # (1, B·X', Y·Z', Cin)
+        y = lax.conv_general_dilated(img, w[:, b], (1, 1), ((pd, pd), (pw, pw)),
+                                     dimension_numbers=DN2, precision=precision)
+        out = y if out is None else out + y                          # (1, B·X', Y·Z', Cout)
+    return out.reshape(B, Xp, Y, Zp, cout)[:, pd:pd + X, :, pw:pw + Z]   # (B, X, Y, Z, Cout)
 
 
 def valid_conv3d(xp, w, precision=None):
     """VALID stride-1 conv of an already padded ``xp (B, X+kd-1, Y', Z', Cin)`` with
-    ``w (kd, kh, kw, Cin, Cout)`` -> ``(B, X, Y'-kh+1, Z'-kw+1, Cout)``, as one GEMM."""
+    ``w (kd, kh, kw, Cin, Cout)`` -> ``(B, X, Y'-kh+1, Z'-kw+1, Cout)``, as ``kh`` 2D convs."""
     return _conv(xp, w, precision)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(xp, w, precision):
-    return _gemm_conv(xp, w, precision)
+    return _wide_conv(xp, w, precision)
 
 
 def _conv_fwd(xp, w, precision):
-    return _gemm_conv(xp, w, precision), (xp, w)
+    return _wide_conv(xp, w, precision), (xp, w)
 
 
 def _conv_bwd(precision, res, g):
     xp, w = res
     kd, kh, kw = w.shape[:3]
     gp = jnp.pad(g, ((0, 0), (kd - 1, kd - 1), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
-    dxp = _gemm_conv(gp, jnp.flip(w, (0, 1, 2)).swapaxes(3, 4), precision)  # full conv
+    dxp = _wide_conv(gp, jnp.flip(w, (0, 1, 2)).swapaxes(3, 4), precision)  # full conv
     _, filter_vjp = jax.vjp(lambda w: lax.conv_general_dilated(
         xp, w, (1, 1, 1), "VALID", dimension_numbers=DN, precision=precision), w)
     (dw,) = filter_vjp(g)                                        # XLA's backprop-filter conv

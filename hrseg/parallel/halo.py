@@ -118,7 +118,7 @@ def _conv_bwd(pads, axes, strides, groups, precision, res, g):
             and not (cpuconv.applies(w.shape, strides, groups) and cpuconv.enabled())):
         dx, dw = _lean_bwd(x, w, g, pads, axes, strides, groups, precision)
         return cotangent_like(dx, vx), cotangent_like(dw, vw)
-    # the CPU's GEMM conv (its own backward) or multi-hop halos: through the padded input
+    # the CPU's wide-image conv (its own backward) or multi-hop halos: through the padded input
     xp, exchange_vjp = jax.vjp(lambda x: halo_exchange(x, pads, axes), x)
     _, conv_vjp = jax.vjp(lambda xp, w: _valid_conv(xp, w, strides, groups, precision), xp, w)
     dxp, dw = conv_vjp(g)
