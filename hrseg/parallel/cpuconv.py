@@ -15,7 +15,8 @@ and columns of ``xp`` separate them). Measured on one conv as above: forward 0.1
 VJP writes the input gradient the same way (the full conv of the zero-padded output gradient
 with the flipped, in/out-swapped kernel); the weight gradient is kd·kh matmuls over the
 flattened voxels against the kw lags of the gradient (``_flat_wgrad``: 0.39 s against XLA's
-backprop-filter conv's 0.73 s, for a transient of ~4× the activation). The sums are the same; only the order of float
+backprop-filter conv's 0.73 s, for a transient of ~4× the activation; XLA's below 16 input
+channels, where it is faster). The sums are the same; only the order of float
 additions differs (~1e-6 relative to XLA's conv).
 
 It replaces XLA's conv for VALID, stride-1, ungrouped 3D convolutions with odd depth and width
@@ -36,6 +37,9 @@ from hrseg.parallel.exchange import cotangent_like, varying
 
 ENV = "HRSEG_CPU_CONV"
 DN = ("NHWC", "HWIO", "NHWC")
+# the weight gradient as matmuls from this many input channels; XLA's below (64³ × Cin -> 32,
+# benchmarks/cpuconv.py: Cin 1 0.18 vs 0.066 s, 4 0.23 vs 0.16, 8 0.27 vs 0.24, 16 0.37 vs 0.39)
+FLAT_WGRAD_MIN_CIN = 16
 _generic = [False]   # set while tracing under generic()
 
 
@@ -124,7 +128,13 @@ def _conv_bwd(precision, res, g):
     kd, kh, kw = w.shape[:3]
     gp = jnp.pad(g, ((0, 0), (kd - 1, kd - 1), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
     dxp = _wide_conv(gp, jnp.flip(w, (0, 1, 2)).swapaxes(3, 4), precision)  # full conv
-    dw = _flat_wgrad(xp, g, w.shape, precision)
+    if w.shape[3] >= FLAT_WGRAD_MIN_CIN:
+        dw = _flat_wgrad(xp, g, w.shape, precision)
+    else:                                                        # XLA's backprop-filter conv
+        _, filter_vjp = jax.vjp(lambda w: lax.conv_general_dilated(
+            xp, w, (1, 1, 1), "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+            precision=precision), w)
+        (dw,) = filter_vjp(g)
     # check_vma: a replicated w's gradient from per-shard activations is psum'd, as autodiff
     return cotangent_like(dxp, varying(xp)), cotangent_like(dw, varying(w))
 

@@ -5,6 +5,7 @@ replicated weight's gradient over the mesh, as autodiff would)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -39,11 +40,12 @@ def test_sharded_cpu_conv_equals_generic_conv(monkeypatch, check_vma=False):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
-def test_formulation_under_check_vma():
+@pytest.mark.parametrize("cin", [3, 16])   # the weight gradient by XLA / as matmuls
+def test_formulation_under_check_vma(cin):
     mesh = partition.make_mesh((2, 2, 2), 1)
     vs = partition.volume_spec()
-    xp = partition.shard(mesh, jax.random.normal(jax.random.key(0), (1, 10, 12, 14, 3)))
-    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
+    xp = partition.shard(mesh, jax.random.normal(jax.random.key(0), (1, 10, 12, 14, cin)))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, cin, 4))
     ref = lambda xp, w: lax.conv_general_dilated(xp, w, (1, 1, 1), "VALID",
                                                  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     outs = []
