@@ -63,7 +63,7 @@ def test_halo_conv_cpu_path_equals_generic_path(monkeypatch):
     # the choice is made when a function is traced (custom_vjp keeps its trace): clear caches
     x = jax.random.normal(jax.random.key(0), (1, 9, 10, 11, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 5))
-    stacked = "tensor<1x11x130x3xf32>"  # (1, X+2, Y·(Z+2), Cin): a wide image of the 2D conv
+    stacked = "tensor<1x11x156x3xf32>"  # (1, X+2, (Y+2)·(Z+2), Cin): the 2D conv's wide image
 
     def run():
         text = jax.jit(lambda x, w: halo.conv(x, w)).lower(x, w).as_text()

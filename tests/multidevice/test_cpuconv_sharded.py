@@ -26,7 +26,7 @@ def test_sharded_cpu_conv_equals_generic_conv(monkeypatch, check_vma=False):
     mesh = partition.make_mesh((2, 2, 2), 1)
     x = partition.shard(mesh, jax.random.normal(jax.random.key(0), (1, 8, 12, 10, 3)))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
-    stacked = "tensor<1x6x42x3xf32>"  # per shard (1, X/2+2, Y/2·(Z/2+2), Cin): a wide image
+    stacked = "tensor<1x6x56x3xf32>"  # per shard (1, X/2+2, (Y/2+2)·(Z/2+2), Cin): the wide image
     jax.clear_caches()  # the choice is made at trace time
     fast, text = _run(mesh, check_vma, x, w)
     assert stacked in text
