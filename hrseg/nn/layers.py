@@ -128,9 +128,9 @@ class NormAct(nnx.Module):
             self.var = nnx.BatchStat(_const(1.0, features))
 
     def _update(self, mean, var):
-        m = self.momentum
-        self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
-        self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var)
+        m = self.momentum  # set_value: ``v[...] = `` asks a tracer for its sharding (slow)
+        self.mean.set_value(m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean))
+        self.var.set_value(m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var))
 
     def __call__(self, x, train: bool):
         x = x.astype(self.dtype)

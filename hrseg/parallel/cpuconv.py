@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hrseg.parallel.exchange import cotangent_like, varying
+from hrseg.parallel.exchange import cotangent_like, varying, zero_pad
 
 ENV = "HRSEG_CPU_CONV"
 DN = ("NHWC", "HWIO", "NHWC")
@@ -101,8 +101,8 @@ def _flat_wgrad(xp, g, kshape, precision):
     X, Y, Z = g.shape[1:4]
     P = Yp * Zp
     n = ((B - 1) * Xp + X - 1) * P + (Y - 1) * Zp + Z + kw - 1   # rows of each window
-    gf = jnp.pad(g, ((0, 0), (0, Xp - X), (0, Yp - Y), (0, Zp - Z), (0, 0))).reshape(-1, cout)
-    gl = jnp.pad(gf[:n - kw + 1], ((kw - 1, kw - 1), (0, 0)))
+    gf = zero_pad(g, ((0, 0), (0, Xp - X), (0, Yp - Y), (0, Zp - Z), (0, 0))).reshape(-1, cout)
+    gl = zero_pad(gf[:n - kw + 1], ((kw - 1, kw - 1), (0, 0)))
     lags = jnp.concatenate([gl[kw - 1 - c:kw - 1 - c + n] for c in range(kw)], axis=-1)
     xf = xp.reshape(-1, cin)                                # (B·X'·Y'·Z', Cin)
     rows = [lax.dot_general(xf[a * P + b * Zp:a * P + b * Zp + n], lags,
@@ -130,7 +130,7 @@ def _conv_fwd(xp, w, precision):
 def _conv_bwd(precision, res, g):
     xp, w = res
     kd, kh, kw = w.shape[:3]
-    gp = jnp.pad(g, ((0, 0), (kd - 1, kd - 1), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+    gp = zero_pad(g, ((0, 0), (kd - 1, kd - 1), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
     dxp = _wide_conv(gp, jnp.flip(w, (0, 1, 2)).swapaxes(3, 4), precision)  # full conv
     if w.shape[3] >= FLAT_WGRAD_MIN_CIN:
         dw = _flat_wgrad(xp, g, w.shape, precision)
@@ -144,3 +144,4 @@ def _conv_bwd(precision, res, g):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
