@@ -61,7 +61,7 @@ def enabled() -> bool:
     """True when the wide-image formulation replaces XLA's 3D conv: JAX's default backend is
     the CPU, ``HRSEG_CPU_CONV`` is not ``0`` and no :func:`generic` block is open.
 
-    Selected by default on the CPU: the 64³ mtf training step 0.54× (inference 0.38×) the
+    Selected by default on the CPU: the 64³ mtf training step 0.48× (inference 0.37×) the
     time of XLA's own conv, paired in one 4-round ``benchmarks/speed.py --generic`` run."""
     return (not _generic[0] and os.environ.get(ENV, "1") != "0"
             and jax.default_backend() == "cpu")
