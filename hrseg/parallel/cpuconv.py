@@ -144,4 +144,3 @@ def _conv_bwd(precision, res, g):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
-
