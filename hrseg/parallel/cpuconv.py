@@ -13,13 +13,18 @@ the depth axis (B·X', batches stacked) and whose columns are the (Y', Z') plane
 the 2D conv padded by (kd//2, kw//2) so that each output is computed from its own plane; rows
 and columns that straddle two planes or batches are computed and dropped (the padding rows
 and columns of ``xp`` separate them), and the ``kh`` outputs are summed shifted by ``b``
-planes in one pass. Measured on one conv as above: forward 0.20 s. A custom VJP writes the
-input gradient the same way (the full conv of the zero-padded output gradient with the
-flipped, in/out-swapped kernel); the weight gradient is kd·kh matmuls over the flattened
-voxels against the kw lags of the gradient (``_flat_wgrad``: 0.48 s against XLA's
-backprop-filter conv's 0.62 s, for a transient of ~4× the activation; XLA's below 16 input
-channels, where it is faster). The sums are the same; only the order of float
-additions differs (~1e-6 relative to XLA's conv).
+planes in one pass. Measured on one conv as above: forward 0.20 s. Up to 32 output channels
+the ``kh`` taps are one 2D conv with the taps stacked along its outputs (a wider matmul).
+A custom VJP writes the input gradient the same way (``_input_grad``: the full conv of the
+output gradient with the in/out-swapped kernel, flipped; the image is the gradient padded
+along X and Z only, 11 % fewer positions than padding it by k-1 on every side: the 64³ step
+0.94× in a paired A/B); the weight gradient is kd·kh matmuls over the flattened voxels
+against the kw lags of the gradient (``_flat_wgrad``: 0.48 s against XLA's backprop-filter
+conv's 0.62 s, for a transient of ~4× the activation; XLA's below 16 input channels, where
+it is faster). A conv whose window holds no more values than it has output channels (the
+network's first conv, 1 -> 32) is a sum of broadcast taps instead (``_tap_sum``: 15 vs
+60 ms at 64³). The sums are the same; only the order of float additions differs (~1e-6
+relative to XLA's conv).
 
 It replaces XLA's conv for VALID, stride-1, ungrouped 3D convolutions with odd depth and width
 kernels (not 1×1×1) whenever JAX runs on the CPU (``enabled()``; ``HRSEG_CPU_CONV=0`` turns it
@@ -42,6 +47,9 @@ DN = ("NHWC", "HWIO", "NHWC")
 # the weight gradient as matmuls from this many input channels; XLA's below (64³ × Cin -> 32,
 # benchmarks/cpuconv.py: Cin 1 0.18 vs 0.066 s, 4 0.23 vs 0.16, 8 0.27 vs 0.24, 16 0.37 vs 0.39)
 FLAT_WGRAD_MIN_CIN = 16
+# taps stacked into one 2D conv up to this many output channels (a 3× wider matmul; 64³ mtf
+# paired A/B, 6 rounds: inference 0.96×, step 0.995×; at 64 channels 1.01× / 1.01×)
+STACK_MAX_COUT = 32
 _generic = [False]   # set while tracing under generic()
 
 
@@ -82,12 +90,24 @@ def _wide_conv(xp, w, precision):
     pd, pw = kd // 2, kw // 2
     img = xp.reshape(1, B * Xp, Yp * Zp, cin)                        # (1, B·X', Y'·Z', Cin)
     out = None
-    for b in range(kh):
-        y = lax.conv_general_dilated(img, w[:, b], (1, 1), ((pd, pd), (pw, pw)),
-                                     dimension_numbers=DN, precision=precision)
+    for b, y in _taps(img, w, (pd, pw), precision):
         y = y.reshape(B, Xp, Yp, Zp, cout)[:, pd:pd + X, b:b + Y, pw:pw + Z]
         out = y if out is None else out + y                          # (B, X, Y, Z, Cout)
     return out
+
+
+def _taps(img, w, pads, precision):
+    """``(b, conv2d(img, w[:, b]))`` for each tap ``b`` along Y: one 2D conv per tap, or —
+    below STACK_MAX_COUT output channels — one conv with the taps stacked along its output
+    channels (a wider matmul), sliced apart."""
+    kd, kh, kw, cin, cout = w.shape
+    pad = tuple((p, p) for p in pads)
+    conv = lambda k: lax.conv_general_dilated(img, k, (1, 1), pad, dimension_numbers=DN,
+                                              precision=precision)
+    if kh > 1 and cout <= STACK_MAX_COUT:
+        y = conv(jnp.moveaxis(w, 1, 3).reshape(kd, kw, cin, kh * cout))  # (1, R, C, kh·Cout)
+        return [(b, y[..., b * cout:(b + 1) * cout]) for b in range(kh)]
+    return [(b, conv(w[:, b])) for b in range(kh)]
 
 
 def _flat_wgrad(xp, g, kshape, precision):
@@ -118,20 +138,73 @@ def valid_conv3d(xp, w, precision=None):
     return _conv(xp, w, precision)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(xp, w, precision):
+def _few_channels(kshape) -> bool:
+    """Convs whose windows hold no more values than their output has channels (the first
+    conv of a network, 1 -> 32 channels: 27 terms): as a wide-image 2D conv that would be a
+    matmul with only ``kd·kw·Cin`` (9) terms per output (64³: 60 ms, 3 GFLOP/s)."""
+    kd, kh, kw, cin, cout = kshape
+    return kd * kh * kw * cin <= cout
+
+
+def _tap_sum(xp, w):
+    """``Σ_abci xp[a:, b:, c:, i] · w[a, b, c, i]`` as one elementwise loop over the output,
+    every tap a broadcast multiply-add across the output channels (64³, 1 -> 32: 15 ms)."""
+    kd, kh, kw, cin, _ = w.shape
+    X, Y, Z = (n - k + 1 for n, k in zip(xp.shape[1:4], (kd, kh, kw)))
+    out = None
+    for a in range(kd):
+        for b in range(kh):
+            for c in range(kw):
+                win = xp[:, a:a + X, b:b + Y, c:c + Z]                     # (B, X, Y, Z, Cin)
+                for i in range(cin):
+                    t = (win[..., i:i + 1].astype(jnp.float32)
+                         * w[a, b, c, i].astype(jnp.float32))           # (B, X, Y, Z, Cout)
+                    out = t if out is None else out + t
+    return out.astype(jnp.result_type(xp, w))          # float32 sums, as a conv accumulates
+
+
+def _forward(xp, w, precision):
+    if _few_channels(w.shape):
+        return _tap_sum(xp, w)
     return _wide_conv(xp, w, precision)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(xp, w, precision):
+    return _forward(xp, w, precision)
+
+
 def _conv_fwd(xp, w, precision):
-    return _wide_conv(xp, w, precision), (xp, w)
+    return _forward(xp, w, precision), (xp, w)
+
+
+def _input_grad(g, w, precision):
+    """The full conv ``dxp[i, j, k] = Σ_abc g[i-a, j-b, k-c] w[a, b, c]ᵀ`` over ``xp``'s grid
+    ``(B, X+kd-1, Y+kh-1, Z+kw-1)``, as ``kh`` 2D convs of one wide image of ``g`` padded by
+    ``kd//2`` rows and ``kw//2`` columns only: with the kernel flipped along X and Z, the
+    2D conv's own centred padding and those zeros make each output row and column the full
+    conv's (a row or column read past a plane's or batch's edge is a zero of the padding);
+    along Y each tap's output is placed ``b`` planes down (zeros elsewhere) and summed. The
+    image has ``Y`` planes, not ``Y+2(kh-1)`` — 11 % fewer positions than the same full conv
+    written as a VALID conv of ``g`` padded by ``k-1`` on every side (64³, k 3)."""
+    kd, kh, kw, cin, cout = w.shape
+    B, X, Y, Z, _ = g.shape
+    pd, pw = kd // 2, kw // 2
+    Xp, Zp = X + 2 * pd, Z + 2 * pw
+    gq = zero_pad(g, ((0, 0), (pd, pd), (0, 0), (pw, pw), (0, 0)))  # (B, X', Y, Z', Cout)
+    img = gq.reshape(1, B * Xp, Y * Zp, cout)
+    wt = jnp.flip(w, (0, 2)).swapaxes(3, 4)                          # (kd, kh, kw, Cout, Cin)
+    out = None
+    for b, y in _taps(img, wt, (pd, pw), precision):
+        y = zero_pad(y.reshape(B, Xp, Y, Zp, cin),
+                     ((0, 0), (0, 0), (b, kh - 1 - b), (0, 0), (0, 0)))
+        out = y if out is None else out + y                   # (B, X', Y+kh-1, Z', Cin)
+    return out
 
 
 def _conv_bwd(precision, res, g):
     xp, w = res
-    kd, kh, kw = w.shape[:3]
-    gp = zero_pad(g, ((0, 0), (kd - 1, kd - 1), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
-    dxp = _wide_conv(gp, jnp.flip(w, (0, 1, 2)).swapaxes(3, 4), precision)  # full conv
+    dxp = _input_grad(g, w, precision)
     if w.shape[3] >= FLAT_WGRAD_MIN_CIN:
         dw = _flat_wgrad(xp, g, w.shape, precision)
     else:                                                        # XLA's backprop-filter conv
