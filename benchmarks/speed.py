@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from hrseg import hostmem
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 FRAMEWORKS = ("hrseg", "flax", "torch", "hrseg_xla")
 
@@ -44,6 +46,7 @@ def _jax_worker(name: str, size: int, preset: str):
     from hrseg.nn import losses, unet
     from hrseg.parallel import partition
     from hrseg.train import step as hstep
+    from hrseg.train import stepcache
 
     cfg = unet.preset(preset)
     rng = np.random.default_rng(0)
@@ -55,7 +58,9 @@ def _jax_worker(name: str, size: int, preset: str):
                                   "none")
         graphdef, state = hstep.init_state(unet.build(cfg), opt)
         loss_fn = lambda logits, labels: losses.weighted_ce(logits, labels, (1.0,) * 3)
-        train = hstep.make_train_step(graphdef, opt, loss_fn, layout)
+        # as `hrseg train`: through the step cache (active when --cache-dir is given)
+        train = stepcache.wrap(hstep.make_train_step(graphdef, opt, loss_fn, layout, jit=False),
+                               {"benchmark": "speed", "preset": preset, "optimizer": "adam"})
         predict = hstep.make_predict(graphdef, layout)
         box = [state]
 
@@ -200,6 +205,10 @@ class Worker:
         env.setdefault("JAX_PLATFORMS", "cpu")
         if name.startswith("hrseg"):  # hrseg_xla: XLA's own 3D conv (parallel/cpuconv.py off)
             env["HRSEG_CPU_CONV"] = "0" if name == "hrseg_xla" else "1"
+        else:  # stock Flax and PyTorch as users run them: glibc's default malloc (hostmem.py)
+            env["HRSEG_HOST_MALLOC"] = "0"
+            for k in hostmem.CHILD_ENV:
+                env.pop(k, None)
         extra = [args.torch_path] if name == "torch" and args.torch_path else []
         env["PYTHONPATH"] = os.pathsep.join(
             [os.path.dirname(HERE)] + extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])

@@ -31,7 +31,7 @@ from hrseg.data import nifti
 from hrseg.metrics import region_dice
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
-from hrseg.train import checkpoint, distributed, inference, rundir, step
+from hrseg.train import checkpoint, distributed, inference, rundir, step, stepcache
 from hrseg.train.batches import Batches, batch_shape, check_batch_shape  # noqa: F401  (loop API)
 
 
@@ -185,8 +185,10 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
     main = distributed.is_main()
     loss_fn = losses.get(t.loss, t.ce_weights, t.dice_weight)
     policy = precision.policy(cfg.model.precision)
-    train_step = step.make_train_step(graphdef, optimizer, loss_fn, layout, cfg.model.dims,
-                                      policy.loss_scaling)
+    train_step = stepcache.wrap(   # traced once per machine and network, then from disk
+        step.make_train_step(graphdef, optimizer, loss_fn, layout, cfg.model.dims,
+                             policy.loss_scaling, jit=False),
+        stepcache.config_fingerprint(cfg))
     log = rundir.MetricsLog(run_dir / rundir.METRICS, start, main)
     schedule = make_schedule(t)
 

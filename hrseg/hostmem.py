@@ -1,0 +1,71 @@
+"""Host memory for XLA:CPU: keep each step's scratch buffer in the process (issue 16).
+
+XLA:CPU gives every execution one temporary buffer (1.28 GB for the 64³ ``mtf`` training
+step), allocated on a worker thread and freed when the step ends. glibc serves an allocation
+that large from a fresh ``mmap`` and gives it back with ``munmap``, so every step faults in
+1.28 GB of new zeroed pages: ~320 k page faults, ~1.8 s of kernel CPU per 64³ step on this
+2-core machine (``strace``/``getrusage``, see the README). :func:`configure` asks glibc
+(``mallopt``) to serve every thread from its main heap, never by ``mmap``, and not to trim the
+heap, so the next step reuses the freed buffer with no page faults (0 faults, 0.03 s kernel
+CPU per step after the first).
+
+The cost: the process keeps its peak heap until it exits (the pages were resident at the
+step's peak anyway) and threads share one malloc arena. Applied when ``hrseg`` is imported, on
+Linux with glibc, when JAX will run on the CPU (``JAX_PLATFORMS`` is ``cpu``, or no GPU/TPU
+plugin is installed), unless ``HRSEG_HOST_MALLOC=0``; the same settings go into the environment
+(``MALLOC_ARENA_MAX`` ...) so child processes — papermill's notebook kernels — start with them.
+It must run before JAX starts its CPU client's threads (a thread keeps the arena it started
+with): ``import hrseg`` before the first JAX computation.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+
+ENV = "HRSEG_HOST_MALLOC"
+# glibc <malloc.h>: mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+# one arena for every thread, no mmap, never trim the heap (-1: man mallopt, M_TRIM_THRESHOLD)
+SETTINGS = {M_ARENA_MAX: 1, M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1}
+CHILD_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+             "MALLOC_TRIM_THRESHOLD_": str(2**62)}
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                       "jax_rocm7_plugin", "libtpu")
+_applied: list[bool] = []
+
+
+def cpu_only() -> bool:
+    """True when JAX will run on the CPU: ``JAX_PLATFORMS=cpu``, or no accelerator plugin."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(importlib.util.find_spec(m) is not None for m in ACCELERATOR_PLUGINS)
+
+
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        glibc = hasattr(libc, "gnu_get_libc_version")          # not musl
+        return libc if glibc and hasattr(libc, "mallopt") else None
+    except (OSError, AttributeError):
+        return None
+
+
+def configure() -> bool:
+    """Apply the settings once per process (see the module); True if they are in force."""
+    if _applied:
+        return _applied[0]
+    ok = False
+    libc = _libc()
+    if libc is not None and os.environ.get(ENV, "1") != "0" and cpu_only():
+        ok = all(libc.mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1
+                 for k, v in SETTINGS.items())
+        if ok:
+            for k, v in CHILD_ENV.items():
+                os.environ.setdefault(k, v)
+    _applied.append(ok)
+    return ok
