@@ -158,12 +158,16 @@ class CachedStep:
         self.sources[key] = f"plain: {why}"
         _say(f"running the step without it ({why})")
 
-    def _caller(self, exported, n_state: int) -> Callable:
+    def _caller(self, exported, n_state: int, leaves) -> Callable:
+        # the first call's placements, fixed: an uncommitted first state and the committed
+        # states after it then share one executable (else the wrapper compiles twice)
         donate = tuple(range(n_state)) if self.donate else ()
-        return jax.jit(exported.call, donate_argnums=donate)
+        return jax.jit(exported.call, donate_argnums=donate,
+                       in_shardings=tuple(x.sharding for x in leaves))
 
     def _prepare(self, path: Path, key: str, state, arrays):
         n_state = len(jax.tree.leaves(state))
+        leaves = jax.tree.leaves((state, *arrays))
         try:
             found = read_entry(path)
         except (ValueError, OSError) as e:
@@ -176,7 +180,8 @@ class CachedStep:
                 if header.get("state_leaves") != n_state:
                     raise ValueError("a different state")
                 self.sources[key] = "loaded"
-                return self._caller(exported, n_state), n_state, list(header["metrics"])
+                return (self._caller(exported, n_state, leaves), n_state,
+                        list(header["metrics"]))
             except Exception as e:   # noqa: BLE001  (another jax's artifact: export again)
                 _say(f"{path}: unreadable ({type(e).__name__}); exporting it again")
         try:
@@ -191,7 +196,7 @@ class CachedStep:
         except OSError as e:
             _say(f"cannot write {path} ({e}); this process exports the step again")
         self.sources[key] = "exported"
-        return self._caller(exported, n_state), n_state, names
+        return self._caller(exported, n_state, leaves), n_state, names
 
     def _export(self, state, arrays):
         """``(Exported, metric names)`` of the step over flat leaves: the state's leaves, then
