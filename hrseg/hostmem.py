@@ -12,7 +12,8 @@ CPU per step after the first).
 The cost: the process keeps its peak heap until it exits (the pages were resident at the
 step's peak anyway) and threads share one malloc arena. Applied when ``hrseg`` is imported, on
 Linux with glibc, when JAX will run on the CPU (``JAX_PLATFORMS`` is ``cpu``, or no GPU/TPU
-plugin is installed), unless ``HRSEG_HOST_MALLOC=0``; the same settings go into the environment
+plugin is installed), unless ``HRSEG_HOST_MALLOC=0`` or napari is already running (its viewer
+process reads volumes, it trains nothing); the same settings go into the environment
 (``MALLOC_ARENA_MAX`` ...) so child processes — papermill's notebook kernels — start with them.
 It must run before JAX starts its CPU client's threads (a thread keeps the arena it started
 with): ``import hrseg`` before the first JAX computation.
@@ -61,7 +62,8 @@ def configure() -> bool:
         return _applied[0]
     ok = False
     libc = _libc()
-    if libc is not None and os.environ.get(ENV, "1") != "0" and cpu_only():
+    if (libc is not None and os.environ.get(ENV, "1") != "0" and "napari" not in sys.modules
+            and cpu_only()):
         ok = all(libc.mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1
                  for k, v in SETTINGS.items())
         if ok:

@@ -9,6 +9,7 @@
     inference   prediction (whole volume or sliding window) and evaluation of a run
     sliding     Gaussian-weighted sliding-window inference for patch-trained networks
     compile_cache  JAX's persistent compilation cache under .cache/jax (CLI, notebooks)
+    stepcache   the traced, lowered train step kept as a jax.export artifact in that folder
 
 ``hrseg.train`` re-exports the loop's API: ``train.train(cfg)``, ``train.evaluate(run_dir)``, ...
 The re-exports load on first use (PEP 562), so ``hrseg.train.rundir`` alone — what the napari
