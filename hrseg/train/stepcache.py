@@ -129,6 +129,7 @@ class CachedStep:
         self.fn, self.fingerprint, self.donate = fn, fingerprint, donate
         self.plain = jax.jit(fn, donate_argnums=(0,) if donate else ())
         self._calls: dict[str, tuple[Callable, int, list[str]] | None] = {}
+        self._keys: dict = {}                 # (folder, tree, leaf signatures) -> key
         self.sources: dict[str, str] = {}     # key -> "exported" | "loaded" | "plain: why"
 
     def __call__(self, state, *arrays):
@@ -136,9 +137,14 @@ class CachedStep:
         if where is None:
             return self.plain(state, *arrays)
         leaves, treedef = jax.tree.flatten((state, *arrays))
-        key = key_of(self.fingerprint, treedef, leaves)
+        sig = (where, treedef, tuple((x.shape, x.dtype, getattr(x, "sharding", None))
+                                     for x in leaves))
+        if sig not in self._keys:     # hashing the environment costs ~10 ms: once per shape
+            self._keys[sig] = key_of(self.fingerprint, treedef, leaves)
+        key = self._keys[sig]
         if key not in self._calls:
-            self._calls[key] = self._prepare(where / f"{key}.exported", key, state, arrays)
+            self._calls[key] = self._prepare(where / f"{key}.exported", key, state, treedef,
+                                             leaves)
         entry = self._calls[key]
         if entry is None:
             return self.plain(state, *arrays)
@@ -165,9 +171,8 @@ class CachedStep:
         return jax.jit(exported.call, donate_argnums=donate,
                        in_shardings=tuple(x.sharding for x in leaves))
 
-    def _prepare(self, path: Path, key: str, state, arrays):
+    def _prepare(self, path: Path, key: str, state, treedef, leaves):
         n_state = len(jax.tree.leaves(state))
-        leaves = jax.tree.leaves((state, *arrays))
         try:
             found = read_entry(path)
         except (ValueError, OSError) as e:
@@ -185,7 +190,7 @@ class CachedStep:
             except Exception as e:   # noqa: BLE001  (another jax's artifact: export again)
                 _say(f"{path}: unreadable ({type(e).__name__}); exporting it again")
         try:
-            exported, names = self._export(state, arrays)
+            exported, names = self._export(state, treedef, leaves)
             payload = bytes(exported.serialize())
         except Exception as e:   # noqa: BLE001  (e.g. a custom call jax.export refuses)
             self._off(key, f"not exportable: {type(e).__name__}: "
@@ -194,14 +199,14 @@ class CachedStep:
         try:
             write_entry(path, {"metrics": names, "state_leaves": n_state}, payload)
         except OSError as e:
-            _say(f"cannot write {path} ({e}); this process exports the step again")
+            _say(f"cannot write {path} ({e}); the next run exports the step again")
         self.sources[key] = "exported"
         return self._caller(exported, n_state, leaves), n_state, names
 
-    def _export(self, state, arrays):
+    def _export(self, state, in_tree, leaves):
         """``(Exported, metric names)`` of the step over flat leaves: the state's leaves, then
-        the arrays' leaves in; the new state's leaves, then the metrics by name out."""
-        in_tree = jax.tree.structure((state, *arrays))
+        the arrays' leaves in (``leaves``, of ``in_tree``); the new state's leaves, then the
+        metrics by name out."""
         state_tree = jax.tree.structure(state)
         names: list[str] = []
 
@@ -216,7 +221,6 @@ class CachedStep:
             names[:] = sorted(metrics)
             return (*jax.tree.leaves(new), *(metrics[k] for k in names))
 
-        leaves = jax.tree.leaves((state, *arrays))
         specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
                  for x in leaves]
         exported = jax.export.export(jax.jit(flat))(*specs)
