@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from hrseg import hostmem
+from hrseg.runtime import hostmem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FRAMEWORKS = ("hrseg", "flax", "torch", "hrseg_xla")

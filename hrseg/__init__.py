@@ -1,4 +1,5 @@
-"""hrseg: full-resolution 3D segmentation with spatial partitioning (see the README)."""
-from hrseg import hostmem
+"""hrseg: full-resolution 3D segmentation with spatial partitioning (see the README).
 
-hostmem.configure()   # before JAX starts its CPU threads: see hostmem.py
+Importing hrseg changes nothing in the process: the entry points (the ``hrseg`` command,
+``pipeline.notebook_setup()``, the tests' conftest) configure it with ``hrseg.runtime.start``.
+"""

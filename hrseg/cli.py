@@ -31,7 +31,7 @@ def _verify(args) -> int:
 
 def _train(args) -> int:
     from hrseg import config, train
-    from hrseg.train import compile_cache
+    from hrseg.runtime import compile_cache
     cfg = config.load(args.file, args.set)
     compile_cache.enable()
     try:
@@ -60,8 +60,8 @@ def _predict(args) -> int:
 
 
 def _run(args) -> int:
-    from hrseg import pipeline
-    from hrseg.train import compile_cache
+    from hrseg.workbench import pipeline
+    from hrseg.runtime import compile_cache
     compile_cache.enable()  # the notebooks' kernels inherit it through the environment
     try:
         extra = json.loads(args.extra) if args.extra else None
@@ -81,7 +81,7 @@ def _run(args) -> int:
 
 
 def _table(args) -> int:
-    from hrseg import results
+    from hrseg.workbench import results
     rows = results.collect(args.runs_dir, last=args.last)
     if not rows:
         print(f"hrseg table: error: no run with an evaluation under {args.runs_dir} "

@@ -40,7 +40,7 @@ budget_compile = "auto"        # planner: confirm by compiling ("auto" | "here")
 out_dir = "runs"               # figures and tables go to <out_dir>/01_memory_estimation/
 
 # %%
-from hrseg import pipeline
+from hrseg.workbench import pipeline
 
 pipeline.notebook_setup(devices, fake_devices)  # cwd: the repo root; devices before jax starts
 
@@ -52,7 +52,8 @@ import jax
 import jax.numpy as jnp
 from IPython.display import Markdown, display
 
-from hrseg import memory, results, viz
+from hrseg import memory, viz
+from hrseg.workbench import results
 from hrseg.parallel import devices as hrseg_devices
 
 # %%

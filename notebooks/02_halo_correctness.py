@@ -37,7 +37,7 @@ hlo_backends = ["halo", "gspmd"]  # compiled steps compared
 out_dir = "runs"             # figures and tables go to <out_dir>/02_halo_correctness/
 
 # %%
-from hrseg import pipeline
+from hrseg.workbench import pipeline
 
 pipeline.notebook_setup(devices, fake_devices)  # cwd: the repo root; devices before jax starts
 
@@ -49,7 +49,8 @@ import jax
 from flax import nnx
 from IPython.display import Markdown, display
 
-from hrseg import atomic, data, results, viz
+from hrseg import atomic, data, viz
+from hrseg.workbench import results
 from hrseg.parallel import devices as hrseg_devices
 from hrseg.data import phantom
 from hrseg.nn import losses, unet

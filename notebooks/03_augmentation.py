@@ -34,7 +34,7 @@ open_napari = True             # open the case in napari when a display is avail
 out_dir = "runs"               # figures and tables go to <out_dir>/03_augmentation/
 
 # %%
-from hrseg import pipeline
+from hrseg.workbench import pipeline
 
 pipeline.notebook_setup()  # cwd: the repo root (JupyterLab starts kernels in notebooks/)
 
@@ -46,7 +46,8 @@ import jax
 import numpy as np
 from IPython.display import Markdown, display
 
-from hrseg import data, pipeline, results, viz
+from hrseg import data, viz
+from hrseg.workbench import pipeline, results
 from hrseg.data import augment
 from hrseg.config import DataConfig
 

@@ -32,7 +32,7 @@ show_cases = 2                 # validation cases drawn with their predictions
 out_dir = "runs"               # the run goes to <out_dir>/<train.name>/
 
 # %%
-from hrseg import pipeline
+from hrseg.workbench import pipeline
 
 pipeline.notebook_setup()  # cwd: the repo root (JupyterLab starts kernels in notebooks/)
 
@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 from IPython.display import Markdown, display
 
-from hrseg import data, pipeline, results, train, viz
+from hrseg import data, train, viz
+from hrseg.workbench import pipeline, results
 from hrseg.nn import unet
 from hrseg.train import inference
 from hrseg.config import load as load_config

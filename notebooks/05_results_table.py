@@ -34,7 +34,7 @@ paper_resolutions = [64, 128, 256, 512]  # reference: the paper's U-Net schedule
 out_dir = "runs"               # the table goes to <out_dir>/results/
 
 # %%
-from hrseg import pipeline
+from hrseg.workbench import pipeline
 
 pipeline.notebook_setup()  # cwd: the repo root (JupyterLab starts kernels in notebooks/)
 
@@ -44,7 +44,8 @@ from pathlib import Path
 
 from IPython.display import Markdown, display
 
-from hrseg import memory, results, viz
+from hrseg import memory, viz
+from hrseg.workbench import results
 
 root = Path(runs_dir or out_dir)
 table_dir = Path(out_dir) / "results"

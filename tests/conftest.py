@@ -7,7 +7,7 @@ import tempfile
 import pytest
 
 from hrseg.data import phantom
-from hrseg.train import compile_cache
+from hrseg.runtime import compile_cache
 
 # One persistent compilation cache for this pytest process and every process it starts (CLI
 # runs, notebook kernels, benchmark workers): a program that one test compiled is loaded, not

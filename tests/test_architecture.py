@@ -12,13 +12,13 @@ ROOT = Path(__file__).resolve().parents[1] / "hrseg"
 
 # Lower layers first; a module may import its own layer and the layers below it.
 LAYERS = (
-    {"hrseg.atomic", "hrseg.config", "hrseg.schema", "hrseg.metrics", "hrseg.hostmem"},
+    {"hrseg.atomic", "hrseg.config", "hrseg.schema", "hrseg.metrics", "hrseg.runtime.hostmem"},
     {"hrseg.data", "hrseg.parallel"},
     {"hrseg.nn"},
     {"hrseg.train", "hrseg.memory", "hrseg.viz"},
-    {"hrseg.pool"},
-    {"hrseg.verdict"},
-    {"hrseg.results", "hrseg.pipeline", "hrseg.cli"},
+    {"hrseg.workbench.pool"},
+    {"hrseg.workbench.verdict"},
+    {"hrseg.workbench.results", "hrseg.workbench.pipeline", "hrseg.cli"},
 )
 
 
@@ -55,7 +55,7 @@ def graph() -> dict[str, set[str]]:
 
 
 def _layer(module: str) -> int:
-    if module == "hrseg":  # the root __init__ only applies hostmem: `from hrseg import x` names x's layer
+    if module == "hrseg":  # the root __init__ imports nothing: `from hrseg import x` names x's layer
         return 0
     for i, layer in enumerate(LAYERS):
         if any(module == top or module.startswith(top + ".") for top in layer):

@@ -3,7 +3,7 @@ import os
 
 import jax
 
-from hrseg.train import compile_cache
+from hrseg.runtime import compile_cache
 
 KEYS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
         "jax_persistent_cache_min_entry_size_bytes")

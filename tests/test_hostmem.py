@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from hrseg import hostmem
+from hrseg.runtime import hostmem
 
 PROBE = r"""
 import json, os, resource
 import hrseg                                 # applies hostmem.configure() (or not)
 import jax, jax.numpy as jnp, optax
-from hrseg import hostmem
+from hrseg.runtime import hostmem
 from hrseg.nn import losses, unet
 from hrseg.parallel import partition
 from hrseg.train import step as hstep

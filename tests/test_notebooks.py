@@ -1,6 +1,6 @@
 """The notebooks: stored clean, paired with their text files, parameterised, executed end to end.
 
-Every numbered ``notebooks/NN_name.ipynb`` (hrseg.pipeline.notebook_names) is paired by jupytext
+Every numbered ``notebooks/NN_name.ipynb`` (hrseg.workbench.pipeline.notebook_names) is paired by jupytext
 (notebooks/jupytext.toml) with ``NN_name.py`` in the percent format; both are committed, the
 .ipynb without outputs. The execution test runs the whole pipeline once with params/smoke (tiny
 sizes; phantom data and training runs go under a temporary folder) — the same code path as
@@ -15,7 +15,7 @@ import jupytext
 import nbformat
 import pytest
 
-from hrseg import pipeline
+from hrseg.workbench import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 NB_DIR = ROOT / "notebooks"

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from hrseg import config, memory, pipeline
+from hrseg import config, memory
+from hrseg.workbench import pipeline
 from hrseg.nn import unet
 from hrseg.parallel import partition
 from hrseg.train.loop import batch_shape

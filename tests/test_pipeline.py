@@ -8,8 +8,9 @@ import os
 import nbformat
 import pytest
 
-from hrseg import cli, pipeline
-from hrseg.pipeline import PipelineError
+from hrseg import cli
+from hrseg.workbench import pipeline
+from hrseg.workbench.pipeline import PipelineError
 
 NOTEBOOKS = ("01_memory_estimation", "02_halo_correctness", "03_augmentation", "04_train",
              "05_results_table")  # the fake notebooks' names

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from hrseg import config, results
+from hrseg import config
+from hrseg.workbench import results
 from hrseg.nn import unet
 
 

@@ -45,7 +45,7 @@ def test_metrics_reader_names_file_and_line_and_drops_a_cut_last_line(tmp_path):
     with pytest.raises(ValueError, match=rf"{path} line 2: not a JSON record"):
         rundir.read_metrics(path)
     # the results table reads step times through the same reader
-    from hrseg import results
+    from hrseg.workbench import results
     with pytest.raises(ValueError, match="line 2"):
         results.step_time(tmp_path)
 

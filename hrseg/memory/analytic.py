@@ -31,7 +31,7 @@ from flax import nnx
 from hrseg.config import ModelConfig, TrainConfig
 from hrseg.nn import layers, precision, unet
 from hrseg.parallel import partition, submesh, uneven
-from hrseg.train.loop import make_optimizer
+from hrseg.train.optim import make_optimizer
 
 GiB = 2 ** 30
 MASK_BYTES = 1  # the activation's backward keeps a boolean mask

@@ -18,7 +18,7 @@ from hrseg.memory.analytic import batch_shape, mesh_shape, with_precision
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import cpuconv, partition
 from hrseg.train import step
-from hrseg.train.loop import make_optimizer
+from hrseg.train.optim import make_optimizer
 
 
 def abstract_step(model_cfg: ModelConfig, batch_shape, layout: partition.Layout,

@@ -18,7 +18,7 @@ from hrseg.config import ModelConfig, TrainConfig
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.train import step
-from hrseg.train.loop import make_optimizer
+from hrseg.train.optim import make_optimizer
 
 
 def peak_bytes_in_use(device=None) -> int | None:

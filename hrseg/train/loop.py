@@ -21,17 +21,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
 from hrseg import atomic, config, data
 from hrseg.config import Config, TrainConfig
-from hrseg.data import nifti
 from hrseg.metrics import region_dice
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.train import checkpoint, distributed, inference, rundir, step, stepcache
+from hrseg.train.optim import make_optimizer, make_schedule
 from hrseg.train.batches import Batches, batch_shape, check_batch_shape  # noqa: F401  (loop API)
 
 
@@ -51,28 +50,6 @@ class RunResult:
         d = dataclasses.asdict(self)
         d["run_dir"] = str(self.run_dir)
         return d
-
-
-def make_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Constant ``lr``, times ``lr_decay`` every ``lr_decay_every`` steps (Mesh-TF step decay)."""
-    if cfg.lr_decay_every <= 0:
-        return optax.constant_schedule(cfg.lr)
-    return optax.exponential_decay(cfg.lr, transition_steps=cfg.lr_decay_every,
-                                   decay_rate=cfg.lr_decay, staircase=True)
-
-
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then Adafactor (the paper) or Adam on the step-decay schedule."""
-    schedule = make_schedule(cfg)
-    if cfg.optimizer == "adafactor":
-        opt = optax.adafactor(learning_rate=schedule)
-    elif cfg.optimizer == "adam":
-        opt = optax.adam(learning_rate=schedule)
-    else:
-        raise ValueError(f"train.optimizer '{cfg.optimizer}' is not one of adafactor, adam")
-    if cfg.grad_clip > 0:
-        opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), opt)
-    return opt
 
 
 def build(cfg: Config, layout: partition.Layout):
@@ -261,78 +238,3 @@ def describe(result: RunResult) -> str:
     speed = (f"{result.step_time_s:.3f} s/step, {result.voxels_per_s:.3g} voxels/s on "
              f"{result.devices} device(s)" if result.step_time_s else "no timed steps")
     return f"{speed}; {inference.summary_line(result.eval)}"
-
-
-def load_run(run_dir: str | Path, step_no: int | None = None):
-    """``(cfg, graphdef, state, layout, step)`` of a run directory's checkpoint (default: the
-    newest intact one; a damaged newer one is reported in one line and skipped).
-
-    The run's mesh is used when this machine has its devices; otherwise one device (backend
-    "none"): a run trained on a pod can be evaluated on a laptop. Read-only: no lock.
-    """
-    run_dir = Path(run_dir)
-    cfg = rundir.read_config(run_dir)
-    if cfg.mesh.data * math.prod(cfg.mesh.spatial) > jax.device_count():
-        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(
-            cfg.mesh, backend="none", spatial=(1, 1, 1), data=1, distributed=False))
-    layout = make_layout(cfg)
-    graphdef, state, _ = build(cfg, layout)
-    ckpts = checkpoint.Checkpoints(rundir.checkpoints(run_dir), read_only=True)
-    try:
-        if step_no is not None:
-            state = ckpts.restore(state, step_no)
-        else:
-            found = ckpts.restore_intact(state, warn=_say)
-            if found is None:
-                raise FileNotFoundError(f"{run_dir}: no checkpoint in {ckpts.directory}")
-            state, step_no = found
-    finally:
-        ckpts.close()
-    return cfg, graphdef, state, layout, step_no
-
-
-def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
-    """Validation Dice of a run's checkpoint, written to ``checkpoints/eval_<step>.json``."""
-    cfg, graphdef, state, layout, step_no = load_run(run_dir, step)
-    dataset = data.load_dataset(cfg.data)
-    result = inference.Evaluator(cfg, graphdef, layout, dataset.val)(state, step_no)
-    if distributed.is_main():
-        atomic.write_json(rundir.eval_path(run_dir, step_no),
-                          {"step": step_no, "config": config.to_dict(cfg), "metrics": result})
-    return result
-
-
-def prediction_path(run_dir: str | Path, volume: str | Path) -> Path:
-    """``<run>/predictions/prediction-N.nii.gz`` for LiTS ``volume-N``, else the same name."""
-    name = Path(volume).name
-    stem = name[:-7] if name.endswith(".nii.gz") else Path(name).stem
-    if stem.startswith("volume-"):
-        stem = "prediction-" + stem[len("volume-"):]
-    return rundir.predictions(run_dir) / f"{stem}.nii.gz"
-
-
-def predict(run_dir: str | Path, volume: str | Path, out: str | Path | None = None,
-            clean_nonfinite: bool = False) -> Path:
-    """Segment a NIfTI CT volume with a run's newest checkpoint; the labels are resampled
-    back to the input's voxel grid and written with its affine, so they overlay the original
-    in any viewer. ``out`` defaults to :func:`prediction_path`. A volume with NaN/Inf voxels
-    is refused (ValueError naming the file and the count) unless ``clean_nonfinite``: then
-    NaN and -Inf become the HU window's low end (air), +Inf its high end."""
-    import nibabel as nib
-
-    hu, _, spacing = data.read_nifti(volume)                  # canonical RAS+
-    bad = int(np.size(hu) - np.count_nonzero(np.isfinite(hu)))
-    if bad and not clean_nonfinite:
-        raise ValueError(f"{volume}: {bad} NaN/Inf voxels; clean the file, or pass "
-                         f"--clean-nonfinite to set them to the HU window's ends")
-    if bad:
-        lo, hi = rundir.read_config(run_dir).data.hu_window
-        hu = np.nan_to_num(np.asarray(hu, np.float32), nan=lo, neginf=lo, posinf=hi)
-    cfg, graphdef, state, layout, _ = load_run(run_dir)
-    image = data.preprocess(hu, spacing, cfg.data)
-    [labels] = inference.Predictor(cfg, graphdef, layout)(state, [image])
-    meta = {"grid": data.grid_for(hu.shape, spacing, cfg.data).to_dict(),
-            "affine": nib.load(str(volume)).affine}             # the file's own orientation
-    labels, affine = data.to_original_geometry(labels, meta)
-    out = Path(out) if out else prediction_path(run_dir, volume)
-    return nifti.write_nifti(out, labels, affine, dtype=np.uint8)

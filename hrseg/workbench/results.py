@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from hrseg import atomic, metrics
-from hrseg.verdict import HEADERS, summary
-from hrseg.verdict import has_tumour as _has_tumour
+from hrseg.workbench.verdict import HEADERS, summary
+from hrseg.workbench.verdict import has_tumour as _has_tumour
 
 METRICS = ("tumour_dice_per_case", "tumour_dice_global", "liver_dice_per_case",
            "liver_dice_global")

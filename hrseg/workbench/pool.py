@@ -8,8 +8,8 @@ starts and one when it ends.
 
 Order: the runs start in the pipeline's order, at most ``jobs`` at once. The runs of the
 study's last notebook (the results table, which reads every other run) start only when all
-other runs have ended (hrseg.pipeline.run makes them a second stage); the others are
-independent — they share only the phantom dataset, which ``hrseg.pipeline.ensure_phantom``
+other runs have ended (hrseg.workbench.pipeline.run makes them a second stage); the others are
+independent — they share only the phantom dataset, which ``hrseg.workbench.pipeline.ensure_phantom``
 writes once, under a lock. The first failure stops the pipeline: no new run starts, the running
 ones are stopped, and the failing run's one-line error is raised as :class:`RunFailed`.
 """

@@ -194,7 +194,7 @@ def run(params_dir: str | Path = "params/default", only: list[str] | None = None
 
     ``extra``: parameters set after the YAML in every run whose notebook defines them (tests
     use it to redirect data paths). ``jobs`` > 1: that many runs at a time, each in its own
-    process (hrseg.pool).
+    process (hrseg.workbench.pool).
     Returns the executed notebooks.
     """
     if jobs < 1:
@@ -204,7 +204,7 @@ def run(params_dir: str | Path = "params/default", only: list[str] | None = None
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if jobs > 1 and len(runs) > 1:
-        from hrseg import pool
+        from hrseg.workbench import pool
         last = notebook_names()[-1]   # the results table reads every other run: it goes last
         stages = [[r.name for r in runs if r.notebook != last],
                   [r.name for r in runs if r.notebook == last]]

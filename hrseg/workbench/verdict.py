@@ -1,6 +1,6 @@
 """What a results table shows, in one or two sentences computed from its numbers.
 
-:func:`summary` reads the rows of :func:`hrseg.results.collect` (lowest resolution first):
+:func:`summary` reads the rows of :func:`hrseg.workbench.results.collect` (lowest resolution first):
 whether tumour Dice global rises with the input resolution over the whole-volume rows (Hou et
 al.'s Table 1), liver Dice global at the highest resolution, and — where the table holds a
 patch-trained row and a whole-volume row at the same resolution — which of the two wins

@@ -1,0 +1,1 @@
+"""What configures the process, in one place (filled in by the runtime commit)."""

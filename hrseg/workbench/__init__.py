@@ -1,0 +1,7 @@
+"""The workbench around the package: the notebook pipeline and the results it prints.
+
+    pipeline  runs the numbered notebooks with papermill (``hrseg run``)
+    pool      runs independent notebooks side by side, each in its own process group
+    results   collects evaluated runs into the paper-style Dice table (``hrseg table``)
+    verdict   the one sentence computed from that table, read against Hou et al.'s Table 1
+"""
