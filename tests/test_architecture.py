@@ -12,13 +12,13 @@ ROOT = Path(__file__).resolve().parents[1] / "hrseg"
 
 # Lower layers first; a module may import its own layer and the layers below it.
 LAYERS = (
-    {"hrseg.atomic", "hrseg.config", "hrseg.schema", "hrseg.metrics", "hrseg.runtime.hostmem"},
+    {"hrseg.atomic", "hrseg.config", "hrseg.schema", "hrseg.metrics", "hrseg.runtime"},
     {"hrseg.data", "hrseg.parallel"},
     {"hrseg.nn"},
     {"hrseg.train", "hrseg.memory", "hrseg.viz"},
     {"hrseg.workbench.pool"},
     {"hrseg.workbench.verdict"},
-    {"hrseg.workbench.results", "hrseg.workbench.pipeline", "hrseg.cli"},
+    {"hrseg.workbench.results", "hrseg.workbench.pipeline", "hrseg.workbench", "hrseg.cli"},
 )
 
 
