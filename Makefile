@@ -8,7 +8,7 @@ XVFB    := $(shell command -v xvfb-run 2>/dev/null)
 # Once installed, later `make` calls keep the venv's build (`make test` never swaps it back).
 INSTALLED := $(patsubst $(VENV)/.installed-%,%,$(wildcard $(VENV)/.installed-*))
 ACCEL   ?= $(or $(filter cpu cuda tpu,$(firstword $(subst -, ,$(INSTALLED)))),cpu)
-PARAMS  ?= params/default
+PARAMS  ?= params/notebooks/default
 # Notebooks executed at once by `make run`: 2 on CPU (one kernel leaves a core idle while it
 # compiles or starts), 1 on an accelerator (two kernels would share its memory).
 JOBS    ?= $(if $(filter cpu,$(ACCEL)),2,1)
@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*; touch $@
 
 # The main job: phantom data -> the five notebooks (papermill) -> results table, on CPU
-# (on a GPU box / TPU VM: `make run PARAMS=params/gpu` / `PARAMS=params/tpu`).
+# (on a GPU box / TPU VM: `make run PARAMS=params/notebooks/gpu` / `PARAMS=params/notebooks/tpu`).
 run: install
 	$(BIN)/hrseg run --params-dir $(PARAMS) --jobs $(JOBS)
 

@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
 
     from hrseg import config
     from hrseg.memory import peak
-    from hrseg.parallel import devices
+    from hrseg.runtime import devices
     size = SIZES["small" if args.small else "full"]
     on_device = peak.measures_peak()
     out = {"device": devices.describe(jax.devices()[:1]), "platform": jax.default_backend(),

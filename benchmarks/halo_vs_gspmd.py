@@ -33,7 +33,7 @@ from hrseg.parallel import halo, partition
 from hrseg.train import step
 
 MESHES = {1: (1, 1, 1), 8: (2, 2, 2), 64: (4, 4, 4)}
-LOSS = ("dice_ce", (1.0, 8.0, 16.0))  # the training loss (params/train_*.yaml), class weights
+LOSS = ("dice_ce", (1.0, 8.0, 16.0))  # the training loss (params/train/train_*.yaml), class weights
 
 
 def _setup(args, n_devices):

@@ -1,6 +1,6 @@
 """Per-device memory of a training step, whole volume vs patches, as one JSON object.
 
-    python benchmarks/patch_memory.py --json        # params/train_64.yaml vs train_64_patch32.yaml
+    python benchmarks/patch_memory.py --json        # params/train/train_64.yaml vs train_64_patch32.yaml
     python benchmarks/patch_memory.py --json params/a.yaml params/b.yaml
 
 For each run config: the compiled training step's per-device bytes (memory.measure:

@@ -20,6 +20,7 @@ interpreter, plus ``--torch-path``); ``--threads`` sets its intra-op threads (XL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -49,6 +50,9 @@ def _jax_worker(name: str, size: int, preset: str):
     from hrseg.train import stepcache
 
     cfg = unet.preset(preset)
+    if name.startswith("hrseg"):   # hrseg_xla: XLA's own 3D conv (model.conv: xla)
+        cfg = dataclasses.replace(cfg, conv="xla" if name == "hrseg_xla" else "auto")
+        name = "hrseg"
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((1, size, size, size, 1)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, cfg.classes, (1, size, size, size)).astype(np.int32))
@@ -168,12 +172,15 @@ def worker(args) -> int:
     if args.worker == "torch":
         step, infer = _torch_worker(args.size, args.threads, args.arch)
     else:
+        if args.worker.startswith("hrseg"):   # as the `hrseg` command starts its process
+            from hrseg import runtime
+            runtime.start(runtime.RuntimeConfig(compile_cache=args.cache_dir or ""))
         if args.cache_dir:
             import jax
             jax.config.update("jax_compilation_cache_dir", args.cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-        step, infer = _jax_worker(args.worker.removesuffix("_xla"), args.size, args.preset)
+        step, infer = _jax_worker(args.worker, args.size, args.preset)
     setup = time.perf_counter() - t0
     t = time.perf_counter()
     step()
@@ -203,9 +210,7 @@ class Worker:
             cmd += ["--cache-dir", cache_dir]
         env = dict(os.environ)
         env.setdefault("JAX_PLATFORMS", "cpu")
-        if name.startswith("hrseg"):  # hrseg_xla: XLA's own 3D conv (parallel/cpuconv.py off)
-            env["HRSEG_CPU_CONV"] = "0" if name == "hrseg_xla" else "1"
-        else:  # stock Flax and PyTorch as users run them: glibc's default malloc (hostmem.py)
+        if not name.startswith("hrseg"):  # stock Flax and PyTorch as users run them: glibc's default malloc (hostmem.py)
             env["HRSEG_HOST_MALLOC"] = "0"
             for k in hostmem.CHILD_ENV:
                 env.pop(k, None)

@@ -19,12 +19,22 @@ from pathlib import Path
 
 
 def _umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (/proc/self/status);
+    elsewhere by a set-and-restore round trip, at the first write rather than at import."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-MODE = 0o666 & ~_umask()   # what open(path, "w") gives: 0644 under the usual umask 022
+def file_mode() -> int:
+    """What ``open(path, "w")`` gives a new file: 0644 under the usual umask 022."""
+    return 0o666 & ~_umask()
 
 
 class DiskFull(OSError):
@@ -70,7 +80,7 @@ def temp_path(path: str | Path) -> Iterator[Path]:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, MODE)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

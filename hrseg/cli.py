@@ -30,10 +30,9 @@ def _verify(args) -> int:
 
 
 def _train(args) -> int:
-    from hrseg import config, train
-    from hrseg.runtime import compile_cache
+    from hrseg import config, runtime, train
     cfg = config.load(args.file, args.set)
-    compile_cache.enable()
+    runtime.start(cfg.runtime)
     try:
         result = train.train(cfg, progress=not args.quiet)
     except FloatingPointError as e:  # NaN/Inf: the message names the step and the checkpoint
@@ -44,7 +43,8 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from hrseg import train
+    from hrseg import runtime, train
+    runtime.start()
     from hrseg.train import inference
     result = train.evaluate(args.run_dir, step=args.step)
     print(f"{args.run_dir} step {result['step']}: {inference.summary_line(result)}")
@@ -52,7 +52,8 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from hrseg import train
+    from hrseg import runtime, train
+    runtime.start()
     out = train.predict(args.run_dir, args.volume, args.out,
                         clean_nonfinite=args.clean_nonfinite)
     print(f"prediction written to {out}")
@@ -60,9 +61,9 @@ def _predict(args) -> int:
 
 
 def _run(args) -> int:
+    from hrseg import runtime
     from hrseg.workbench import pipeline
-    from hrseg.runtime import compile_cache
-    compile_cache.enable()  # the notebooks' kernels inherit it through the environment
+    runtime.start()  # the notebooks' kernels inherit its settings through the environment
     try:
         extra = json.loads(args.extra) if args.extra else None
         pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet,
@@ -114,7 +115,8 @@ def _view(args) -> int:
 def _memory(args) -> int:
     import re
 
-    from hrseg import config, memory
+    from hrseg import config, memory, runtime
+    runtime.start()
     if re.fullmatch(r"\s*[0-9.eE+-]+\s*", str(args.budget)):
         raise ValueError(f"--budget {args.budget}: give a unit, e.g. {args.budget}GiB or "
                          f"{args.budget}GB (a bare number would be bytes)")
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_verify)
 
     s = sub.add_parser("train", help="train (or resume) a run from a YAML config")
-    s.add_argument("-f", "--file", help="run config, e.g. params/train_64.yaml")
+    s.add_argument("-f", "--file", help="run config, e.g. params/train/train_64.yaml")
     s.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set train.steps=10 mesh.spatial=[2,2,2]")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -168,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_predict)
 
     s = sub.add_parser("run", help="execute the notebooks in order with papermill (the study)")
-    s.add_argument("--params-dir", default="params/default",
-                   help="one YAML of notebook parameters per run (default: params/default)")
+    s.add_argument("--params-dir", default="params/notebooks/default",
+                   help="one YAML of notebook parameters per run")
     s.add_argument("--only", nargs="+", metavar="NAME",
                    help="runs or notebooks to execute, e.g. 02 04_train_2d_64 (default: all)")
     s.add_argument("--out", default="runs", help="executed notebooks, figures and tables")

@@ -23,7 +23,9 @@ from hrseg.schema import (  # noqa: F401  (re-exported: the schema's public name
     DataConfig,
     MeshConfig,
     ModelConfig,
+    RuntimeConfig,
     TrainConfig,
+    keys,
     preset,
 )
 
@@ -193,10 +195,52 @@ def _plain(v):
     return list(v) if isinstance(v, tuple) else v
 
 
+BASE = "base"   # a run config's key naming the config it extends (relative to its folder)
+MAX_BASES = 16
+
+
+def read_chain(path: str | Path) -> tuple[dict, list[Path]]:
+    """A run config with the configs it extends merged under it: ``base: train_2d.yaml`` reads
+    that file (relative to this one's folder) first, then this file's keys over it, section by
+    section. Returns the merged mapping and the chain of files, the named file first. A
+    missing base, a cycle or a chain longer than MAX_BASES is an error naming the chain."""
+    chain: list[Path] = []
+    layers = []
+    path = Path(path)
+    while True:
+        if path.resolve() in [p.resolve() for p in chain] or len(chain) >= MAX_BASES:
+            raise ValueError(f"{_show(chain + [path])}: the '{BASE}' chain "
+                             f"{'loops' if len(chain) < MAX_BASES else 'is too long'}")
+        try:
+            raw = read_mapping(path, "sections")
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"{_show(chain)}: {e}" if chain else str(e)) from None
+        chain.append(path)
+        base = raw.pop(BASE, None)
+        layers.append(raw)
+        if base is None:
+            break
+        if not isinstance(base, str) or not base.strip():
+            raise ValueError(f"{_show(chain)}: config key '{BASE}' must name a YAML file, "
+                             f"got {base!r}")
+        path = path.parent / base
+    merged: dict = {}
+    for raw in reversed(layers):
+        merged = _merge(merged, raw)
+    return merged, chain
+
+
+def _show(chain: list[Path]) -> str:
+    return " -> ".join(str(p) for p in chain)
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML run config (missing keys keep their defaults) and apply ``--set`` items.
-    An error names where the bad key came from: the file, or ``--set``."""
-    raw = {} if path is None else read_mapping(path, "sections")
+    """Read a YAML run config (missing keys keep their defaults; ``base:`` names a config it
+    extends, see :func:`read_chain`) and apply ``--set`` items. An error names where the bad
+    key came from: the file (with the chain of bases), or ``--set``."""
+    raw, chain = ({}, []) if path is None else read_chain(path)
+    if chain:
+        path = _show(chain)
     try:
         over = parse_overrides(overrides)
         from_dict(over)                   # unknown keys / bad types of the overrides alone

@@ -1,7 +1,9 @@
 """The run configuration's schema: frozen dataclasses, one section per concern, and the papers'
 model presets. Each module reads only its own section: data/ <- DataConfig, augment.py <-
 AugmentConfig, nn/unet.py <- ModelConfig, parallel/partition.py <- MeshConfig, train/ <-
-TrainConfig. Reading YAML, overrides, validation and serialization live in config.py, which
+TrainConfig, runtime/ <- RuntimeConfig. Each field's roles (may it change on resume, does it
+shape the step, does it tell experiments apart) are tagged here once (:func:`role`) and read
+with :func:`keys`. Reading YAML, overrides, validation and serialization live in config.py, which
 re-exports everything here (``hrseg.config.Config`` etc.).
 """
 from __future__ import annotations
@@ -10,12 +12,26 @@ import dataclasses
 from dataclasses import dataclass, field
 
 RESAMPLE = ("stretch", "spacing", "native")   # data.resample (data/resample.py)
+ROLES = ("resume", "step", "recipe")
+
+
+def role(default, *, resume: bool = False, step: bool = True, recipe: bool = True):
+    """A field whose roles differ from a model setting's. Every key has three, read by
+    :func:`keys`: ``resume`` — a resumed run may change it (the rest is fixed at the first
+    start: train/rundir.py); ``step`` — it shapes the traced train step (the step cache's key:
+    train/stepcache.py); ``recipe`` — two runs that differ in it are different experiments,
+    not seeds of one (``hrseg table``'s rows: workbench/results.py)."""
+    return field(default=default, metadata={"resume": resume, "step": step, "recipe": recipe})
+
+
+# the roles of keys that do nothing but run the process, log or name the run
+_RUN = dict(resume=True, step=False, recipe=False)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = "data/phantom"          # dataset directory (LiTS or MSD layout)
-    layout: str = "auto"                # "lits" | "msd" | "auto" (detected from the files)
+    root: str = role("data/phantom", step=False)  # dataset directory (LiTS or MSD layout)
+    layout: str = role("auto", step=False)  # "lits" | "msd" | "auto" (detected from the files)
     resolution: tuple[int, ...] = (64, 64, 64)  # network input size R³ (2D: (512, 512))
     resample: str = "stretch"           # "stretch" to the cube (the paper) | "spacing" pad/crop
                                         # | "native": own shape at native_spacing_mm (3D, buckets)
@@ -25,11 +41,11 @@ class DataConfig:
     buckets_per_octave: int = 3         # "native": padded sizes per doubling (buckets.py)
     antialias: bool = True              # average 2×+ shrinking axes in blocks before trilinear
     hu_window: tuple[float, float] = (-512.0, 512.0)  # HU mapped to [0, 1] (Mesh-TF default)
-    n_val: int = 0                      # validation cases; 0 = the paper's ratio 32/131
-    split_seed: int = 0                 # seed of the deterministic train/validation split
+    n_val: int = role(0, step=False)  # validation cases; 0 = the paper's ratio 32/131
+    split_seed: int = role(0, step=False)  # seed of the deterministic train/validation split
     slices_2d: int = 5                  # adjacent slices as channels for the 2D network
-    cache_dir: str = "data/cache"       # preprocessed arrays, one file per case and resolution
-    max_cases: int = 0                  # use only the first N cases (0 = all)
+    cache_dir: str = role("data/cache", **_RUN)  # preprocessed arrays, one file per case and resolution
+    max_cases: int = role(0, step=False)  # use only the first N cases (0 = all)
     patch: tuple[int, ...] = ()         # training crop [px, py, pz] (empty = the whole volume);
                                         # patch runs predict by sliding window (train/sliding.py)
     patch_foreground: float = 1 / 3     # share of patches centred on a labelled voxel (nnU-Net)
@@ -74,10 +90,11 @@ def _check_patch(patch: tuple[int, ...], resolution: tuple[int, ...]) -> None:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    tumour_synthesis_p: float = 0.5     # probability of replacing tumours by synthetic ones
-    tumour_fraction: tuple[float, float] = (0.05, 0.25)  # synthetic tumour share of the liver
-    flip: bool = True                   # random flips on each axis
-    rotate180: bool = True              # random 180° in-plane rotation
+    """Applied to the batches on the host: nothing here shapes the traced step."""
+    tumour_synthesis_p: float = role(0.5, step=False)  # probability of replacing tumours by synthetic ones
+    tumour_fraction: tuple[float, float] = role((0.05, 0.25), step=False)  # synthetic tumour share of the liver
+    flip: bool = role(True, step=False)  # random flips on each axis
+    rotate180: bool = role(True, step=False)  # random 180° in-plane rotation
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,9 @@ class ModelConfig:
     head_bias: bool = False             # bias of the 1×1×1 head (Mesh-TF: none)
     classes: int = 3                    # background, liver, tumour
     precision: str = "fp32"             # "fp32" | "bf16" | "fp16"
+    conv: str = role("auto", resume=True, recipe=False)  # 3D conv kernel: "auto" (the wide-image
+                                        # 2D convs on XLA:CPU, XLA's conv elsewhere) | "xla" | "wide"
+                                        # (parallel/cpuconv.py; the sums differ by round-off only)
     gather_below: int = 0               # halo backend: a level whose per-device block on a mesh axis is below this many voxels is all-gathered on that axis (0: never; see parallel/submesh.py)
 
 
@@ -157,35 +177,56 @@ def preset(name: str, resolution: int | None = None) -> ModelConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    backend: str = "halo"               # "halo" (shard_map + ppermute) | "gspmd" | "none"
-    spatial: tuple[int, int, int] = (1, 1, 1)  # devices along x, y, z
-    data: int = 1                       # data-parallel replicas
-    distributed: bool = False           # call jax.distributed.initialize() (multi-host)
-    coordinator: str = ""               # host:port of process 0 ("" = from the environment)
-    num_processes: int = 0              # 0 = from the environment
-    process_id: int = -1                # -1 = from the environment
+    """How the step is partitioned: it shapes the step, not the result (within round-off)."""
+    backend: str = role("halo", recipe=False)  # "halo" (shard_map + ppermute) | "gspmd" | "none"
+    spatial: tuple[int, int, int] = role((1, 1, 1), recipe=False)  # devices along x, y, z
+    data: int = role(1, recipe=False)   # data-parallel replicas
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """What configures the process (hrseg/runtime/): started by the entry points, overridable
+    by environment variables (the table in hrseg/runtime/__init__.py); never fixed by a run."""
+    host_malloc: str = role("auto", **_RUN)  # glibc malloc kept for XLA:CPU's scratch: "auto"
+                                        # (when JAX runs on the CPU) | "on" | "off" (runtime/hostmem.py)
+    compile_cache: str = role(".cache/jax", **_RUN)  # JAX's persistent compilation cache,
+                                        # relative to the working folder ("" = off)
+    step_cache: bool = role(True, **_RUN)  # keep the traced step beside it (train/stepcache.py)
+    distributed: bool = role(False, **_RUN)  # call jax.distributed.initialize() (multi-host)
+    coordinator: str = role("", **_RUN)  # host:port of process 0 ("" = from the environment)
+    num_processes: int = role(0, **_RUN)  # 0 = from the environment
+    process_id: int = role(-1, **_RUN)  # -1 = from the environment
+
+    def __post_init__(self):   # YAML reads a bare on/off as a boolean
+        mode = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off",
+                "no": "off"}.get(str(self.host_malloc).strip().lower(), str(self.host_malloc))
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"config key 'runtime.host_malloc': '{self.host_malloc}' is not "
+                             f"one of auto, on, off")
+        object.__setattr__(self, "host_malloc", mode)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    name: str = "train"                 # run name: runs/<name>/
-    out_dir: str = "runs"               # parent of run directories
-    seed: int = 0                       # model init, data order and augmentation seed
-    steps: int = 200                    # optimizer steps
+    name: str = role("train", step=False, recipe=False)  # run name: runs/<name>/
+    out_dir: str = role("runs", **_RUN)  # parent of run directories
+    seed: int = role(0, step=False, recipe=False)  # model init, data order and augmentation seed
+    steps: int = role(200, resume=True, step=False)  # optimizer steps
     batch: int = 1                      # global batch (volumes per step)
     optimizer: str = "adafactor"        # "adafactor" (the paper) | "adam"
-    lr: float = 3e-3                    # peak learning rate (the paper: 3e-3)
-    lr_decay: float = 0.3               # step decay factor (released Mesh-TF code)
-    lr_decay_every: int = 0             # steps between decays (0 = never)
+    lr: float = role(3e-3, resume=True)  # peak learning rate (the paper: 3e-3)
+    lr_decay: float = role(0.3, resume=True)  # step decay factor (released Mesh-TF code)
+    lr_decay_every: int = role(0, resume=True)  # steps between decays (0 = never)
     grad_clip: float = 1.0              # global-norm clipping (0 = off)
     loss: str = "dice_ce"               # "gdice" | "wce" | "dice_ce" (0.2 Dice + 0.8 CE)
     ce_weights: tuple[float, ...] = (1.0, 8.0, 16.0)  # per-class CE weights (released code)
     dice_weight: float = 0.2            # dice_ce: share of the generalized Dice (the rest: CE)
-    eval_every: int = 50                # steps between validation passes (0 = only at the end, -1 = never)
-    ckpt_every: int = 50                # steps between checkpoints (0 = only at the end)
-    keep_ckpts: int = 3                 # newest checkpoints kept
-    resume: bool = True                 # continue from the newest checkpoint in the run dir
-    empty_dice: float = 1.0             # Dice when prediction and label are both empty
+    eval_every: int = role(50, resume=True, step=False)  # steps between validation passes
+                                        # (0 = only at the end, -1 = never)
+    ckpt_every: int = role(50, resume=True, step=False)  # steps between checkpoints (0 = only at the end)
+    keep_ckpts: int = role(3, resume=True, step=False)  # newest checkpoints kept
+    resume: bool = role(True, **_RUN)  # continue from the newest checkpoint in the run dir
+    empty_dice: float = role(1.0, resume=True, step=False)  # Dice when prediction and label are both empty
 
 
 @dataclass(frozen=True)
@@ -195,8 +236,22 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @property
     def in_channels(self) -> int:
         """CT channels of the network input: 1 in 3D; the adjacent slices in 2D."""
         return 1 if self.model.dims == 3 else self.data.slices_2d
+
+
+def keys(**roles: bool) -> tuple[str, ...]:
+    """``section.key`` of every Config field whose roles (:func:`role`) match, e.g.
+    ``keys(resume=True)``: what a resumed run may change."""
+    out = []
+    for sec in dataclasses.fields(Config):
+        for f in dataclasses.fields(sec.type if isinstance(sec.type, type) else
+                                    globals()[sec.type]):
+            tags = {r: f.metadata.get(r, r != "resume") for r in ROLES}
+            if all(tags[r] == v for r, v in roles.items()):
+                out.append(f"{sec.name}.{f.name}")
+    return tuple(out)

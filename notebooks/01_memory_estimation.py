@@ -54,7 +54,7 @@ from IPython.display import Markdown, display
 
 from hrseg import memory, viz
 from hrseg.workbench import results
-from hrseg.parallel import devices as hrseg_devices
+from hrseg.runtime import devices as hrseg_devices
 
 # %%
 GB, GiB = 1e9, memory.GiB

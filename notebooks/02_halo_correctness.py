@@ -51,7 +51,7 @@ from IPython.display import Markdown, display
 
 from hrseg import atomic, data, viz
 from hrseg.workbench import results
-from hrseg.parallel import devices as hrseg_devices
+from hrseg.runtime import devices as hrseg_devices
 from hrseg.data import phantom
 from hrseg.nn import losses, unet
 from hrseg.train import equivalence

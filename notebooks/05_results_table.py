@@ -22,7 +22,7 @@
 # `hrseg.memory.estimate`), the median step time and the voxels per second. Runs of one
 # resolution with different recipes (not just another seed) get a row each.
 #
-# With `params/default` (what `make run` runs) the three training runs are the study in 2D —
+# With `params/notebooks/default` (what `make run` runs) the three training runs are the study in 2D —
 # 16², 32² and 64² axial slices × 5, one 600-step recipe — sized for the 15-minute budget on 2
 # CPU cores (3D steps at 64³ are ~10× dearer there). The 3D study (32³, 64³, 600 steps) and its
 # table are in the README (`hrseg table runs/study`).

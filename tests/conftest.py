@@ -6,6 +6,7 @@ import tempfile
 
 import pytest
 
+from hrseg import runtime
 from hrseg.data import phantom
 from hrseg.runtime import compile_cache
 
@@ -18,7 +19,7 @@ _SESSION_CACHE = None
 if not os.environ.get(compile_cache.ENV_DIR):
     _SESSION_CACHE = tempfile.mkdtemp(prefix="hrseg-tests-jax-cache-")
     os.environ[compile_cache.ENV_DIR] = _SESSION_CACHE
-compile_cache.enable()
+runtime.start()   # as the entry points do: malloc settings, this compilation cache, step cache
 
 
 def pytest_unconfigure(config):

@@ -1,4 +1,4 @@
-"""train/compile_cache.py: the persistent cache folder, for this process and its children."""
+"""runtime/compile_cache.py: the persistent cache folder, for this process and its children."""
 import os
 
 import jax
@@ -15,16 +15,16 @@ def test_enable_points_jax_and_the_environment_at_the_project_folder(tmp_path, m
     for k in compile_cache.ENV:
         monkeypatch.delenv(k, raising=False)
     try:
-        path = compile_cache.enable(tmp_path)
+        path = compile_cache.enable(root=tmp_path)
         assert path == (tmp_path / ".cache" / "jax").resolve() and path.is_dir()
         assert jax.config.jax_compilation_cache_dir == str(path)
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.3  # CPU steps stored
         # papermill's kernels are children: they read the same settings from the environment
         assert os.environ[compile_cache.ENV_DIR] == str(path)
         assert os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0.3"
-        # an explicit folder wins over the project's
-        monkeypatch.setenv(compile_cache.ENV_DIR, str(tmp_path / "elsewhere"))
-        assert compile_cache.cache_dir(tmp_path) == tmp_path / "elsewhere"
+        # a relative folder is under the root; an absolute one is itself
+        assert compile_cache.cache_dir("c", tmp_path) == tmp_path / "c"
+        assert compile_cache.cache_dir(tmp_path / "elsewhere", "/x") == tmp_path / "elsewhere"
     finally:
         for k, v in before.items():
             jax.config.update(k, v)

@@ -16,13 +16,13 @@ def test_defaults_are_the_papers_optimizer():
 
 def test_overrides_are_typed():
     cfg = config.load(None, ["train.steps=10", "mesh.spatial=[2,2,1]", "train.lr=1e-2",
-                             "data.resolution=[32,32,32]", "mesh.distributed=true"])
+                             "data.resolution=[32,32,32]", "runtime.distributed=true"])
     assert cfg.train.steps == 10 and isinstance(cfg.train.steps, int)
     assert cfg.mesh.spatial == (2, 2, 1)
     assert cfg.train.lr == 0.01
     assert cfg.data.resolution == (32, 32, 32)
     assert config.load(None, ["mesh.spatial=2"]).mesh.spatial == (2, 2, 2)   # fills x, y, z
-    assert cfg.mesh.distributed is True
+    assert cfg.runtime.distributed is True
 
 
 @pytest.mark.parametrize("item, where", [("train.stepz=3", "train.stepz"),
@@ -92,7 +92,7 @@ def test_preset_sets_the_model_and_explicit_keys_override(tmp_path):
     # "paper" follows the schedule of the run's resolution (Hou et al.: 256³ -> 5 levels, 64)
     cfg = config.load(None, ["model.preset=paper", "data.resolution=[256,256,256]"])
     assert (cfg.model.levels, cfg.model.base, cfg.model.precision) == (5, 64, "bf16")
-    assert config.load(ROOT / "params" / "train_512.yaml").model == config.preset("paper", 512)
+    assert config.load(ROOT / "params" / "train" / "train_512.yaml").model == config.preset("paper", 512)
     # "custom" takes only the keys given; the dump of a preset run reloads to the same model
     cfg = config.load(None, ["model.preset=custom", "model.levels=3"])
     assert cfg.model.levels == 3 and cfg.model.base == config.ModelConfig.base
@@ -141,8 +141,8 @@ def test_a_patch_that_does_not_pool_evenly_names_the_key():
 
 def test_the_patch_study_pair_differs_only_in_the_patch():
     import dataclasses
-    full = config.load(ROOT / "params" / "train_64.yaml")
-    patch = config.load(ROOT / "params" / "train_64_patch32.yaml")
+    full = config.load(ROOT / "params" / "train" / "train_64.yaml")
+    patch = config.load(ROOT / "params" / "train" / "train_64_patch32.yaml")
     assert patch.data.patch == (32, 32, 32) and not full.data.patch
     data = dataclasses.replace(patch.data, patch=(), patch_foreground=full.data.patch_foreground)
     same = dataclasses.replace(patch, data=data,
@@ -156,3 +156,29 @@ def test_gather_below_is_a_model_key_checked_for_range():
     assert config.load(None, ["model.preset=tiny", "model.gather_below=8"]).model.levels == 2
     with pytest.raises(ValueError, match="model.gather_below"):
         config.load(None, ["model.gather_below=-1"])
+
+
+def test_a_config_extends_its_base_and_errors_name_the_chain(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("train: {steps: 7, lr: 0.5}\nmodel: {preset: tiny}\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\ntrain: {steps: 9}\n")
+    cfg = config.load(tmp_path / "sub" / "b.yaml")
+    assert (cfg.train.steps, cfg.train.lr, cfg.model.levels) == (9, 0.5, 2)
+    (tmp_path / "c.yaml").write_text("base: sub/b.yaml\ntrain: {nosuch: 1}\n")
+    with pytest.raises(ValueError, match=r"c\.yaml -> .*b\.yaml -> .*a\.yaml: unknown config "
+                                         r"key 'train.nosuch'"):
+        config.load(tmp_path / "c.yaml")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match=r"loop\.yaml -> .*loop\.yaml: the 'base' chain loops"):
+        config.load(tmp_path / "loop.yaml")
+    (tmp_path / "gone.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"gone\.yaml: config file not found: .*missing"):
+        config.load(tmp_path / "gone.yaml")
+
+
+def test_derived_run_configs_say_only_what_differs():
+    text = (ROOT / "params" / "train" / "train_2d_16.yaml").read_text()
+    assert "base: train_2d.yaml" in text and "optimizer:" not in text
+    cfg, base = (config.load(ROOT / "params" / "train" / f) for f in ("train_2d_16.yaml",
+                                                                     "train_2d.yaml"))
+    assert cfg.train.optimizer == base.train.optimizer and cfg.data.resolution == (16, 16)

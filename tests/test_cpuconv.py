@@ -50,35 +50,34 @@ def test_applies_only_to_plain_3d_convs():
     assert not cpuconv.applies((3, 3, 4, 4), (1, 1), 1)           # 2D
 
 
-def test_selected_on_cpu_by_default(monkeypatch):
-    monkeypatch.delenv(cpuconv.ENV, raising=False)
-    assert cpuconv.enabled() == (jax.default_backend() == "cpu")
-    monkeypatch.setenv(cpuconv.ENV, "1")
-    assert cpuconv.enabled() == (jax.default_backend() == "cpu")
-    with cpuconv.generic():
-        assert not cpuconv.enabled()                # memory figures trace XLA's own conv
-    monkeypatch.setenv(cpuconv.ENV, "0")
-    assert not cpuconv.enabled()
+def test_the_kernel_is_chosen_per_conv_not_by_a_global():
+    w, s = (3, 3, 3, 4, 4), (1, 1, 1)
+    assert cpuconv.chosen("auto", w, s, 1) == (jax.default_backend() == "cpu")
+    assert cpuconv.chosen("wide", w, s, 1) and not cpuconv.chosen("xla", w, s, 1)
+    assert not cpuconv.chosen("wide", (1, 1, 1, 4, 4), s, 1)   # does not apply: XLA's
+    with pytest.raises(ValueError, match="conv kernel 'fast' is not one of auto, xla, wide"):
+        cpuconv.check_kernel("fast")
 
 
-def test_halo_conv_cpu_path_equals_generic_path(monkeypatch):
-    monkeypatch.setenv(cpuconv.ENV, "1")
-    # the choice is made when a function is traced (custom_vjp keeps its trace): clear caches
+def test_memory_figures_build_the_accelerators_conv():
+    from hrseg import config
+    from hrseg.memory import analytic
+    assert analytic.with_precision(config.preset("mtf"), "bf16").conv == "xla"
+
+
+def test_halo_conv_cpu_path_equals_generic_path():
     x = jax.random.normal(jax.random.key(0), (1, 9, 10, 11, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 5))
     stacked = "tensor<1x11x156x3xf32>"  # (1, X+2, (Y+2)·(Z+2), Cin): the 2D conv's wide image
 
-    def run():
-        text = jax.jit(lambda x, w: halo.conv(x, w)).lower(x, w).as_text()
-        y, vjp = jax.vjp(jax.jit(lambda x, w: halo.conv(x, w)), x, w)
+    def run(impl):
+        text = jax.jit(lambda x, w: halo.conv(x, w, impl=impl)).lower(x, w).as_text()
+        y, vjp = jax.vjp(jax.jit(lambda x, w: halo.conv(x, w, impl=impl)), x, w)
         return (y, *vjp(jnp.cos(y))), text
 
-    fast, text = run()
+    fast, text = run("wide")
     assert stacked in text
-    monkeypatch.setenv(cpuconv.ENV, "0")
-    jax.clear_caches()
-    generic, text = run()
-    jax.clear_caches()
+    generic, text = run("xla")
     assert stacked not in text
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(generic)):
         _close(a, b, 1e-5)

@@ -1,11 +1,11 @@
-"""hrseg.parallel.devices: fake CPU devices only without an accelerator (or when forced)."""
+"""hrseg.runtime.devices: fake CPU devices only without an accelerator (or when forced)."""
 import fnmatch
 import subprocess
 import sys
 
 import pytest
 
-from hrseg.parallel import devices
+from hrseg.runtime import devices
 
 FLAG = "--xla_force_host_platform_device_count"
 
@@ -71,7 +71,7 @@ def test_setup_after_jax_started_asks_for_a_kernel_restart():
 
 def test_setup_in_a_fresh_process_gives_the_fake_devices():
     code = ("import os; os.environ.pop('XLA_FLAGS', None); os.environ.pop('JAX_PLATFORMS', None)\n"
-            "from hrseg.parallel import devices\n"
+            "from hrseg.runtime import devices\n"
             "c = devices.setup(4)\n"
             "import jax\n"
             "print(c.platform, jax.device_count(), devices.describe(jax.devices()))")

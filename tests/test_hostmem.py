@@ -12,7 +12,8 @@ from hrseg.runtime import hostmem
 
 PROBE = r"""
 import json, os, resource
-import hrseg                                 # applies hostmem.configure() (or not)
+from hrseg import runtime
+rt = runtime.start()                         # applies hostmem.configure() (or not)
 import jax, jax.numpy as jnp, optax
 from hrseg.runtime import hostmem
 from hrseg.nn import losses, unet
@@ -30,14 +31,14 @@ for _ in range(8):
     state, m = train(state, x, y)
     jax.block_until_ready(m)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"applied": hostmem.configure(), "faults": faults,
+print(json.dumps({"applied": rt.host_malloc, "faults": faults,
                   "env": {k: os.environ.get(k) for k in hostmem.CHILD_ENV}}))
 """
 
 
 def _probe(**env):
     full = {k: v for k, v in os.environ.items() if k not in hostmem.CHILD_ENV}
-    full.pop(hostmem.ENV, None)
+    full.pop("HRSEG_HOST_MALLOC", None)
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                           env={**full, "JAX_PLATFORMS": "cpu", **env}, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -46,7 +47,7 @@ def _probe(**env):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_training_step_reuses_its_scratch_memory_and_children_inherit_the_setting():
-    on, off = _probe(), _probe(**{hostmem.ENV: "0"})
+    on, off = _probe(), _probe(HRSEG_HOST_MALLOC="0")
     assert on["applied"] and not off["applied"]
     # the 64³ tiny step's scratch (over glibc's 32 MB mmap ceiling) is faulted in again on
     # every step by glibc's default (mmap/munmap per step); reused from the heap from the

@@ -2,7 +2,7 @@
 
 Every numbered ``notebooks/NN_name.ipynb`` (hrseg.workbench.pipeline.notebook_names) is paired by jupytext
 (notebooks/jupytext.toml) with ``NN_name.py`` in the percent format; both are committed, the
-.ipynb without outputs. The execution test runs the whole pipeline once with params/smoke (tiny
+.ipynb without outputs. The execution test runs the whole pipeline once with params/notebooks/smoke (tiny
 sizes; phantom data and training runs go under a temporary folder) — the same code path as
 `make run`.
 """
@@ -116,7 +116,7 @@ def test_papermill_reads_every_parameter(name):
     assert assigned[-1] == "out_dir"          # the pipeline sets it for every notebook
 
 
-@pytest.mark.parametrize("params_dir", ["params/default", "params/smoke"])
+@pytest.mark.parametrize("params_dir", ["params/notebooks/default", "params/notebooks/smoke"])
 def test_every_notebook_has_valid_params(params_dir):
     runs = pipeline.discover(ROOT / params_dir)
     assert {r.notebook for r in runs} == set(NOTEBOOKS)
@@ -131,10 +131,10 @@ def test_every_notebook_has_valid_params(params_dir):
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """Every notebook executed once with params/smoke, outputs in a temporary runs/."""
+    """Every notebook executed once with params/notebooks/smoke, outputs in a temporary runs/."""
     out = tmp_path_factory.mktemp("runs")
     try:
-        pipeline.run(ROOT / "params/smoke", out=out, progress=False,
+        pipeline.run(ROOT / "params/notebooks/smoke", out=out, progress=False,
                      extra={"data_root": str(out / "data" / "phantom"),
                             "cache_dir": str(out / "data" / "cache")})
     except pipeline.PipelineError as e:
@@ -175,7 +175,7 @@ def test_03_augmentation_smoke(smoke_run):
 
 
 def test_04_train_smoke(smoke_run):
-    run = smoke_run / "smoke"          # train.name of params/smoke/train_smoke.yaml
+    run = smoke_run / "smoke"          # train.name of params/train/smoke/train_smoke.yaml
     assert (run / "result.json").is_file() and list((run / "checkpoints").glob("eval_*.json"))
     assert (run / "curves.png").stat().st_size > 5_000
     assert list(run.glob("validation_*.png")) and list((run / "predictions").glob("*.nii.gz"))

@@ -37,8 +37,9 @@ def _check_fits_mesh(cfg: config.Config, where: str) -> None:
 
 def test_params_folders_exist():
     dirs = {_rel(f.parent) for f in RUNS}
-    assert {"params/default", "params/smoke", "params/gpu", "params/gpu/8gpu",
-            "params/tpu"} <= dirs
+    assert {"params/notebooks/default", "params/notebooks/smoke", "params/notebooks/gpu",
+            "params/notebooks/gpu/8gpu",
+            "params/notebooks/tpu"} <= dirs
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_rel)
@@ -82,7 +83,7 @@ def test_accelerator_config_fits_its_stated_memory(path):
 def test_train_128_is_the_64_recipe_at_twice_the_resolution_on_a_2x2x2_mesh():
     """Issue 12 §4: one recipe across the resolution study; only size, levels, mesh differ."""
     import dataclasses
-    a, b = config.load(ROOT / "params/train_64.yaml"), config.load(ROOT / "params/train_128.yaml")
+    a, b = config.load(ROOT / "params/train/train_64.yaml"), config.load(ROOT / "params/train/train_128.yaml")
     assert tuple(b.data.resolution) == (128, 128, 128) and tuple(b.mesh.spatial) == (2, 2, 2)
     assert (b.model.levels, b.model.base) == (a.model.levels + 1, a.model.base // 2)
     assert dataclasses.replace(b.data, resolution=a.data.resolution) == a.data

@@ -167,7 +167,7 @@ def test_notebook_setup_moves_to_the_params_folder_and_asks_for_devices(tmp_path
     monkeypatch.chdir(tmp_path / "notebooks")             # where JupyterLab starts the kernel
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_a=1 --xla_force_host_platform_device_count=2")
     monkeypatch.setenv("JAX_PLATFORMS", "")
-    from hrseg.parallel import devices
+    from hrseg.runtime import devices
     monkeypatch.setattr(devices, "accelerators", lambda environ=None: [])   # a CPU-only machine
     monkeypatch.setattr(devices, "_backends_started", lambda: False)        # a fresh kernel
     assert pipeline.notebook_setup(8) == tmp_path

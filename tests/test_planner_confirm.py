@@ -9,7 +9,7 @@ import pytest
 from hrseg import cli, memory
 from hrseg.memory import analytic, compiled, confirm, planner
 from hrseg.nn import precision, unet
-from hrseg.parallel import cpuconv, partition
+from hrseg.parallel import partition
 
 SHAPE = (16, 8, 8)
 TINY = unet.preset("tiny")                      # fp32: the ladder has a step to take
@@ -31,8 +31,7 @@ def _memory_analysis_total(cfg, mesh):
                                                devices=jax.devices()[:1]), "halo")
     cfg = analytic.with_precision(cfg, precision.policy(cfg.precision).name)
     fn, args = compiled.abstract_step(cfg, (1, *SHAPE, 1), lay)
-    with cpuconv.generic():
-        ma = fn.lower(*args).compile().memory_analysis()
+    ma = fn.lower(*args).compile().memory_analysis()
     return (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
             + ma.temp_size_in_bytes)
 

@@ -94,7 +94,7 @@ def test_off_values_stay_valid():
 
 
 def test_a_set_typo_is_a_set_problem(capsys):
-    smoke = "params/smoke/train_smoke.yaml"
+    smoke = "params/train/smoke/train_smoke.yaml"
     assert cli.main(["train", "-f", smoke, "--set", "train.stepz=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("hrseg train: error: --set: unknown config key 'train.stepz'"), err

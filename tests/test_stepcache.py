@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from hrseg import config
+from hrseg import config, runtime
 from hrseg.nn import losses, unet
 from hrseg.parallel import partition
 from hrseg.train import step as hstep
@@ -32,12 +32,11 @@ def net():
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     """A fresh compilation-cache folder (the step cache lives inside it)."""
-    before = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    cfg = runtime.RuntimeConfig(compile_cache=str(tmp_path), step_cache=True)
+    monkeypatch.setattr(runtime, "_current",
+                        [runtime.Runtime(cfg, False, tmp_path, step_cache=True)])
     monkeypatch.setattr(stepcache, "_said", set())
-    monkeypatch.delenv(stepcache.ENV, raising=False)
     yield tmp_path / stepcache.FOLDER
-    jax.config.update("jax_compilation_cache_dir", before)
 
 
 def _copy(state):
@@ -112,12 +111,13 @@ def test_an_unwritable_folder_is_reported_once_and_the_step_still_runs(net, cach
 
 def test_off_without_a_cache_folder_or_when_switched_off(net, cache, monkeypatch):
     raw, state, x, y = net
-    monkeypatch.setenv(stepcache.ENV, "0")
+    rt = runtime.current()
+    monkeypatch.setattr(runtime, "_current", [runtime.Runtime(rt.settings, False, rt.compile_cache,
+                                                              step_cache=False)])
     step = stepcache.wrap(raw, {"net": "tiny"})
     _run(step, state, x, y, n=1)
     assert step.sources == {} and not cache.exists()
-    monkeypatch.delenv(stepcache.ENV)
-    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setattr(runtime, "_current", [])           # never started: no step cache
     assert stepcache.folder() is None
 
 

@@ -260,4 +260,6 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
 
 
 def with_precision(cfg: ModelConfig, name: str) -> ModelConfig:
-    return cfg if cfg.precision == name else dataclasses.replace(cfg, precision=name)
+    """The model as memory figures count it: in precision ``name``, built with XLA's own conv
+    (``model.conv: xla``), what an accelerator runs — not the CPU's wide-image formulation."""
+    return dataclasses.replace(cfg, precision=name, conv="xla")

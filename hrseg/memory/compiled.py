@@ -16,7 +16,7 @@ from flax import nnx
 from hrseg.config import ModelConfig, TrainConfig
 from hrseg.memory.analytic import batch_shape, mesh_shape, with_precision
 from hrseg.nn import losses, precision, unet
-from hrseg.parallel import cpuconv, partition
+from hrseg.parallel import partition
 from hrseg.train import step
 from hrseg.train.optim import make_optimizer
 
@@ -54,8 +54,7 @@ def measure(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     fn, args = abstract_step(model_cfg, shape, lay, optimizer, loss_fn=loss_fn,
                              model_fn=model_fn)
     t0 = time.perf_counter()
-    with cpuconv.generic():            # the accelerator's conv: figures stand for a GPU/TPU
-        compiled = fn.lower(*args).compile()
+    compiled = fn.lower(*args).compile()    # with_precision: XLA's conv, as on a GPU/TPU
     ma = compiled.memory_analysis()
     out = {"argument": int(ma.argument_size_in_bytes), "output": int(ma.output_size_in_bytes),
            "alias": int(ma.alias_size_in_bytes), "temp": int(ma.temp_size_in_bytes),
@@ -88,9 +87,8 @@ def residuals(model_cfg: ModelConfig, input_shape, policy=None, batch: int | Non
     def loss(params, rest, images, labels):
         return loss_fn(step._merge(graphdef, params, rest)(images, train=True), labels)
 
-    with cpuconv.generic():
-        closed = jax.make_jaxpr(lambda p, r, x, y: jax.vjp(lambda p: loss(p, r, x, y), p)[1])(
-            params, rest, images, labels)
+    closed = jax.make_jaxpr(lambda p, r, x, y: jax.vjp(lambda p: loss(p, r, x, y), p)[1])(
+        params, rest, images, labels)
     jaxpr = closed.jaxpr
     inputs = {id(v) for v in jaxpr.invars}
     seen, total = set(), 0

@@ -71,15 +71,16 @@ class Conv(nnx.Module):
     """SAME conv with an odd kernel (halo-exchanged when sharded); ``groups=cin`` = depthwise."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, *, ndim: int = 3, groups: int = 1,
-                 bias: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+                 bias: bool = False, dtype=jnp.float32, impl: str = "auto", rngs: nnx.Rngs):
         if cin % groups or cout % groups:
             raise ValueError(f"Conv: {cin} -> {cout} channels not divisible into {groups} groups")
-        self.groups, self.dtype = groups, dtype
+        self.groups, self.dtype, self.impl = groups, dtype, impl   # impl: halo.conv's kernel
         self.kernel = nnx.Param(_he(rngs.params(), (kernel,) * ndim + (cin // groups, cout)))
         self.bias = nnx.Param(_const(0.0, cout)) if bias else None
 
     def __call__(self, x):
-        y = halo.conv(x.astype(self.dtype), self.kernel[...], feature_group_count=self.groups)
+        y = halo.conv(x.astype(self.dtype), self.kernel[...], feature_group_count=self.groups,
+                      impl=self.impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -175,6 +176,7 @@ class Opts:
     momentum: float = 0.9               # running-statistics decay (Mesh-TF: 0.9)
     eps: float = 1e-6                   # variance epsilon (Mesh-TF: 1e-6)
     dtype: jnp.dtype = jnp.float32      # compute dtype of the precision policy
+    kernel: str = "auto"                # 3D conv kernel (parallel/cpuconv.KERNELS)
 
     def norm_act(self, features: int) -> NormAct:
         return NormAct(features, self.norm, self.activation, groups=self.norm_groups,
@@ -183,7 +185,7 @@ class Opts:
     def conv(self, cin, cout, kernel, rngs, groups=1) -> Conv:
         bias = self.norm == "none" and groups == 1  # a conv followed by a norm needs no bias
         return Conv(cin, cout, kernel, ndim=self.ndim, groups=groups, bias=bias,
-                    dtype=self.dtype, rngs=rngs)
+                    dtype=self.dtype, impl=self.kernel, rngs=rngs)
 
 
 class Unit(nnx.Module):

@@ -47,7 +47,7 @@ def opts(cfg: ModelConfig) -> Opts:
     return Opts(ndim=cfg.dims, block=cfg.block, reduction=cfg.reduction, norm=cfg.norm,
                 activation=cfg.activation, norm_groups=cfg.norm_groups,
                 momentum=cfg.bn_momentum, eps=cfg.bn_eps,
-                dtype=precision.policy(cfg.precision).compute_dtype)
+                dtype=precision.policy(cfg.precision).compute_dtype, kernel=cfg.conv)
 
 
 @dataclass(frozen=True)

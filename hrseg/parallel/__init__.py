@@ -5,6 +5,5 @@
     halo        per-shard ops for shard_map: conv, max-pool, up-conv, moments, psum helpers
     submesh     coarse levels on fewer devices: all-gather a thin level along mesh axes
     uneven      sizes that do not split evenly: padded in the step, masked in conv and moments
-    cpuconv     the 3D conv as wide-image 2D convs on XLA:CPU (default there; HRSEG_CPU_CONV=0: off)
-    devices     real accelerator or fake CPU devices (set before jax is imported)
+    cpuconv     the 3D conv as wide-image 2D convs on XLA:CPU (model.conv: auto picks it there)
 """

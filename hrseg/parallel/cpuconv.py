@@ -27,13 +27,13 @@ network's first conv, 1 -> 32) is a sum of broadcast taps instead (``_tap_sum``:
 relative to XLA's conv).
 
 It replaces XLA's conv for VALID, stride-1, ungrouped 3D convolutions with odd depth and width
-kernels (not 1×1×1) whenever JAX runs on the CPU (``enabled()``; ``HRSEG_CPU_CONV=0`` turns it
-off); accelerators, depthwise and strided convolutions keep ``lax.conv_general_dilated``.
+kernels (not 1×1×1) when a network is built with ``model.conv: auto`` (the default) and JAX
+runs on the CPU, or with ``model.conv: wide``; ``model.conv: xla`` keeps XLA's everywhere
+(:func:`chosen`). Accelerators, depthwise and strided convolutions keep
+``lax.conv_general_dilated``.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from functools import partial
 
 import jax
@@ -42,7 +42,6 @@ from jax import lax
 
 from hrseg.parallel.exchange import cotangent_like, varying, zero_pad
 
-ENV = "HRSEG_CPU_CONV"
 DN = ("NHWC", "HWIO", "NHWC")
 # the weight gradient as matmuls from this many input channels; XLA's below (64³ × Cin -> 32,
 # benchmarks/cpuconv.py: Cin 1 0.18 vs 0.066 s, 4 0.23 vs 0.16, 8 0.27 vs 0.24, 16 0.37 vs 0.39)
@@ -50,29 +49,26 @@ FLAT_WGRAD_MIN_CIN = 16
 # taps stacked into one 2D conv up to this many output channels (a 3× wider matmul; 64³ mtf
 # paired A/B, 6 rounds: inference 0.96×, step 0.995×; at 64 channels 1.01× / 1.01×)
 STACK_MAX_COUT = 32
-_generic = [False]   # set while tracing under generic()
+KERNELS = ("auto", "xla", "wide")   # model.conv: the 3D conv kernel a network is built with
 
 
-@contextlib.contextmanager
-def generic():
-    """Trace with XLA's own conv inside this block, as on an accelerator: memory figures
-    compiled or traced on the CPU (hrseg.memory) stand for what a GPU/TPU step keeps, not for
-    the stacked copies of this CPU-only formulation."""
-    prev, _generic[0] = _generic[0], True
-    try:
-        yield
-    finally:
-        _generic[0] = prev
+def check_kernel(impl: str) -> str:
+    if impl not in KERNELS:
+        raise ValueError(f"conv kernel '{impl}' is not one of {', '.join(KERNELS)}")
+    return impl
 
 
-def enabled() -> bool:
-    """True when the wide-image formulation replaces XLA's 3D conv: JAX's default backend is
-    the CPU, ``HRSEG_CPU_CONV`` is not ``0`` and no :func:`generic` block is open.
+def chosen(impl: str, w_shape, strides, groups: int) -> bool:
+    """Whether this conv runs as the wide-image formulation: it :func:`applies`, and the kernel
+    is ``"wide"``, or ``"auto"`` while JAX's default backend is the CPU. ``hrseg.memory`` builds
+    its networks with ``"xla"``: its figures stand for what an accelerator's step keeps, not
+    for this CPU-only formulation's stacked copies.
 
-    Selected by default on the CPU: the 64³ mtf training step 0.48× (inference 0.37×) the
-    time of XLA's own conv, paired in one 4-round ``benchmarks/speed.py --generic`` run."""
-    return (not _generic[0] and os.environ.get(ENV, "1") != "0"
-            and jax.default_backend() == "cpu")
+    "auto" on the CPU: the 64³ mtf training step 0.48× (inference 0.37×) the time of XLA's own
+    conv, paired in one 4-round ``benchmarks/speed.py --generic`` run."""
+    if not applies(w_shape, strides, groups):
+        return False
+    return impl == "wide" or (impl == "auto" and jax.default_backend() == "cpu")
 
 
 def applies(w_shape, strides, groups: int) -> bool:

@@ -50,8 +50,13 @@ def same_padding(kernel: Sequence[int], strides: Sequence[int]) -> list[tuple[in
 
 
 def conv(x, w, strides: int | Sequence[int] = 1, feature_group_count: int = 1,
-         axes: Sequence[str | None] | None = None, precision=None, name: str = "conv"):
+         axes: Sequence[str | None] | None = None, precision=None, name: str = "conv",
+         impl: str = "auto"):
     """SAME convolution of a shard ``(B, *S, Cin)`` with ``w (*K, Cin/groups, Cout)``.
+
+    ``impl`` picks the kernel (cpuconv.KERNELS): ``"auto"`` the wide-image formulation where
+    JAX runs on the CPU and XLA's conv elsewhere, ``"xla"`` always XLA's, ``"wide"`` always
+    the wide-image one (where it applies).
 
     Odd kernels only (1, 3, 5, 7, anisotropic 3×3×1 …): with an even kernel SAME padding is
     asymmetric and depends on the global size, so it is refused.
@@ -78,11 +83,11 @@ def conv(x, w, strides: int | Sequence[int] = 1, feature_group_count: int = 1,
     if any(k > 1 for k in kernel):  # padding of an uneven shard: zeros, as beyond the border
         x = uneven.zero_padding(x)
     return _conv(x, w.astype(x.dtype), pads, tuple(axes), strides, feature_group_count,
-                 precision)
+                 precision, cpuconv.check_kernel(impl))
 
 
-def _valid_conv(x, w, strides, groups, precision):
-    if cpuconv.applies(w.shape, strides, groups) and cpuconv.enabled():  # XLA:CPU: issue 16
+def _valid_conv(x, w, strides, groups, precision, impl):
+    if cpuconv.chosen(impl, w.shape, strides, groups):  # XLA:CPU: issue 16
         return cpuconv.valid_conv3d(x, w, precision)
     return lax.conv_general_dilated(
         x, w, window_strides=strides, padding="VALID",
@@ -98,16 +103,16 @@ def _valid_conv(x, w, strides, groups, precision):
 # input or its gradient (34³ beside a 32³ block, each 1.2× the block, alive beside the
 # input's gradient at the peak of the step): it runs the block's own SAME conv backward, as
 # one device would, and each received slab's share apart (_lean_bwd).
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _conv(x, w, pads, axes, strides, groups, precision):
-    return _valid_conv(halo_exchange(x, pads, axes), w, strides, groups, precision)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6, 7))
+def _conv(x, w, pads, axes, strides, groups, precision, impl):
+    return _valid_conv(halo_exchange(x, pads, axes), w, strides, groups, precision, impl)
 
 
-def _conv_fwd(x, w, pads, axes, strides, groups, precision):
-    return _conv(x, w, pads, axes, strides, groups, precision), (x, w)
+def _conv_fwd(x, w, pads, axes, strides, groups, precision, impl):
+    return _conv(x, w, pads, axes, strides, groups, precision, impl), (x, w)
 
 
-def _conv_bwd(pads, axes, strides, groups, precision, res, g):
+def _conv_bwd(pads, axes, strides, groups, precision, impl, res, g):
     vx, vw = (varying(t) for t in res)  # check_vma: w replicated -> dw psum'd over the mesh
     x, w = (after(t, g) for t in res)  # re-pad and transpose here, not in the forward pass
     single_hop = all(max(p) <= x.shape[d + 1] for d, p in enumerate(pads))
@@ -115,12 +120,13 @@ def _conv_bwd(pads, axes, strides, groups, precision, res, g):
         x.shape[1:-1])                   # voxels of the margins, per batch row and channel
     lean = margin * x.shape[0] * x.shape[-1] > w.size  # activations, not weights, dominate
     if (single_hop and lean
-            and not (cpuconv.applies(w.shape, strides, groups) and cpuconv.enabled())):
+            and not cpuconv.chosen(impl, w.shape, strides, groups)):
         dx, dw = _lean_bwd(x, w, g, pads, axes, strides, groups, precision)
         return cotangent_like(dx, vx), cotangent_like(dw, vw)
     # the CPU's wide-image conv (its own backward) or multi-hop halos: through the padded input
     xp, exchange_vjp = jax.vjp(lambda x: halo_exchange(x, pads, axes), x)
-    _, conv_vjp = jax.vjp(lambda xp, w: _valid_conv(xp, w, strides, groups, precision), xp, w)
+    _, conv_vjp = jax.vjp(lambda xp, w: _valid_conv(xp, w, strides, groups, precision, impl),
+                          xp, w)
     dxp, dw = conv_vjp(g)
     if single_hop:
         dx = return_margins(dxp, pads, axes)

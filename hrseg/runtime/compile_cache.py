@@ -1,7 +1,8 @@
 """JAX's persistent compilation cache for the workbench (issue 16).
 
 ``hrseg train``, ``hrseg run`` and every notebook compile the same training step again; on
-CPU that is most of a short run's first step. :func:`enable` points JAX at a folder under the
+CPU that is most of a short run's first step. :func:`enable` (called by
+``hrseg.runtime.start`` with ``runtime.compile_cache``) points JAX at a folder under the
 project (``.cache/jax``, ignored by git) and lowers the thresholds so CPU executables are
 stored, and exports the same settings as environment variables, which JAX reads at import —
 so papermill's notebook kernels, children of this process, use the cache too.
@@ -19,17 +20,16 @@ ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(MIN_COMPILE_SECS),
        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
-def cache_dir(root: str | Path | None = None) -> Path:
-    """``$JAX_COMPILATION_CACHE_DIR`` if set, else ``<root or cwd>/.cache/jax``."""
-    if os.environ.get(ENV_DIR):
-        return Path(os.environ[ENV_DIR])
-    return (Path(root) if root is not None else Path.cwd()) / DEFAULT_DIR
+def cache_dir(folder: str | Path = DEFAULT_DIR, root: str | Path | None = None) -> Path:
+    """``folder`` (``runtime.compile_cache``, overridden by ``$JAX_COMPILATION_CACHE_DIR`` in
+    hrseg.runtime.resolve) under ``root`` (default: the working folder) when relative."""
+    return (Path(root) if root is not None else Path.cwd()) / Path(folder)
 
 
-def enable(root: str | Path | None = None) -> Path:
+def enable(folder: str | Path = DEFAULT_DIR, root: str | Path | None = None) -> Path:
     """Turn the persistent cache on for this process and its children; returns the folder."""
     import jax
-    path = cache_dir(root).resolve()
+    path = cache_dir(folder, root).resolve()
     path.mkdir(parents=True, exist_ok=True)
     os.environ[ENV_DIR] = str(path)
     for k, v in ENV.items():

@@ -10,39 +10,39 @@ heap, so the next step reuses the freed buffer with no page faults (0 faults, 0.
 CPU per step after the first).
 
 The cost: the process keeps its peak heap until it exits (the pages were resident at the
-step's peak anyway) and threads share one malloc arena. Applied when ``hrseg`` is imported, on
-Linux with glibc, when JAX will run on the CPU (``JAX_PLATFORMS`` is ``cpu``, or no GPU/TPU
-plugin is installed), unless ``HRSEG_HOST_MALLOC=0`` or napari is already running (its viewer
-process reads volumes, it trains nothing); the same settings go into the environment
-(``MALLOC_ARENA_MAX`` ...) so child processes — papermill's notebook kernels — start with them.
-It must run before JAX starts its CPU client's threads (a thread keeps the arena it started
-with): ``import hrseg`` before the first JAX computation.
+step's peak anyway) and threads share one malloc arena. Applied by ``hrseg.runtime.start``
+(``runtime.host_malloc``: ``auto`` when JAX will run on the CPU — ``JAX_PLATFORMS`` is ``cpu``,
+or no accelerator is usable (runtime/devices.py) —, ``on``, ``off``) on Linux with glibc; the
+same settings go into the environment (``MALLOC_ARENA_MAX`` ...) so child processes —
+papermill's notebook kernels — start with them. It must run before JAX starts its CPU client's
+threads (a thread keeps the arena it started with): the entry points start the runtime before
+the first JAX computation; ``hrseg view`` (napari: it trains nothing) does not.
 """
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 import sys
 
-ENV = "HRSEG_HOST_MALLOC"
+from hrseg.runtime import devices
+
 # glibc <malloc.h>: mallopt parameters
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 # one arena for every thread, no mmap, never trim the heap (-1: man mallopt, M_TRIM_THRESHOLD)
 SETTINGS = {M_ARENA_MAX: 1, M_MMAP_MAX: 0, M_TRIM_THRESHOLD: -1}
 CHILD_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
              "MALLOC_TRIM_THRESHOLD_": str(2**62)}
-ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                       "jax_rocm7_plugin", "libtpu")
 _applied: list[bool] = []
 
 
-def cpu_only() -> bool:
-    """True when JAX will run on the CPU: ``JAX_PLATFORMS=cpu``, or no accelerator plugin."""
-    platforms = os.environ.get("JAX_PLATFORMS", "")
+def cpu_only(environ=None) -> bool:
+    """True when JAX will run on the CPU: ``JAX_PLATFORMS`` names cpu first, or no accelerator
+    is usable (devices.accelerators: a plugin installed *and* its device present)."""
+    environ = os.environ if environ is None else environ
+    platforms = environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
-    return not any(importlib.util.find_spec(m) is not None for m in ACCELERATOR_PLUGINS)
+    return not devices.accelerators(environ)
 
 
 def _libc():
@@ -56,14 +56,14 @@ def _libc():
         return None
 
 
-def configure() -> bool:
-    """Apply the settings once per process (see the module); True if they are in force."""
+def configure(mode: str = "auto") -> bool:
+    """Apply the settings once per process (see the module; ``mode``: auto, on, off); True if
+    they are in force. The first call decides: later calls return its answer."""
     if _applied:
         return _applied[0]
     ok = False
     libc = _libc()
-    if (libc is not None and os.environ.get(ENV, "1") != "0" and "napari" not in sys.modules
-            and cpu_only()):
+    if libc is not None and (mode == "on" or (mode == "auto" and cpu_only())):
         ok = all(libc.mallopt(ctypes.c_int(k), ctypes.c_int(v)) == 1
                  for k, v in SETTINGS.items())
         if ok:

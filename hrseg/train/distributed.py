@@ -1,4 +1,5 @@
-"""Multi-host start-up and the assembly of global arrays from what each process loaded.
+"""The assembly of global arrays from what each process loaded (jax.distributed is started by
+hrseg.runtime.multihost).
 
 One training script runs on 1 CPU device, 8 fake devices, a GPU and a multi-host pod: every
 process runs the same program; jax.distributed connects them; each process reads only the
@@ -6,31 +7,10 @@ batch rows its own devices hold and the global array is assembled from those pie
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
-
-from hrseg.config import MeshConfig
-
-
-def initialize(cfg: MeshConfig) -> None:
-    """``jax.distributed.initialize`` when ``mesh.distributed`` is set (once per process).
-
-    Empty/zero/negative fields fall back to ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
-    ``JAX_PROCESS_ID``; with none of those jax detects the cluster itself (SLURM, TPU pods,
-    Open MPI, Kubernetes).
-    """
-    if not cfg.distributed or jax.distributed.is_initialized():
-        return
-    env = os.environ
-    coordinator = cfg.coordinator or env.get("JAX_COORDINATOR_ADDRESS") or None
-    num = cfg.num_processes or int(env.get("JAX_NUM_PROCESSES", 0)) or None
-    pid = cfg.process_id if cfg.process_id >= 0 else int(env.get("JAX_PROCESS_ID", -1))
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num,
-                               process_id=None if pid < 0 else pid)
 
 
 def is_main() -> bool:

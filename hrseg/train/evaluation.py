@@ -28,8 +28,9 @@ def load_run(run_dir: str | Path, step_no: int | None = None):
     run_dir = Path(run_dir)
     cfg = rundir.read_config(run_dir)
     if cfg.mesh.data * math.prod(cfg.mesh.spatial) > jax.device_count():
-        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(
-            cfg.mesh, backend="none", spatial=(1, 1, 1), data=1, distributed=False))
+        cfg = dataclasses.replace(
+            cfg, mesh=dataclasses.replace(cfg.mesh, backend="none", spatial=(1, 1, 1), data=1),
+            runtime=dataclasses.replace(cfg.runtime, distributed=False))
     layout = make_layout(cfg)
     graphdef, state, _ = build(cfg, layout)
     ckpts = checkpoint.Checkpoints(rundir.checkpoints(run_dir), read_only=True)

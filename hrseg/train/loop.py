@@ -29,6 +29,7 @@ from hrseg.config import Config, TrainConfig
 from hrseg.metrics import region_dice
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
+from hrseg.runtime import multihost
 from hrseg.train import checkpoint, distributed, inference, rundir, step, stepcache
 from hrseg.train.optim import make_optimizer, make_schedule
 from hrseg.train.batches import Batches, batch_shape, check_batch_shape  # noqa: F401  (loop API)
@@ -108,7 +109,7 @@ def train(cfg: Config, *, progress: bool = True,
     Everything that can fail on bad settings or data (the mesh, the model, the dataset) is
     checked before the run directory is created, so a failed start leaves nothing behind.
     """
-    distributed.initialize(cfg.mesh)
+    multihost.initialize(cfg.runtime)
     main = distributed.is_main()
     run_dir = rundir.path_of(cfg)
     if main and rundir.is_run(run_dir):

@@ -23,14 +23,10 @@ from hrseg.config import Config
 CONFIG, HISTORY, METRICS, RESULT = "config.yaml", "history.jsonl", "metrics.jsonl", "result.json"
 CHECKPOINTS, PREDICTIONS, LOCK = "checkpoints", "predictions", ".lock"
 
-# Settings a resumed run may change (the rest — model, data, mesh layout, optimizer, loss,
-# seed — is fixed at the first start: the checkpoints and the data order depend on it).
-MAY_CHANGE = (
-    "train.steps", "train.eval_every", "train.ckpt_every", "train.keep_ckpts",
-    "train.lr", "train.lr_decay", "train.lr_decay_every", "train.resume", "train.empty_dice",
-    "train.out_dir", "data.cache_dir",
-    "mesh.distributed", "mesh.coordinator", "mesh.num_processes", "mesh.process_id",
-)
+# Settings a resumed run may change (tagged in hrseg/schema.py; the rest — model, data, mesh
+# layout, optimizer, loss, seed — is fixed at the first start: the checkpoints and the data
+# order depend on it).
+MAY_CHANGE = config.keys(resume=True)
 
 
 class RunBusy(RuntimeError):
@@ -120,7 +116,7 @@ class Lock:
 
     def acquire(self) -> Lock:
         self.run.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.run / LOCK, os.O_RDWR | os.O_CREAT, atomic.MODE)
+        fd = os.open(self.run / LOCK, os.O_RDWR | os.O_CREAT, atomic.file_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -9,15 +9,15 @@ the same network deserializes it (~0.01 s) and goes straight to the executable c
 The entry's key is a SHA-256 of everything the traced step depends on: the caller's
 fingerprint (the step-relevant parts of the config), the source of the ``hrseg`` package, the
 versions of Python, jax, jaxlib, flax and optax, the backend and its devices, ``XLA_FLAGS``,
-the ``HRSEG_*`` settings, whether the CPU convolution is on, and the tree structure, shapes,
+(the conv kernel, ``model.conv``, is in the config; "auto" resolves by the backend) and the tree structure, shapes,
 dtypes and shardings of the arguments. Entries live in ``<compilation cache>/hrseg-steps/``
 as ``<key>.exported``: a magic line, a JSON header (payload size and SHA-256, the metric names,
 the number of state leaves) and the serialized artifact, written atomically.
 
 The cache is a shortcut only, never a source of different numbers: the first run exports the
 step and then runs the exported step too, so cold and warm runs execute the same module. It is
-active when JAX's compilation cache folder is set (``hrseg`` commands and notebooks set it),
-in a single process, unless ``HRSEG_STEP_CACHE=0``. A damaged entry is replaced, an unwritable
+active when the process was started by ``hrseg.runtime.start`` with a compilation cache and
+``runtime.step_cache`` on (``HRSEG_STEP_CACHE=0`` overrides), in a single process. A damaged entry is replaced, an unwritable
 folder is reported once and skipped, and a step JAX cannot export (or an entry it cannot call)
 runs as plain ``jax.jit`` — one ``hrseg: step cache: ...`` line on stderr for each.
 """
@@ -32,9 +32,8 @@ from pathlib import Path
 
 import jax
 
-from hrseg import atomic
+from hrseg import atomic, runtime
 
-ENV = "HRSEG_STEP_CACHE"
 FOLDER = "hrseg-steps"
 MAGIC = b"HRSEG-STEP-EXPORT 1\n"
 _PACKAGE = Path(__file__).resolve().parents[1]        # hrseg/
@@ -59,29 +58,26 @@ def source_hash() -> str:
 
 
 def folder() -> Path | None:
-    """``<jax_compilation_cache_dir>/hrseg-steps``, or None when the step cache is off."""
-    base = jax.config.jax_compilation_cache_dir
-    if not base or os.environ.get(ENV, "1") == "0" or jax.process_count() != 1:
+    """``<compilation cache>/hrseg-steps``, or None when the step cache is off: the process was
+    not started by hrseg.runtime.start, or with ``runtime.step_cache`` off or no compilation
+    cache, or it is one of several processes."""
+    rt = runtime.current()
+    if rt is None or not rt.step_cache or jax.process_count() != 1:
         return None
-    return Path(base) / FOLDER
+    return rt.compile_cache / FOLDER
 
 
 def _environment() -> dict:
     import flax
     import jaxlib
     import optax
-
-    from hrseg.parallel import cpuconv
     return {"python": sys.version, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "flax": flax.__version__, "optax": optax.__version__, "hrseg": source_hash(),
             "backend": jax.default_backend(),
             "devices": [(d.id, d.device_kind) for d in jax.devices()],
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "hrseg_env": sorted((k, v) for k, v in os.environ.items()
-                                if k.startswith("HRSEG_") and k != ENV),
             "x64": bool(jax.config.jax_enable_x64),
-            "matmul_precision": str(jax.config.jax_default_matmul_precision),
-            "cpuconv": cpuconv.enabled()}
+            "matmul_precision": str(jax.config.jax_default_matmul_precision)}
 
 
 def _signature(x) -> list:
@@ -230,24 +226,15 @@ class CachedStep:
 # Config keys that never reach the traced step (names, schedules of the loop, data sources,
 # host-side augmentation): runs differing only in these share an entry. Anything not listed
 # is part of the key, so a new config key is safe by default.
-NOT_IN_STEP = {"train": ("name", "out_dir", "seed", "steps", "eval_every", "ckpt_every",
-                         "keep_ckpts", "resume", "empty_dice"),
-               "data": ("root", "layout", "cache_dir", "max_cases", "n_val", "split_seed"),
-               "mesh": ("distributed", "coordinator", "num_processes", "process_id"),
-               "augment": None}
-
-
 def config_fingerprint(cfg) -> dict:
-    """The parts of a run's Config (hrseg.config) that can shape its training step."""
+    """The parts of a run's Config (hrseg.config) that can shape its training step: every key
+    but those tagged ``step=False`` in hrseg/schema.py (a section left empty is dropped)."""
     from hrseg import config
     d = config.to_dict(cfg)
-    for section, keys in NOT_IN_STEP.items():
-        if keys is None:
-            d.pop(section, None)
-        else:
-            for k in keys:
-                d.get(section, {}).pop(k, None)
-    return d
+    for key in config.keys(step=False):
+        section, name = key.split(".")
+        d.get(section, {}).pop(name, None)
+    return {k: v for k, v in d.items() if v}
 
 
 def wrap(fn: Callable, fingerprint, donate: bool = True) -> CachedStep:

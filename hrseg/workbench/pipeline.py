@@ -36,7 +36,7 @@ def notebooks_dir() -> Path:
     editable, `pip install -e .`)."""
     if os.environ.get(NOTEBOOKS_ENV):
         return Path(os.environ[NOTEBOOKS_ENV])
-    return Path(__file__).resolve().parent.parent / "notebooks"
+    return Path(__file__).resolve().parents[2] / "notebooks"
 
 
 _NUMBERED = re.compile(r"(\d+)_\w+")
@@ -187,7 +187,7 @@ def execute(run: NotebookRun, out_dir: Path, progress: bool = True, kernel: str 
     return output
 
 
-def run(params_dir: str | Path = "params/default", only: list[str] | None = None,
+def run(params_dir: str | Path = "params/notebooks/default", only: list[str] | None = None,
         out: str | Path = "runs", progress: bool = True, kernel: str = KERNEL,
         extra: dict | None = None, jobs: int = 1) -> list[Path]:
     """Execute every run of ``params_dir`` in order; stop at the first failure (PipelineError).
@@ -229,14 +229,17 @@ def notebook_setup(devices: int | None = None, fake_devices: bool = False) -> Pa
     (JupyterLab starts kernels in ``notebooks/``; papermill runs from the repository root), so
     paths in params files resolve alike. With ``devices`` (notebooks that compile meshes), uses
     the GPUs/TPUs that exist, or — only without one, or with ``fake_devices`` — asks XLA for that
-    many fake CPU devices (hrseg.parallel.devices): call it before jax is imported (each notebook
-    is its own kernel).
+    many fake CPU devices (hrseg.runtime.devices): call it before jax is imported (each notebook
+    is its own kernel). Then starts the runtime (hrseg.runtime.start: malloc settings, the
+    compilation and step caches under the repository's ``.cache/jax``).
     """
+    from hrseg import runtime
     if not Path("params").is_dir() and Path("../params").is_dir():
         os.chdir("..")
     if devices:
-        from hrseg.parallel import devices as hrseg_devices
+        from hrseg.runtime import devices as hrseg_devices
         print(hrseg_devices.setup(devices, force_fake=fake_devices).reason)
+    runtime.start()
     return Path.cwd()
 
 

@@ -134,15 +134,15 @@ def step_time(run_dir: str | Path) -> float:
 
 
 def recipe(cfg) -> str:
-    """What must match for two runs to be seeds of one experiment (JSON of the config without
-    the run's name, seed, output folder, resume flag, cache folder and mesh)."""
+    """What must match for two runs to be seeds of one experiment: JSON of the config without
+    the keys tagged ``recipe=False`` in hrseg/schema.py (the run's name, seed, output folder,
+    resume flag, cache folder, mesh, conv kernel and runtime)."""
     from hrseg import config
     d = config.to_dict(cfg)
-    for key in ("name", "seed", "out_dir", "resume"):
-        d["train"].pop(key, None)
-    d["data"].pop("cache_dir", None)
-    d.pop("mesh", None)
-    return json.dumps(d, sort_keys=True)
+    for key in config.keys(recipe=False):
+        section, name = key.split(".")
+        d.get(section, {}).pop(name, None)
+    return json.dumps({k: v for k, v in d.items() if v}, sort_keys=True)
 
 
 def step_memory(cfg) -> float:

@@ -12,28 +12,23 @@ from jax.sharding import PartitionSpec as P
 from hrseg.parallel import cpuconv, halo, partition
 
 
-def _run(mesh, check_vma, x, w):
+def _run(mesh, check_vma, x, w, impl):
     vs = partition.volume_spec()
-    conv = jax.shard_map(lambda x, w: halo.conv(x, w), mesh=mesh, in_specs=(vs, P()),
+    conv = jax.shard_map(lambda x, w: halo.conv(x, w, impl=impl), mesh=mesh, in_specs=(vs, P()),
                          out_specs=vs, check_vma=check_vma)
     text = jax.jit(conv).lower(x, w).as_text()
     y, vjp = jax.vjp(jax.jit(conv), x, w)
     return (y, *vjp(jnp.cos(y))), text
 
 
-def test_sharded_cpu_conv_equals_generic_conv(monkeypatch, check_vma=False):
-    monkeypatch.setenv(cpuconv.ENV, "1")
+def test_sharded_cpu_conv_equals_generic_conv(check_vma=False):
     mesh = partition.make_mesh((2, 2, 2), 1)
     x = partition.shard(mesh, jax.random.normal(jax.random.key(0), (1, 8, 12, 10, 3)))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
     stacked = "tensor<1x6x56x3xf32>"  # per shard (1, X/2+2, (Y/2+2)·(Z/2+2), Cin): the wide image
-    jax.clear_caches()  # the choice is made at trace time
-    fast, text = _run(mesh, check_vma, x, w)
+    fast, text = _run(mesh, check_vma, x, w, "wide")
     assert stacked in text
-    monkeypatch.setenv(cpuconv.ENV, "0")
-    jax.clear_caches()
-    generic, text = _run(mesh, check_vma, x, w)
-    jax.clear_caches()
+    generic, text = _run(mesh, check_vma, x, w, "xla")
     assert stacked not in text
     for a, b in zip(fast, generic):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

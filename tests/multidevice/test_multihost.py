@@ -36,8 +36,8 @@ def test_two_processes_match_one(dataset, losses_of, tmp_path):
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
     procs = [subprocess.Popen(
         [sys.executable, "-m", "hrseg.cli", "train", "-f", str(SMOKE), "--quiet", "--set",
-         *over, "train.name=two", "mesh.distributed=true",
-         f"mesh.coordinator=127.0.0.1:{port}", "mesh.num_processes=2", f"mesh.process_id={i}"],
+         *over, "train.name=two", "runtime.distributed=true",
+         f"runtime.coordinator=127.0.0.1:{port}", "runtime.num_processes=2", f"runtime.process_id={i}"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = []
