@@ -7,7 +7,7 @@ import math
 import pytest
 
 from hrseg import config
-from hrseg.workbench import results
+from hrseg.workbench import results, verdict
 from hrseg.nn import unet
 
 
@@ -170,36 +170,54 @@ def test_no_validation_tumour_shows_n_a_not_zero(runs, tmp_path):
     assert "cannot be compared across resolutions (no validation tumour)" in md
 
 
-def _row(label, tumour, liver=0.9):
-    return {"resolution": label, "tumour_dice_global": tumour, "liver_dice_global": liver,
-            "val_tumour_cases": 3}
+def _row(label, tumour, liver=0.9, glob=None):
+    """A table row: tumour Dice per case ``tumour`` (global ``glob``, default the same)."""
+    return {"resolution": label, "tumour_dice_per_case": tumour,
+            "tumour_dice_global": tumour if glob is None else glob,
+            "liver_dice_global": liver, "val_tumour_cases": 3}
 
 
-def test_summary_sentence_is_computed_from_the_numbers():
-    rising = [_row("16³", 0.1), _row("32³", 0.3), _row("64³", 0.5, 0.88), _row("64² 2D", 0.05)]
+def test_summary_reads_the_trend_on_dice_per_case_as_table_1_does():
+    # per case rises steadily (as in Table 1), global does not (as in Table 1): the verdict
+    # follows per case and reports global beside it with Table 1's own rows
+    rising = [_row("16³", 0.1, glob=0.5), _row("32³", 0.3, glob=0.7),
+              _row("64³", 0.5, 0.88, glob=0.6), _row("64² 2D", 0.05)]
     s = results.summary(rising)
-    assert s.startswith("Tumour Dice global rises with the input resolution")
-    assert "0.100 (16³) → 0.300 (32³) → 0.500 (64³)" in s and "2D" not in s
+    assert s.startswith("Tumour Dice per case rises with the input resolution, as in Hou et "
+                        "al.'s Table 1: 0.100 (16³) → 0.300 (32³) → 0.500 (64³)"), s
+    assert "tumour Dice global beside it 0.500 → 0.700 → 0.600" in s
+    assert "0.5364 → 0.6494 → 0.5783 → 0.7180, not steadily" in s and "2D" not in s
     assert s.endswith("liver Dice global 0.880 at 64³.")
-    assert "does not rise steadily" in results.summary(
+    assert "does not rise steadily with the input resolution, against Hou" in results.summary(
         [_row("16³", 0.1), _row("32³", 0.3), _row("64³", 0.2)])
     assert "falls with" in results.summary([_row("32³", 0.3), _row("64³", 0.2)])
     assert "fewer than two resolutions" in results.summary([_row("32³", math.nan), _row("64³", 0.2)])
     assert results.summary([_row("64³", 0.2)]) == "Liver Dice global 0.900 at 64³."
     assert results.summary([]).startswith("No training run")
+    g = results.summary(rising, metric="tumour_dice_global")
+    assert "Tumour Dice global does not rise steadily with the input resolution, as in Hou" in g
+
+
+def test_table_1_values_stand_beside_the_rows_they_match():
+    assert verdict.table1("128³") == (0.3589, 0.6494)
+    assert verdict.table1("512² × 5, 2D") == (0.4072, 0.6432)
+    assert verdict.table1("64³ (train_64_s0)") == (0.2513, 0.5364)
+    assert verdict.table1("32³") is None
+    assert "256³ 0.4359 / 0.5783" in verdict.table1_line()
 
 
 def test_summary_compares_whole_volume_with_patches_not_as_a_resolution():
     rows = [_row("64³, 32³ patches", 0.477, 0.883), _row("64³", 0.543, 0.901)]
     s = results.summary(rows)
     assert "rises with" not in s and "across resolutions" not in s
-    assert s == ("Liver Dice global 0.901 at 64³. At 64³, tumour Dice global 0.543 (whole "
+    assert s == ("Liver Dice global 0.901 at 64³. At 64³, tumour Dice per case 0.543 (whole "
                  "volume) vs 0.477 (32³ patches): the whole volume beats patches, as in Wang "
                  "et al.'s Fig. 4b.")
     flipped = [_row("64³, 32³ patches", 0.6), _row("64³", 0.5)]
     assert "patches beat the whole volume" in results.summary(flipped)
     both = [_row("32³", 0.3), _row("64³, 32³ patches", 0.4), _row("64³", 0.5, 0.88)]
     s = results.summary(both)
-    assert s.startswith("Tumour Dice global rises with the input resolution, as in Hou et al.'s "
-                        "Table 1: 0.300 (32³) → 0.500 (64³); liver Dice global 0.880 at 64³.")
+    assert s.startswith("Tumour Dice per case rises with the input resolution, as in Hou et "
+                        "al.'s Table 1: 0.300 (32³) → 0.500 (64³); tumour Dice global beside "
+                        "it 0.300 → 0.500")
     assert "0.500 (whole volume) vs 0.400 (32³ patches)" in s

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from hrseg import atomic, metrics
-from hrseg.workbench.verdict import HEADERS, summary
+from hrseg.workbench.verdict import HEADERS, summary, table1, table1_line
 from hrseg.workbench.verdict import has_tumour as _has_tumour
 
 METRICS = ("tumour_dice_per_case", "tumour_dice_global", "liver_dice_per_case",
@@ -185,6 +185,7 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
             mean, std, n = metrics.mean_std(e.get(m) for e in evals)
             row.update({m: mean, f"{m}_std": std, f"{m}_n": n})
         cfg = runs[0].cfg
+        row["empty_dice"] = float(cfg.train.empty_dice)   # one per row: it is in the recipe
         row["devices"] = int(cfg.mesh.data * math.prod(cfg.mesh.spatial))
         native = cfg.data.resample == "native"     # shapes vary by bucket: not from the config
         row["memory_bytes"] = step_memory(cfg) if memory and not native else math.nan
@@ -205,6 +206,9 @@ def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
         for m in METRICS:
             d[HEADERS[m]] = ("n/a" if m.startswith("tumour") and not _has_tumour(r) else
                              format_mean_std(r[m], r[f"{m}_std"], r[f"{m}_n"], digits))
+        paper = table1(r["resolution"])
+        d["Table 1 tumour (per case / global)"] = "–" if paper is None else \
+            f"{paper[0]:.4f} / {paper[1]:.4f}"
         d["Runs × ckpts"] = f"{len(r['runs'])} × {r['n'] // max(len(r['runs']), 1)}" \
             if r["n"] % max(len(r["runs"]), 1) == 0 else str(r["n"])
         mem = r.get("memory_bytes", math.nan)
@@ -215,6 +219,16 @@ def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
         d["Voxels/s"] = "–" if v is None or math.isnan(v) else f"{v:.3g}"
         out.append(d)
     return out
+
+
+def notes(rows: Sequence[dict]) -> str:
+    """What a reader needs beside the table: the empty-mask convention the rows used (a case
+    with no tumour in reference nor prediction scores ``train.empty_dice``; Hou et al.'s
+    released code scores 0) and Table 1's rows."""
+    conv = sorted({r.get("empty_dice", 1.0) for r in rows})
+    which = " / ".join(f"{c:g}" for c in conv) or "1"
+    return (f"Dice ± std over runs × checkpoints; an empty reference and prediction scores "
+            f"{which} (train.empty_dice; Hou et al.'s released code: 0). {table1_line()}")
 
 
 def _bytes(n: float) -> str:
@@ -255,14 +269,14 @@ def write_table(rows: Sequence[dict], out_dir: str | Path, title: str | None = N
     from hrseg import viz
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = markdown_table(table(rows)) + "\n" + summary(rows) + "\n"
+    md = markdown_table(table(rows)) + "\n" + notes(rows) + "\n\n" + summary(rows) + "\n"
     if title:
         md = f"# {title}\n\n{md}"
     atomic.write_text(out / "results.md", md)
     csv_rows = [{**r, "runs": " ".join(r["runs"])} for r in rows]
     columns = ["resolution", "runs", "n"] + [k for m in METRICS
                                              for k in (m, f"{m}_std", f"{m}_n")] + [
-        "val_tumour_cases", "devices", "memory_bytes", "step_time_s", "voxels_per_s"]
+        "val_tumour_cases", "empty_dice", "devices", "memory_bytes", "step_time_s", "voxels_per_s"]
     write_csv(csv_rows, out / "results.csv", columns)
     viz.save(table_figure(rows, title), out / "results.png")
     return {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
