@@ -13,7 +13,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 COMMAND = re.compile(r"(?<![\w/.-])hrseg ([a-z][a-z-]*)\b")
 # words after "hrseg" in prose that are not subcommands
 PROSE = {"is", "in", "and", "or", "the", "a", "as", "to", "has", "itself", "command",
-         "changes", "imports", "on", "keeps", "does", "writes", "reads", "runs", "with"}
+         "changes", "imports", "import", "on", "keeps", "does", "writes", "reads", "runs", "with"}
 
 
 def _links(page: Path):
@@ -32,7 +32,7 @@ def test_every_relative_link_resolves(page):
 def _commands() -> set[str]:
     found = set()
     for page in PAGES:
-        for code in re.findall(r"```.*?```|`[^`\n]+`", page.read_text(), flags=re.S):
+        for code in re.findall(r"```.*?```|`[^`]+`", page.read_text(), flags=re.S):
             found |= {c for c in COMMAND.findall(code) if c not in PROSE}
     return found
 
