@@ -228,7 +228,8 @@ def notes(rows: Sequence[dict]) -> str:
     conv = sorted({r.get("empty_dice", 1.0) for r in rows})
     which = " / ".join(f"{c:g}" for c in conv) or "1"
     return (f"Dice ± std over runs × checkpoints; an empty reference and prediction scores "
-            f"{which} (train.empty_dice; Hou et al.'s released code: 0). {table1_line()}")
+            f"{which} (train.empty_dice; Hou et al.'s released code: 0). {table1_line()} The 3D "
+            f"resolution study: docs/results.md.")
 
 
 def _bytes(n: float) -> str:
