@@ -190,6 +190,13 @@ def test_preprocess_option_is_checked():
         nifti.scan(ROOT, "kits19")
 
 
+def test_prediction_file_is_named_as_kits19_submissions():
+    from hrseg.train import evaluation
+    got = evaluation.prediction_path("runs/r", "data/kits19/case_00210/imaging.nii.gz")
+    assert got.name == "prediction_00210.nii.gz"
+    assert evaluation.prediction_path("runs/r", "x/volume-3.nii").name == "prediction-3.nii.gz"
+
+
 def test_smoke_config_trains_wangs_data_path(kits_root, tmp_path):
     cfg = config.load(SMOKE)
     assert (cfg.data.layout, cfg.data.preprocess, cfg.data.resample) == ("kits", "kits", "native")
