@@ -209,4 +209,11 @@ def test_smoke_config_trains_wangs_data_path(kits_root, tmp_path):
     assert all(np.isfinite(r["loss"]) for r in lines if "loss" in r)
     [meta] = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("case_00000-*.json")]
     assert meta["preprocess"] == "kits" and meta["native_spacing_mm"] == [8.0, 8.0, 16.0]
-    assert kits_phantom.case_dir(kits_root, 0).is_dir()
+    # predict a KiTS file: labels back on its own (z, y, x) voxel grid, with its affine
+    image = kits_phantom.case_dir(kits_root, 2) / kits_phantom.IMAGE
+    assert cli.main(["predict", str(run), str(image)]) == 0
+    pred = nib.load(run / "predictions" / "prediction_00002.nii.gz")
+    src = nib.load(image)
+    assert pred.shape == src.shape == SHAPE[::-1]
+    np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2}
