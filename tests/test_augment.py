@@ -76,6 +76,7 @@ def test_blur_size_scales_with_resolution_as_released():
     # the box itself: normalised, zeros outside, TF SAME placement (k-1)//2 before, k//2 after
     rng = np.random.default_rng(0)
     x = (rng.random((20, 9, 13)) < 0.3).astype(np.float32)
+    blur = jax.jit(augment._blur, static_argnums=1)
     for k in (1, 2, 3, 4, 5):
         want = x.copy()
         for ax in range(3):
@@ -83,12 +84,13 @@ def test_blur_size_scales_with_resolution_as_released():
             p[ax] = ((k - 1) // 2, k // 2)
             xp = np.pad(want, p)
             want = sum(np.take(xp, np.arange(j, j + x.shape[ax]), axis=ax) for j in range(k)) / k
-        np.testing.assert_allclose(np.asarray(augment._blur(jnp.asarray(x), k)), want, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(blur(jnp.asarray(x), k)), want, atol=1e-5)
     # in a synthesis, the width of the soft edge grows with the resolution: a 64³ case has
     # partial values (0 < blurred < 1) on the tumour edge, a 32-voxel one (k = 1) has none
     for r, soft in ((32, False), (64, True)):      # blur_size follows the longest axis
         img, lab = _case((r, 28, 20))
-        out, _ = augment.synthesize_tumours(jax.random.key(0), img, lab, fraction=(0.1, 0.1))
+        out, _ = jax.jit(augment.synthesize_tumours, static_argnums=3)(
+            jax.random.key(0), img, lab, (0.1, 0.1))
         change = np.abs(np.asarray(out) - np.asarray(img))[np.asarray(lab) >= 1]
         d = float(augment.liver_tumour_difference(img, lab))
         partial = (change > 1e-4 * d) & (np.abs(change - d) > 1e-4 * d)
