@@ -13,7 +13,8 @@ import sys
 def _phantom(args) -> int:
     from hrseg.data import phantom
     phantom.write_dataset(args.out, cases=args.cases, seed=args.seed,
-                          shape=tuple(args.shape) if args.shape else None, progress=True)
+                          shape=tuple(args.shape) if args.shape else None, progress=True,
+                          task=args.task)
     return 0
 
 
@@ -142,9 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="data/phantom")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shape", type=int, nargs=3, default=None, help="voxels x y z")
+    s.add_argument("--task", choices=["lits", "kits"], default="lits",
+                   help="lits: liver/tumour, LiTS layout; kits: kidney/tumour, KiTS19 layout")
     s.set_defaults(func=_phantom)
 
-    s = sub.add_parser("verify", help="check a LiTS/MSD dataset before training")
+    s = sub.add_parser("verify", help="check a LiTS/MSD/KiTS dataset before training")
     s.add_argument("dir")
     s.set_defaults(func=_verify)
 

@@ -31,7 +31,7 @@ _RUN = dict(resume=True, step=False, recipe=False)
 @dataclass(frozen=True)
 class DataConfig:
     root: str = role("data/phantom", step=False)  # dataset directory (LiTS or MSD layout)
-    layout: str = role("auto", step=False)  # "lits" | "msd" | "auto" (detected from the files)
+    layout: str = role("auto", step=False)  # "lits" | "msd" | "kits" | "auto" (detected from the files)
     resolution: tuple[int, ...] = (64, 64, 64)  # network input size R³ (2D: (512, 512))
     resample: str = "stretch"           # "stretch" to the cube (the paper) | "spacing" pad/crop
                                         # | "native": own shape at native_spacing_mm (3D, buckets)
@@ -41,6 +41,7 @@ class DataConfig:
     buckets_per_octave: int = 3         # "native": padded sizes per doubling (buckets.py)
     antialias: bool = True              # average 2×+ shrinking axes in blocks before trilinear
     hu_window: tuple[float, float] = (-512.0, 512.0)  # HU mapped to [0, 1] (Mesh-TF default)
+    preprocess: str = "window"          # "window": hu_window -> [0, 1] | "kits": Wang et al.'s (data/kits.py)
     n_val: int = role(0, step=False)  # validation cases; 0 = the paper's ratio 32/131
     split_seed: int = role(0, step=False)  # seed of the deterministic train/validation split
     slices_2d: int = 5                  # adjacent slices as channels for the 2D network
@@ -61,6 +62,10 @@ class DataConfig:
             if self.patch:
                 raise ValueError("config key 'data.patch': patches are cut from the cube "
                                  "(resample stretch or spacing), not from 'native' volumes")
+        if self.preprocess not in ("window", "kits") or (
+                self.preprocess == "kits" and self.resample != "native"):
+            raise ValueError(f"config key 'data.preprocess': '{self.preprocess}' must be 'window', "
+                             f"or 'kits' with data.resample 'native' (got '{self.resample}')")
         if min(self.native_spacing_mm) <= 0:
             raise ValueError(f"config key 'data.native_spacing_mm': sizes must be > 0 mm, "
                              f"got {list(self.native_spacing_mm)}")

@@ -47,17 +47,85 @@ def test_synthesis_invariants():
     assert ni[healed].max() > 0.50 + 0.8 * d
 
 
-def test_no_tumour_uses_the_default_difference_and_no_liver_changes_nothing():
+def test_no_synthesis_without_tumour_or_liver_or_contrast():
+    """As the released code: a tumour-free case (NaN contrast -> 0), a case without liver, and
+    one whose tumour is not darker than its liver (d <= 1e-4) come back unchanged."""
     image, label = _case(tumour=False)
-    d = augment.liver_tumour_difference(image, label)
-    assert float(d) == pytest.approx(augment.DEFAULT_DIFFERENCE)
-    assert augment.DEFAULT_DIFFERENCE == pytest.approx(0.0449, abs=1e-4)
-    new_img, new_lab = augment.synthesize_tumours(jax.random.key(1), image, label)
-    assert np.isfinite(np.asarray(new_img)).all() and (np.asarray(new_lab) == 2).any()
-    empty = jnp.zeros_like(label)
-    same_img, same_lab = augment.synthesize_tumours(jax.random.key(1), image, empty)
-    np.testing.assert_array_equal(np.asarray(same_img), np.asarray(image))
-    np.testing.assert_array_equal(np.asarray(same_lab), 0)
+    assert float(augment.liver_tumour_difference(image, label)) == 0.0
+    for lab in (label, jnp.zeros_like(label)):
+        same_img, same_lab = augment.synthesize_tumours(jax.random.key(1), image, lab)
+        np.testing.assert_array_equal(np.asarray(same_img), np.asarray(image))
+        np.testing.assert_array_equal(np.asarray(same_lab), np.asarray(lab))
+    image, label = _case()
+    bright = jnp.where(label == 2, 0.60, image)                 # hyperdense: d < 0
+    out = augment.synthesize_tumours(jax.random.key(1), bright, label)
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(bright))
+    np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(label))
+    # through augment() with p = 1 as in training: still unchanged (flips off)
+    cfg = AugmentConfig(tumour_synthesis_p=1.0, flip=False, rotate180=False)
+    free_img, free_lab = _case(tumour=False)
+    out = augment.augment(jax.random.key(2), free_img, free_lab, cfg)
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(free_img))
+    np.testing.assert_array_equal(np.asarray(out[1]), np.asarray(free_lab))
+
+
+def test_blur_size_scales_with_resolution_as_released():
+    """A box of resolution // 32 voxels (at least 1): 2 at 64³, 4 at 128³, 16 at 512³."""
+    assert [augment.blur_size((r,) * 3) for r in (16, 32, 64, 128, 256, 512)] == [1, 1, 2, 4, 8, 16]
+    assert augment.blur_size((256, 256, 100)) == 8 and augment.blur_size((512, 512)) == 16
+    # the box itself: normalised, zeros outside, TF SAME placement (k-1)//2 before, k//2 after
+    rng = np.random.default_rng(0)
+    x = (rng.random((20, 9, 13)) < 0.3).astype(np.float32)
+    blur = jax.jit(augment._blur, static_argnums=1)
+    for k in (1, 2, 3, 4, 5):
+        want = x.copy()
+        for ax in range(3):
+            p = [(0, 0)] * 3
+            p[ax] = ((k - 1) // 2, k // 2)
+            xp = np.pad(want, p)
+            want = sum(np.take(xp, np.arange(j, j + x.shape[ax]), axis=ax) for j in range(k)) / k
+        np.testing.assert_allclose(np.asarray(blur(jnp.asarray(x), k)), want, atol=1e-5)
+    # in a synthesis, the width of the soft edge grows with the resolution: a 64³ case has
+    # partial values (0 < blurred < 1) on the tumour edge, a 32-voxel one (k = 1) has none
+    for r, soft in ((32, False), (64, True)):      # blur_size follows the longest axis
+        img, lab = _case((r, 28, 20))
+        out, _ = jax.jit(augment.synthesize_tumours, static_argnums=3)(
+            jax.random.key(0), img, lab, (0.1, 0.1))
+        change = np.abs(np.asarray(out) - np.asarray(img))[np.asarray(lab) >= 1]
+        d = float(augment.liver_tumour_difference(img, lab))
+        partial = (change > 1e-4 * d) & (np.abs(change - d) > 1e-4 * d)
+        assert partial.any() == soft, (r, partial.sum())
+
+
+def test_contrast_is_measured_in_the_units_the_network_sees():
+    """The same HU case under two HU windows and the KiTS z-score: the darkening of a synthetic
+    tumour core is 1.15 × (liver − tumour) in each one's units (no 40 HU default, no HU)."""
+    from hrseg.config import DataConfig
+    from hrseg.data import dataset
+    _, label = _case((24, 28, 20))
+    hu = np.where(np.asarray(label) == 1, 100.0, np.where(np.asarray(label) == 2, 60.0, -100.0))
+    for cfg, per_hu in ((DataConfig(hu_window=(-512.0, 512.0)), 1 / 1024),
+                        (DataConfig(hu_window=(-150.0, 250.0)), 1 / 400),
+                        (DataConfig(preprocess="kits", resample="native"), 1 / 76.9)):
+        image = jnp.asarray(dataset.network_units(hu, cfg))
+        d = float(augment.liver_tumour_difference(image, label))
+        assert d == pytest.approx(1.15 * 40 * per_hu, rel=1e-4)
+        out, new = augment.synthesize_tumours(jax.random.key(3), image, label)
+        core = (np.asarray(new) == 2) & (np.asarray(label) == 1)      # new tumour in liver
+        drop = np.asarray(image)[core] - np.asarray(out)[core]
+        assert drop.max() == pytest.approx(d, rel=1e-4)              # k = 1 here: the full d
+
+
+def test_changes_stay_in_the_liver_even_where_the_released_blur_would_leak():
+    """Kept difference: at 64 voxels the box (k = 2) reaches past the liver's edge; hrseg keeps every
+    voxel outside the liver bit-identical and the labels there 0."""
+    img, lab = _case((64, 28, 20))
+    out, new = augment.synthesize_tumours(jax.random.key(4), img, lab)
+    outside = np.asarray(lab) == 0
+    np.testing.assert_array_equal(np.asarray(out)[outside], np.asarray(img)[outside])
+    assert (np.asarray(new)[outside] == 0).all()
+    blurred = np.asarray(augment._blur(jnp.asarray(np.asarray(new) == 2)))
+    assert (blurred[outside] > 0).any()          # the released image + d·blur would change these
 
 
 def test_channels_and_2d_stacks():

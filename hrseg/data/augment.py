@@ -4,12 +4,29 @@
 axes are the label's (``(X, Y, Z)``, or ``(X, Y)`` for 2D); an image may carry trailing
 channel axes (``(X, Y, Z, 1)``, or ``(X, Y, slices)`` for 2D) that move with the voxel.
 
-Tumour synthesis (after Hou et al.): with ``d = 1.15 × (mean liver − mean tumour)`` of the
-case, real tumours are "removed" by adding ``d × blurred tumour mask``, new ones are blobs of
-a smooth random field thresholded at the percentile that covers 5–25 % of the liver, darkened
-by ``d × blurred blob mask``; removed tumours become liver, blobs tumour.
-Every change is confined to the liver, so voxels outside it are bit-identical. On a 2D stack
-``(X, Y, slices)`` the change (computed on the centre slice's label) applies to every slice.
+Tumour synthesis as Hou et al.'s released code does it (Mesh-TF ``experimental/data_aug_lib.py``,
+``maybe_gen_fake_data_based_on_real_data``): with ``d = 1.15 × (mean liver − mean tumour)``
+measured on the image the network sees (the HU window's [0, 1], or the KiTS z-score: whatever
+``data.preprocess`` made of it, so ``d`` is in the network's units), real tumours are "removed"
+by adding ``d × blurred tumour mask`` and new ones are darkened by ``d × blurred blob mask``;
+removed tumours become liver, blobs tumour. The blur is the released one: a normalised box of
+``max(1, resolution // 32)`` voxels per axis (``resolution``: the longest spatial axis; 2 at
+64³, 16 at 512³), zero outside the volume, placed as TensorFlow's SAME padding places an
+even-sized box. Like the released code, a case without tumour (or without liver), or whose
+tumours are not darker than its liver (``d <= 1e-4``), is left as it is (no synthesis), and the
+result is not clipped.
+
+Kept differences from the released code (tests/test_augment.py tests each):
+
+* every change is confined to the liver: voxels outside it are bit-identical (the released
+  blurred masks reach ``k/2`` voxels past the liver's edge into the background);
+* the blobs: a smooth B-spline field (field.py) thresholded so that a share drawn uniformly from
+  ``augment.tumour_fraction`` (default 5–25 %) *of the liver* is tumour; the released code
+  thresholds box-smoothed noise at ``resolution/32`` at the percentile of the *whole volume*
+  with a share ``clip(N(0.01, 0.01) + N(0, 0.05), 0.05, 0.25)`` (mostly 5 %).
+
+On a 2D stack ``(X, Y, slices)`` the change (computed on the centre slice's label) applies to
+every slice.
 """
 from __future__ import annotations
 
@@ -20,23 +37,30 @@ from hrseg.config import AugmentConfig
 from hrseg.data.field import field_nodes, smooth_field
 from hrseg.metrics import IGNORE
 
-# Intensity drop used when a case has no tumour (or no liver) to measure it on, in window
-# units: 1.15 × 40 HU / 1024 HU ≈ 0.045. 40 HU is a typical liver − tumour contrast
-# (portal-venous liver ~100–110 HU, hypodense metastases/HCC ~60–70 HU); with the default
-# window HU [-512, 512] -> [0, 1] one HU is 1/1024. The phantom's tumours are 20–50 HU darker.
-DEFAULT_DIFFERENCE = 1.15 * 40.0 / 1024.0
-_BINOMIAL = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
+MIN_DIFFERENCE = 1e-4      # released code: no synthesis unless 1.15 × contrast > 1e-4
+BLUR_PER_RESOLUTION = 32   # released code: box blur of resolution // 32 voxels per axis
 
 
-def _blur(mask: jax.Array) -> jax.Array:
-    """Binomial 5-tap blur (sigma 1 voxel) on every axis, zero outside: soft mask edges."""
+def blur_size(shape) -> int:
+    """The box blur's width in voxels for spatial ``shape``: ``max(1, max(shape) // 32)``."""
+    return max(1, max(int(n) for n in shape) // BLUR_PER_RESOLUTION)
+
+
+def _blur(mask: jax.Array, k: int | None = None) -> jax.Array:
+    """Normalised box blur of width ``k`` (default blur_size) on every axis, zeros outside the
+    volume, placed as TF's SAME padding: ``(k - 1) // 2`` before, ``k // 2`` after. Separable
+    running sums (cumsum), so the cost does not grow with ``k``."""
     x = mask.astype(jnp.float32)
+    k = blur_size(x.shape) if k is None else int(k)
+    if k <= 1:
+        return x
     for ax in range(x.ndim):
         n = x.shape[ax]
         pad = [(0, 0)] * x.ndim
-        pad[ax] = (2, 2)
-        xp = jnp.pad(x, pad)
-        x = sum(w * jax.lax.slice_in_dim(xp, i, i + n, axis=ax) for i, w in enumerate(_BINOMIAL))
+        pad[ax] = ((k - 1) // 2 + 1, k // 2)            # one more zero in front: the cumsum's 0
+        c = jnp.cumsum(jnp.pad(x, pad), axis=ax)
+        x = (jax.lax.slice_in_dim(c, k, k + n, axis=ax)
+             - jax.lax.slice_in_dim(c, 0, n, axis=ax)) / k
     return x
 
 
@@ -59,21 +83,23 @@ def _channels_last(mask: jax.Array, image: jax.Array) -> jax.Array:
 
 
 def liver_tumour_difference(image: jax.Array, label: jax.Array) -> jax.Array:
-    """``1.15 × (mean liver − mean tumour)``; DEFAULT_DIFFERENCE without tumour or liver."""
+    """``1.15 × (mean liver − mean tumour)`` in the image's units; 0 without tumour or liver
+    (the released code's NaN -> 0)."""
     x = image.reshape(label.shape + (-1,)).mean(-1) if image.ndim > label.ndim else image
     x = x.astype(jnp.float32)
     liver, tumour = label == 1, label == 2
     n_l, n_t = jnp.sum(liver), jnp.sum(tumour)
     mean_l = jnp.sum(jnp.where(liver, x, 0)) / jnp.maximum(n_l, 1)
     mean_t = jnp.sum(jnp.where(tumour, x, 0)) / jnp.maximum(n_t, 1)
-    return jnp.where((n_l > 0) & (n_t > 0), 1.15 * (mean_l - mean_t), DEFAULT_DIFFERENCE)
+    return jnp.where((n_l > 0) & (n_t > 0), 1.15 * (mean_l - mean_t), 0.0)
 
 
 def synthesize_tumours(key, image, label, fraction=(0.05, 0.25), difference=None):
     """Replace the case's tumours by synthetic ones covering ``fraction`` of the liver.
 
-    ``difference``: the intensity drop in window units (None: measured on the case, see
-    liver_tumour_difference). Returns ``(image, label)`` with the input dtypes.
+    ``difference``: the intensity drop in the image's units (None: measured on the case, see
+    liver_tumour_difference). ``d <= MIN_DIFFERENCE`` (no tumour, no liver, tumours not darker
+    than the liver): ``(image, label)`` unchanged. Returns the input dtypes.
     """
     image, label = jnp.asarray(image), jnp.asarray(label)
     if image.shape[:label.ndim] != label.shape:
@@ -88,10 +114,12 @@ def synthesize_tumours(key, image, label, fraction=(0.05, 0.25), difference=None
     field = smooth_field(u[1:], label.shape)
     blob = (field > _threshold(field, liver, frac)) & liver
     delta = d * (_blur(label == 2) - _blur(blob)) * liver
-    out = jnp.clip(image.astype(jnp.float32) + _channels_last(delta, image), 0.0, 1.0)
+    out = image.astype(jnp.float32) + _channels_last(delta, image)
     out = jnp.where(_channels_last(liver, image), out, image)   # outside the liver: exact
     new_label = jnp.where(liver, jnp.where(blob, 2, 1), 0).astype(label.dtype)
-    return out.astype(image.dtype), new_label
+    apply = d > MIN_DIFFERENCE
+    return (jnp.where(apply, out.astype(image.dtype), image),
+            jnp.where(apply, new_label, label))
 
 
 def flip_rotate(key, image, label, flips: bool = True, rotate180: bool = True):

@@ -1,5 +1,6 @@
-"""CT datasets -> network inputs: NIfTI (LiTS / MSD) -> canonical RAS -> HU window -> R³,
+"""CT datasets -> network inputs: NIfTI (LiTS / MSD / KiTS) -> canonical RAS -> HU window -> R³,
 cached per resolution, split into train / validation, batched deterministically.
+(``data.preprocess: kits``: clip, z-score and the in-plane crop of kits.py instead of the window.)
 
     ds = load_dataset(cfg.data)                     # .train / .val: lists of Volume
     images, labels = batch_for_step(ds, step, batch=2, seed=0)
@@ -23,7 +24,7 @@ import numpy as np
 
 from hrseg import atomic
 from hrseg.config import DataConfig
-from hrseg.data import integrity, nifti, resample
+from hrseg.data import integrity, kits, nifti, resample
 from hrseg.data.integrity import verify_dataset  # noqa: F401  (public: hrseg.data.verify_dataset)
 from hrseg.data.nifti import Case, find_cases, read_nifti  # public here too
 
@@ -49,12 +50,15 @@ def _spacing(affine_or_spacing) -> np.ndarray:
 
 def grid_for(shape, affine_or_spacing, cfg: DataConfig) -> resample.Grid:
     """The resampling grid ``cfg`` gives a canonical volume of ``shape``."""
+    if cfg.preprocess == "kits":
+        return kits.grid(shape, _spacing(affine_or_spacing), cfg.native_spacing_mm)
     return resample.grid(shape, _spacing(affine_or_spacing), cfg.resolution, cfg.resample,
                          cfg.spacing_mm, cfg.native_spacing_mm)
 
 
 def preprocess(hu: np.ndarray, affine_or_spacing, cfg: DataConfig) -> np.ndarray:
-    """Canonical HU volume -> network image: window, resample -> float32 in [0, 1].
+    """Canonical HU volume -> network image: window, resample -> float32 in [0, 1]
+    (``preprocess: kits``: z-scores, see kits.py).
 
     3D resolution: ``(R, R, R)``; 2D ``(R, R)``: ``(R, R, Z)`` (in-plane only)."""
     return _image_on(grid_for(hu.shape, affine_or_spacing, cfg), hu, cfg)
@@ -65,8 +69,14 @@ def preprocess_label(label: np.ndarray, affine_or_spacing, cfg: DataConfig) -> n
     return _label_on(grid_for(label.shape, affine_or_spacing, cfg), label).astype(np.int32)
 
 
+def network_units(hu: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """HU -> the values the network sees (before resampling): the window's [0, 1], or the
+    KiTS z-score (``data.preprocess``)."""
+    return kits.normalise(hu) if cfg.preprocess == "kits" else window(hu, cfg.hu_window)
+
+
 def _image_on(g: resample.Grid, hu: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    return resample.apply(g, window(hu, cfg.hu_window), order=1, antialias=cfg.antialias)
+    return resample.apply(g, network_units(hu, cfg), order=1, antialias=cfg.antialias)
 
 
 def _label_on(g: resample.Grid, label: np.ndarray) -> np.ndarray:   # uint8 on the grid
@@ -124,12 +134,15 @@ def _settings(cfg: DataConfig) -> dict:
            "hu_window": list(cfg.hu_window), "antialias": cfg.antialias}
     if cfg.resample == "native":   # only here: the other modes' cache keys stay as they were
         out["native_spacing_mm"] = list(cfg.native_spacing_mm)
+    if cfg.preprocess != "window":
+        out["preprocess"] = cfg.preprocess
     return out
 
 
 def cache_dir(cfg: DataConfig) -> Path:
     if cfg.resample == "native":   # each case keeps its own shape: named by the voxel size
-        return Path(cfg.cache_dir) / f"native-{'x'.join(map(str, cfg.native_spacing_mm))}mm"
+        kind = "kits-native" if cfg.preprocess == "kits" else "native"
+        return Path(cfg.cache_dir) / f"{kind}-{'x'.join(map(str, cfg.native_spacing_mm))}mm"
     return Path(cfg.cache_dir) / f"{'x'.join(map(str, cfg.resolution))}-{cfg.resample}"
 
 

@@ -107,7 +107,8 @@ def _check(case: nifti.Case, root: Path) -> list[str]:
 
 
 def verify_dataset(path, layout: str = "auto", workers: int | None = None) -> list[str]:
-    """One line per problem of the dataset at ``path`` (LiTS or MSD layout); [] when clean."""
+    """One line per problem of the dataset at ``path`` (LiTS, MSD or KiTS19 layout); [] when
+    clean."""
     root = Path(path)
     if not root.exists():
         return [f"{root}: no such directory"]

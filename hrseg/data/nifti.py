@@ -1,4 +1,4 @@
-"""NIfTI files: read in canonical orientation, write atomically, find LiTS / MSD cases.
+"""NIfTI files: read in canonical orientation, write atomically, find LiTS / MSD / KiTS cases.
 
 Arrays keep nibabel's (x, y, z) voxel order; :func:`read_nifti` reorients them to the closest
 canonical orientation (RAS+: x to the patient's right, y anterior, z superior) by flips and
@@ -21,6 +21,7 @@ from hrseg import atomic
 NII = re.compile(r"^(?P<stem>.+?)\.nii(\.gz)?$")
 LITS_IMAGE = re.compile(r"^volume-(?P<n>\d+)\.nii(\.gz)?$")
 LITS_LABEL = re.compile(r"^segmentation-(?P<n>\d+)\.nii(\.gz)?$")
+KITS_CASE = re.compile(r"^case_\d+$")   # KiTS19: case_00000/imaging.nii.gz, segmentation.nii.gz
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,12 @@ def _natural(s: str):
 
 
 def detect_layout(root: Path) -> str | None:
-    """``"msd"`` (imagesTr/ or dataset.json), ``"lits"`` (volume-N files), else None."""
+    """``"msd"`` (imagesTr/ or dataset.json), ``"kits"`` (case_N/ folders with imaging or
+    segmentation files), ``"lits"`` (volume-N files), else None."""
     if (root / "imagesTr").is_dir() or (root / "dataset.json").is_file():
         return "msd"
+    if any(_kits_files(d) != (None, None) for d in _kits_dirs(root)):
+        return "kits"
     if any(_visible(p) for p in root.rglob("volume-*.nii*")):
         return "lits"
     return None
@@ -179,25 +183,51 @@ def _msd(root: Path) -> tuple[list[Case], list[Path]]:
     return sorted(cases, key=lambda c: _natural(c.id)), orphans
 
 
+def _kits_dirs(root: Path) -> list[Path]:
+    return sorted((d for d in root.glob("case_*") if KITS_CASE.match(d.name) and d.is_dir()),
+                  key=lambda d: _natural(d.name))
+
+
+def _kits_files(case_dir: Path) -> tuple[Path | None, Path | None]:
+    """``(imaging, segmentation)`` of a KiTS19 case folder (``.nii.gz`` before ``.nii``)."""
+    def first(stem):
+        return next((p for p in (case_dir / f"{stem}.nii.gz", case_dir / f"{stem}.nii")
+                     if p.is_file()), None)
+    return first("imaging"), first("segmentation")
+
+
+def _kits(root: Path) -> tuple[list[Case], list[Path]]:
+    cases, orphans = [], []
+    for d in _kits_dirs(root):
+        image, label = _kits_files(d)
+        if image is not None:
+            cases.append(Case(d.name, image, label))
+        elif label is not None:
+            orphans.append(label)
+    return cases, orphans
+
+
 def scan(root, layout: str = "auto") -> tuple[list[Case], list[Path]]:
     """``(cases, orphan label files)`` of a dataset folder; ValueError if there are none."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{root}: no such directory (a synthetic dataset: "
                          f"`hrseg phantom --out {root}`)")
-    if layout not in ("auto", "lits", "msd"):
-        raise ValueError(f"data.layout '{layout}' is not one of auto, lits, msd")
+    if layout not in ("auto", "lits", "msd", "kits"):
+        raise ValueError(f"data.layout '{layout}' is not one of auto, lits, msd, kits")
     found = detect_layout(root) if layout == "auto" else layout
     if found is None:
-        raise ValueError(f"{root}: empty dataset directory (no LiTS volume-N.nii[.gz] files "
-                         f"and no MSD imagesTr/; write one with `hrseg phantom --out {root}`)")
-    cases, orphans = (_lits if found == "lits" else _msd)(root)
+        raise ValueError(f"{root}: empty dataset directory (no LiTS volume-N.nii[.gz] files, "
+                         f"no MSD imagesTr/ and no KiTS case_N/imaging.nii.gz; write one with "
+                         f"`hrseg phantom --out {root}`)")
+    cases, orphans = {"lits": _lits, "msd": _msd, "kits": _kits}[found](root)
     if not cases and not orphans:
         raise ValueError(f"{root}: no {found.upper()} cases found")
     return cases, orphans
 
 
 def find_cases(root, layout: str = "auto") -> list[Case]:
-    """The cases of a LiTS (``volume-N`` / ``segmentation-N``, in any sub-folder) or MSD
-    (``imagesTr/``, ``labelsTr/``, ``dataset.json``) dataset, in natural order."""
+    """The cases of a LiTS (``volume-N`` / ``segmentation-N``, in any sub-folder), MSD
+    (``imagesTr/``, ``labelsTr/``, ``dataset.json``) or KiTS19 (``case_XXXXX/imaging.nii.gz``
+    and ``segmentation.nii.gz``; the case id is the folder name) dataset, in natural order."""
     return scan(root, layout)[0]

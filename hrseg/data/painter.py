@@ -137,29 +137,48 @@ def _paint_ribs(a: Anatomy, b: Block) -> None:
     b.hu[ii, jj, k0:] = np.where(ok, vals, sub)
 
 
-def _paint_organs(a: Anatomy, b: Block) -> None:
-    """Kidneys, spleen, stomach (with gas anteriorly): below the diaphragm, inside the cavity."""
-    def region(ell, amp, grow=1.3):
-        sl = b.box(*ell.bounds(grow))
-        if sl is None:
-            return None, None, None
-        x, y, z = b.coords(sl)
-        q = ell.q(x, y, z)
-        if amp:
-            q += amp * a.f_organ(x, y, z)
-        inside = (q < 1) & a.cavity(x, y, z) & (z[None, None] < a.dome(x, y)[:, :, None] - 2)
-        return sl, q, inside
+def organ_region(a: Anatomy, b: Block, ell: Ellipsoid, amp: float, grow: float = 1.3):
+    """``(slices, q, inside)`` of a solid organ in the block (its bounding box only; None ×3
+    when it misses the block): the ellipsoid deformed by ``amp`` × the shared organ field,
+    inside the cavity and below the diaphragm."""
+    sl = b.box(*ell.bounds(grow))
+    if sl is None:
+        return None, None, None
+    x, y, z = b.coords(sl)
+    q = ell.q(x, y, z)
+    if amp:
+        q += amp * a.f_organ(x, y, z)
+    inside = (q < 1) & a.cavity(x, y, z) & (z[None, None] < a.dome(x, y)[:, :, None] - 2)
+    return sl, q, inside
 
+
+KIDNEY_AMP = 0.05        # kidney deformation by the organ field (kits_phantom labels the same)
+
+
+def renal_sinus(k: Ellipsoid) -> Ellipsoid:
+    """The fat of a kidney's hilum (medial side): not kidney parenchyma."""
+    return Ellipsoid(k.c + np.array([-np.sign(k.c[0]) * 0.6 * k.r[0], 0, 0], F32),
+                     k.r * np.array([0.45, 0.35, 0.5], F32))
+
+
+def paint_kidneys(a: Anatomy, b: Block) -> None:
+    """Cortex, medulla (55 HU darker) and sinus fat of both kidneys."""
     for k in a.kidneys:
-        sl, q, inside = region(k, 0.05)
+        sl, q, inside = organ_region(a, b, k, KIDNEY_AMP)
         if sl is None:
             continue
         sub = b.hu[sl]
         np.copyto(sub, F32(a.hu_kidney), where=inside)
         np.copyto(sub, F32(a.hu_kidney - 55), where=inside & (q < 0.4))
-        sinus = Ellipsoid(k.c + np.array([-np.sign(k.c[0]) * 0.6 * k.r[0], 0, 0], F32),
-                          k.r * np.array([0.45, 0.35, 0.5], F32))
-        np.copyto(sub, F32(-60.0), where=inside & (sinus.q(*b.coords(sl)) < 1))
+        np.copyto(sub, F32(-60.0), where=inside & (renal_sinus(k).q(*b.coords(sl)) < 1))
+
+
+def _paint_organs(a: Anatomy, b: Block) -> None:
+    """Kidneys, spleen, stomach (with gas anteriorly): below the diaphragm, inside the cavity."""
+    def region(ell, amp, grow=1.3):
+        return organ_region(a, b, ell, amp, grow)
+
+    paint_kidneys(a, b)
     sl, q, inside = region(a.spleen, 0.2)
     if sl is not None:
         np.copyto(b.hu[sl], F32(a.hu_spleen), where=inside)

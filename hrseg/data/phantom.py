@@ -12,6 +12,7 @@ have no voxel left at 64³ and 33 % at 32³ (benchmarks/phantom_stats.py).
 ``write_dataset`` writes cases in the LiTS layout (``volume-N.nii.gz``, ``segmentation-N.nii.gz``;
 int16 HU and uint8 labels, a scanner affine; most cases stored LPS like DICOM conversions, some
 RAS or feet-first) so loading goes through exactly the same ``hrseg.data`` path as LiTS.
+``task="kits"``: kidney / kidney-tumour labels and the KiTS19 layout (hrseg.data.kits_phantom).
 Everything is a function of the seed: the same seed gives the same files on the same platform.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from hrseg import atomic
-from hrseg.data import anatomy, nifti, painter
+from hrseg.data import anatomy, kits_phantom, nifti, painter
 
 VERSION = 1                 # bump when the generator changes: stale datasets get rewritten
 IN_PLANE = 512              # voxels per axial row/column at the default shape
@@ -36,6 +37,7 @@ _NOISE_GAIN = 1 / 0.375 ** 1.5                    # white-noise sd lost by the 3
 # File orientations: (flip x, flip y, flip z) of the stored array relative to RAS, weights.
 _ORIENTATIONS = (((True, True, False), 0.7), ((False, False, False), 0.2),
                  ((True, True, True), 0.1))
+TASKS = ("lits", "kits")    # lits: liver 1 / tumour 2; kits: kidney 1 / tumour 2 (kits_phantom)
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -91,21 +93,28 @@ def _blur_x_inplace(a: np.ndarray) -> None:
         prev = cur
 
 
-def generate_case(seed: int, shape=None):
+def generate_case(seed: int, shape=None, task: str = "lits"):
     """One synthetic CT: ``(hu float32 (X,Y,Z), label uint8 (X,Y,Z), affine (4,4))``.
 
     Arrays are in the stored voxel order (as nibabel gives them from the written file; the
     affine says how they map to RAS+ mm). ``shape=None`` is the realistic default
     (512×512×80–200); any other shape renders the same anatomy on that grid (spacing =
     field of view / shape), e.g. ``(64, 64, 32)`` for tests. HU values are integers.
+    ``task="kits"``: with renal tumours, labelled kidney 1 / tumour 2 (kits_phantom).
     """
+    if task not in TASKS:
+        raise ValueError(f"phantom: --task must be one of {', '.join(TASKS)}, got '{task}'")
     rng = np.random.default_rng(int(seed))
     fov, extent, shape, spacing, flips = _geometry(rng, shape)
     body = anatomy.Anatomy(rng, fov, extent)
     anatomy.sample_liver_contents(body, rng)
+    paint = painter.paint
+    if task == "kits":
+        kits_phantom.sample_kidney_tumours(body, rng)
+        paint = kits_phantom.paint
     xs = _centres(shape[0], spacing[0], -fov[0] / 2)
     ys = _centres(shape[1], spacing[1], -fov[1] / 2)
-    zs = _centres(shape[2], spacing[2], 0.0)
+    zs = _centres(shape[2], spacing[2], kits_phantom.scan_start(body) if task == "kits" else 0.0)
     hu = np.empty(shape, np.float32)
     label = np.empty(shape, np.uint8)
     noise_seed = int(rng.integers(2 ** 63))
@@ -116,7 +125,7 @@ def generate_case(seed: int, shape=None):
                slice(None, None, -1) if flips[2] else slice(None))
     for k, i0 in enumerate(range(0, shape[0], SLAB)):
         i1 = min(i0 + SLAB, shape[0])
-        blk = painter.paint(body, xs[i0:i1], ys, zs)
+        blk = paint(body, xs[i0:i1], ys, zs)
         noise = np.random.default_rng([noise_seed, k]).random(blk.hu.shape, np.float32)
         noise -= 0.5
         noise *= 2 * half_width
@@ -138,9 +147,20 @@ def generate_case(seed: int, shape=None):
     return hu, label, affine
 
 
-def _write_case(out: Path, index: int, seed: int, shape) -> list[Path]:
-    hu, label, affine = generate_case(case_seed(seed, index), shape)
-    paths = [out / f"volume-{index}.nii.gz", out / f"segmentation-{index}.nii.gz"]
+def case_paths(out: Path, index: int, task: str = "lits") -> list[Path]:
+    """``[image, label]`` of case ``index``: LiTS ``volume-N`` / ``segmentation-N``, KiTS19
+    ``case_XXXXX/imaging.nii.gz`` / ``segmentation.nii.gz``."""
+    if task == "kits":
+        return [kits_phantom.case_dir(out, index) / n for n in (kits_phantom.IMAGE,
+                                                                 kits_phantom.LABEL)]
+    return [out / f"volume-{index}.nii.gz", out / f"segmentation-{index}.nii.gz"]
+
+
+def _write_case(out: Path, index: int, seed: int, shape, task: str = "lits") -> list[Path]:
+    hu, label, affine = generate_case(case_seed(seed, index), shape, task)
+    if task == "kits":
+        return kits_phantom.write_case(out, index, hu, label, affine)
+    paths = case_paths(out, index)
     nifti.write_nifti(paths[0], hu, affine, np.int16)
     nifti.write_nifti(paths[1], label, affine, np.uint8)
     return paths
@@ -150,8 +170,9 @@ MANIFEST = "phantom.json"
 
 
 def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool = False,
-                  workers: int | None = None) -> list[Path]:
-    """Write ``cases`` synthetic CTs to ``out_dir`` in the LiTS layout; returns the paths.
+                  workers: int | None = None, task: str = "lits") -> list[Path]:
+    """Write ``cases`` synthetic CTs to ``out_dir`` in the LiTS layout (``task="kits"``: the
+    KiTS19 layout, see case_paths); returns the paths.
 
     Case N is ``generate_case(case_seed(seed, N), shape)``. Files are written atomically
     (temporary name, then rename). A folder already holding this exact dataset (same
@@ -163,19 +184,22 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
     cases = int(cases)
     if cases < 1:
         raise ValueError(f"phantom: --cases must be >= 1, got {cases}")
+    if task not in TASKS:
+        raise ValueError(f"phantom: --task must be one of {', '.join(TASKS)}, got '{task}'")
     out.mkdir(parents=True, exist_ok=True)
     want = {"generator": VERSION, "seed": int(seed), "cases": cases,
-            "shape": list(shape) if shape else None}
+            "shape": list(shape) if shape else None, **({"task": task} if task != "lits" else {})}
     manifest = out / MANIFEST
-    expected = [out / f"{kind}-{i}.nii.gz" for i in range(cases)
-                for kind in ("volume", "segmentation")]
+    expected = [p for i in range(cases) for p in case_paths(out, i, task)]
     old = json.loads(manifest.read_text()) if manifest.is_file() else None
     if old == want and all(p.is_file() for p in expected):
         if progress:
             print(f"{out}: phantom dataset up to date ({cases} cases, seed {seed})")
         return expected
     if old is not None:   # our own earlier dataset: drop cases this one will not rewrite
-        for p in list(out.glob("volume-*.nii.gz")) + list(out.glob("segmentation-*.nii.gz")):
+        for p in (list(out.glob("volume-*.nii.gz")) + list(out.glob("segmentation-*.nii.gz"))
+                  + list(out.glob(f"case_*/{kits_phantom.IMAGE}"))
+                  + list(out.glob(f"case_*/{kits_phantom.LABEL}"))):
             if p not in expected:
                 p.unlink()
     manifest.unlink(missing_ok=True)
@@ -185,7 +209,7 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
         from tqdm.auto import tqdm  # notebook-aware bars in JupyterLab
         bar = tqdm(total=cases, desc=f"phantom -> {out}", unit="case")
     with ThreadPoolExecutor(max(1, min(workers, cases))) as pool:
-        for _ in pool.map(lambda i: _write_case(out, i, seed, shape), range(cases)):
+        for _ in pool.map(lambda i: _write_case(out, i, seed, shape, task), range(cases)):
             if bar is not None:
                 bar.update(1)
     if bar is not None:

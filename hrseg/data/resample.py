@@ -37,15 +37,17 @@ class Grid:
     scale: tuple[float, float, float]
     offset: tuple[float, float, float]
     pad: bool                       # outside the input: constant (padding) vs nearest edge
+    crop: bool = False              # the output covers part of the input (kits.grid)
 
     def to_dict(self) -> dict:
-        return {"in_shape": list(self.in_shape), "out_shape": list(self.out_shape),
-                "scale": list(self.scale), "offset": list(self.offset), "pad": self.pad}
+        d = {"in_shape": list(self.in_shape), "out_shape": list(self.out_shape),
+             "scale": list(self.scale), "offset": list(self.offset), "pad": self.pad}
+        return {**d, "crop": True} if self.crop else d
 
     @classmethod
     def from_dict(cls, d: dict) -> Grid:
         return cls(tuple(d["in_shape"]), tuple(d["out_shape"]), tuple(d["scale"]),
-                   tuple(d["offset"]), bool(d["pad"]))
+                   tuple(d["offset"]), bool(d["pad"]), bool(d.get("crop", False)))
 
 
 def native_shape(in_shape, spacing, native_mm) -> tuple[int, int, int]:
@@ -124,8 +126,15 @@ def to_input_grid(g: Grid, y: np.ndarray) -> np.ndarray:
     scale, offset = np.array(g.scale), np.array(g.offset)
     if np.allclose(scale, 1) and np.allclose(offset, 0) and y.shape == g.in_shape:
         return np.array(y, copy=True)
-    return ndimage.affine_transform(y, 1 / scale, offset=-offset / scale,
-                                    output_shape=g.in_shape, output=y.dtype, order=0,
-                                    mode="constant" if g.pad else "nearest", cval=0)
+    out = ndimage.affine_transform(y, 1 / scale, offset=-offset / scale,
+                                   output_shape=g.in_shape, output=y.dtype, order=0,
+                                   mode="constant" if g.pad else "nearest", cval=0)
+    if g.crop:   # input voxels outside the cropped output: background, not the edge repeated
+        for ax, (n_in, n_out) in enumerate(zip(g.in_shape, g.out_shape)):
+            o = (np.arange(n_in) - offset[ax]) / scale[ax]
+            outside = (o < -0.5) | (o > n_out - 0.5)
+            if outside.any():
+                np.moveaxis(out, ax, 0)[outside] = 0
+    return out
 
 

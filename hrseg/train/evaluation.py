@@ -59,11 +59,16 @@ def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
 
 
 def prediction_path(run_dir: str | Path, volume: str | Path) -> Path:
-    """``<run>/predictions/prediction-N.nii.gz`` for LiTS ``volume-N``, else the same name."""
+    """``<run>/predictions/prediction-N.nii.gz`` for LiTS ``volume-N``,
+    ``prediction_XXXXX.nii.gz`` for KiTS19 ``case_XXXXX/imaging.nii.gz`` (the challenge's
+    submission names), else the same name."""
     name = Path(volume).name
     stem = name[:-7] if name.endswith(".nii.gz") else Path(name).stem
     if stem.startswith("volume-"):
         stem = "prediction-" + stem[len("volume-"):]
+    case = Path(volume).parent.name
+    if stem == "imaging" and case.startswith("case_"):
+        stem = "prediction_" + case[len("case_"):]
     return rundir.predictions(run_dir) / f"{stem}.nii.gz"
 
 
