@@ -18,7 +18,7 @@ from hrseg import atomic, cli, config, train
 from hrseg.train import checkpoint, loop, rundir
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
+SMOKE = ROOT / "params" / "train" / "smoke" / "train_smoke.yaml"
 
 
 def sets(dataset, out, *more):

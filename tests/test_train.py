@@ -17,7 +17,7 @@ from hrseg import atomic, cli, config, data, train
 from hrseg.train import checkpoint, distributed
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
+SMOKE = ROOT / "params" / "train" / "smoke" / "train_smoke.yaml"
 
 
 def smoke(dataset, out, *overrides):

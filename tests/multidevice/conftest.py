@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-SMOKE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "params", "smoke",
+SMOKE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "params", "train", "smoke",
                             "train_smoke.yaml")
 
 

@@ -13,7 +13,7 @@ import pytest
 from hrseg import config, train
 
 ROOT = Path(__file__).resolve().parents[2]
-SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
+SMOKE = ROOT / "params" / "train" / "smoke" / "train_smoke.yaml"
 TIMEOUT = 300
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from hrseg import config, train
 
-SMOKE = Path(__file__).resolve().parents[2] / "params" / "smoke" / "train_smoke.yaml"
+SMOKE = Path(__file__).resolve().parents[2] / "params" / "train" / "smoke" / "train_smoke.yaml"
 STEPS = 20
 
 
