@@ -99,10 +99,13 @@ class Evaluator:
         self.cfg, self.cases = cfg, list(cases)
         self.predict = Predictor(cfg, graphdef, layout)
 
-    def __call__(self, state, step_no: int | None = None) -> dict:
+    def __call__(self, state, step_no: int | None = None, on_predictions=None) -> dict:
+        """``on_predictions(cases, preds)``, if given, sees the predicted label volumes."""
         if not self.cases:
             return {}
         preds = self.predict(state, [c.image for c in self.cases])
+        if on_predictions is not None:
+            on_predictions(self.cases, preds)
         labels = [np.asarray(c.label) for c in self.cases]
         result = metrics.evaluate_cases(preds, labels, empty=self.cfg.train.empty_dice)
         result = dict(result, case_ids=[str(c.id) for c in self.cases])
