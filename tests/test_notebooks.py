@@ -205,12 +205,13 @@ INPUT_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".npy", ".nii", ".nii.gz")
 
 
 def parameter_defaults(ipynb: Path) -> dict:
-    """The parameters cell of a notebook, executed: its defaults as the notebook runs them."""
+    """The parameters cell of a notebook: ``{name: default}`` of its assignments (literals, as
+    papermill requires)."""
+    import ast
     nb = nbformat.read(ipynb, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    namespace: dict = {}
-    exec(compile(cell.source, f"{ipynb.name} parameters", "exec"), namespace)
-    return {k: v for k, v in namespace.items() if not k.startswith("__")}
+    return {node.targets[0].id: ast.literal_eval(node.value)
+            for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)}
 
 
 def missing_inputs(params: dict, root: Path) -> list[str]:

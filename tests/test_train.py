@@ -99,7 +99,7 @@ def test_train_writes_tensorboard_events(trained):
     """The run directory holds TensorBoard event files with metrics.jsonl's numbers and a
     validation image per evaluation (tblog.py; read back by tests/test_tblog.py's reader)."""
     from tests.test_tblog import read_run
-    cfg, result = trained
+    _, result = trained
     lines = read_jsonl(result.run_dir / "metrics.jsonl")
     scalars, images, _ = read_run(result.run_dir)
     steps = [r for r in lines if "loss" in r]

@@ -115,8 +115,11 @@ class Evaluator:
 
 
 def summary_line(result: dict | None) -> str:
-    """One line of an evaluation: its Dice figures."""
+    """One line of an evaluation: its Dice figures; the tumour's ``n/a`` where the validation
+    cases hold no tumour (metrics.shown: the convention of ``hrseg table`` too)."""
     if not result:
         return "no validation cases"
-    return ", ".join(f"{k} {v:.3f}" for k, v in result.items()
-                     if "dice" in k and isinstance(v, float))
+    tumour = metrics.tumour_applicable(result)
+    return ", ".join(f"{k} {metrics.shown(v, tumour or not k.startswith('tumour'))}"
+                     for k, v in result.items()
+                     if "dice" in k and (v is None or isinstance(v, float)))

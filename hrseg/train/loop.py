@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from hrseg import atomic, config, data
 from hrseg.config import Config, TrainConfig
-from hrseg.metrics import region_dice
+from hrseg.metrics import region_dice, shown
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.train import checkpoint, distributed, inference, rundir, step, stepcache, tblog
@@ -212,8 +212,8 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
                               finite=bool(metrics["finite"]))
             log.write(record)
             tb.step(record)
-            bar.set_postfix(loss=f"{last_loss:.4f}", liver=f"{dice['liver']:.2f}",
-                            tumour=f"{dice['tumour']:.2f}", vox_s=f"{voxels / dt:.3g}")
+            bar.set_postfix(loss=f"{last_loss:.4f}", liver=shown(dice["liver"], digits=2),
+                            tumour=shown(dice["tumour"], digits=2), vox_s=f"{voxels / dt:.3g}")
             bar.update(1)
             final = n == t.steps
             if final or (t.ckpt_every > 0 and n % t.ckpt_every == 0):

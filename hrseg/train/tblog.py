@@ -59,7 +59,7 @@ def panels(image: np.ndarray, label: np.ndarray, prediction: np.ndarray) -> np.n
     """``(H, 3W, 3)`` uint8: CT | CT + label | CT + prediction at :func:`best_slice` of an
     ``(X, Y, Z)`` image in [0, 1] (full-range grey) with its label and predicted label."""
     z = best_slice(label)
-    kw = dict(axis=2, index=z, window=1.0, level=0.5, show_prediction=False)
+    kw = {"axis": 2, "index": z, "window": 1.0, "level": 0.5, "show_prediction": False}
     return np.concatenate([render_slice(image, **kw),
                            render_slice(image, label, **kw),
                            render_slice(image, prediction, **kw)], axis=1)
