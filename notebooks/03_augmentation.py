@@ -148,4 +148,4 @@ else:
                                 else "open_napari is off") + "; the slice viewer follows")
 
 # %%
-viz.slice_viewer(new_image, new_label)
+viz.slice_viewer(new_image, new_label, spacing=volume.spacing, hu_window=volume.hu_window)
