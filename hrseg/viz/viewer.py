@@ -22,7 +22,6 @@ from hrseg.viz.figures import (
     window_to_level,
 )
 
-
 DISPLAY_BOX = (560, 400)     # (width, height) px the slice is shown within
 
 
