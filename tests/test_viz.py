@@ -150,6 +150,12 @@ def test_montage_and_difference_figure_save_atomically(tmp_path):
     assert "after − before (HU)" in [ax.get_ylabel() for ax in fig.axes]   # the colour bar
     unit_fig = viz.difference_figure(hu / 1000, after / 1000, lab, lab)
     assert "after − before (window units)" in [ax.get_ylabel() for ax in unit_fig.axes]
+    # scaled to [0, 1] from data.hu_window (-500, 500): in HU again, as the table beside it
+    hu_fig = viz.difference_figure((hu + 500) / 1000, (after + 500) / 1000, lab, lab,
+                                   hu_window=(-500, 500))
+    assert "after − before (HU)" in [ax.get_ylabel() for ax in hu_fig.axes]
+    d = hu_fig.axes[2].images[0].get_array()
+    assert d.min() == pytest.approx(-50) and d.max() == pytest.approx(0, abs=1e-9)
     viz.save(fig, tmp_path / "diff.svg")
     assert (tmp_path / "diff.svg").read_text().lstrip().startswith("<?xml")
 
