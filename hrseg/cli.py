@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 
 
 def _phantom(args) -> int:
@@ -83,7 +84,12 @@ def _run(args) -> int:
 
 
 def _table(args) -> int:
+    from pathlib import Path
+
     from hrseg.workbench import results
+    if not Path(args.runs_dir).is_dir():
+        print(f"hrseg table: error: no such folder: {args.runs_dir}", file=sys.stderr)
+        return 2
     rows = results.collect(args.runs_dir, last=args.last)
     if not rows:
         print(f"hrseg table: error: no run with an evaluation under {args.runs_dir} "
@@ -134,45 +140,104 @@ def _memory(args) -> int:
     return 0 if plan.mesh is not None else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hrseg", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+DESCRIPTION = ("hrseg: train 3D CT segmentation networks at full resolution, the volume split "
+               "over devices (halo exchange), and run the study notebooks.")
+EPILOG = """everyday commands:
+  hrseg run                                    the study: notebooks 01-05, then the table
+  hrseg train -f params/train/train_2d_16.yaml       one training run (resumes if stopped)
+  hrseg table runs                             the Dice table of the runs in runs/
+  hrseg SUBCOMMAND --help                      options and an example of each"""
 
-    s = sub.add_parser("phantom", help="write a synthetic abdominal CT dataset (LiTS layout)")
-    s.add_argument("--cases", type=int, default=24)
-    s.add_argument("--out", default="data/phantom")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shape", type=int, nargs=3, default=None, help="voxels x y z")
+# Each subcommand's example, shown under its --help.
+EXAMPLES = {
+    "phantom": "hrseg phantom --cases 4 --shape 128 128 64 --out data/phantom-small",
+    "verify": "hrseg verify data/LiTS",
+    "train": "hrseg train -f params/train/train_2d_16.yaml --set train.steps=100 train.name=short",
+    "evaluate": "hrseg evaluate runs/train_2d_16",
+    "predict": "hrseg predict runs/train_2d_16 data/LiTS/volume-130.nii -o seg-130.nii.gz",
+    "run": "hrseg run --params-dir params/notebooks/smoke --out /tmp/smoke --only 03 04",
+    "table": "hrseg table runs --last 2 --title 'resolution study'",
+    "memory": "hrseg memory --resolution 512 --devices 64 --budget 16GiB",
+    "view": "hrseg view data/phantom --case 3",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs as written; each option's default after its help, unless the help states it
+    or there is none to state (None, a flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if (not action.option_strings or d is None or d is False or d is argparse.SUPPRESS
+                or d == [] or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _sub(sub, name: str, help: str, description: str | None = None):
+    """A subcommand whose --help shows its description, option defaults and an example."""
+    text = textwrap.fill(description or help[0].upper() + help[1:] + ".", 79)
+    return sub.add_parser(name, help=help, description=text,
+                          epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=_HelpFormatter)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hrseg", description=textwrap.fill(DESCRIPTION, 79),
+                                epilog=EPILOG,
+                                formatter_class=_HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+
+    s = _sub(sub, "phantom", "write a synthetic abdominal CT dataset (LiTS or KiTS19 layout)",
+             "Write a synthetic abdominal CT dataset in the LiTS layout (volume-N.nii.gz, "
+             "segmentation-N.nii.gz) or, with --task kits, the KiTS19 layout "
+             "(case_XXXXX/imaging.nii.gz, segmentation.nii.gz). By default each case is 512 x 512 x 80-200 slices, "
+             "about 0.28 MB a slice on disk: 22 MB (80 slices) to 58 MB (200 slices), so the "
+             "default 24 cases take about 0.9 GB; --shape writes smaller cases.")
+    s.add_argument("--cases", type=int, default=24, help="number of cases")
+    s.add_argument("--out", default="data/phantom", help="folder written, created if missing")
+    s.add_argument("--seed", type=int, default=0, help="random seed: the same seed, the same "
+                                                       "dataset")
+    s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="voxels per case, the same anatomy on that grid (default: 512 512 and "
+                        "80-200 slices, varying by case)")
     s.add_argument("--task", choices=["lits", "kits"], default="lits",
                    help="lits: liver/tumour, LiTS layout; kits: kidney/tumour, KiTS19 layout")
     s.set_defaults(func=_phantom)
 
-    s = sub.add_parser("verify", help="check a LiTS/MSD/KiTS dataset before training")
-    s.add_argument("dir")
+    s = _sub(sub, "verify", "check a LiTS/MSD/KiTS dataset before training",
+             "Check a LiTS/MSD/KiTS19 dataset before training: every volume has its label file, "
+             "image and label agree in shape and affine, voxels are finite and labels hold "
+             "only 0 (background), 1 (liver or kidney), 2 (tumour). One line per problem; exit 1 if any.")
+    s.add_argument("dir", metavar="DIR",
+                   help="dataset folder: LiTS (volume-N.nii / segmentation-N.nii), MSD "
+                        "(imagesTr/, labelsTr/) or KiTS19 (case_XXXXX/imaging.nii.gz)")
     s.set_defaults(func=_verify)
 
-    s = sub.add_parser("train", help="train (or resume) a run from a YAML config")
+    s = _sub(sub, "train", "train (or resume) a run from a YAML config")
     s.add_argument("-f", "--file", help="run config, e.g. params/train/train_64.yaml")
     s.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set train.steps=10 mesh.spatial=[2,2,2]")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_train)
 
-    s = sub.add_parser("evaluate", help="Dice of a run's checkpoint on its validation cases")
-    s.add_argument("run_dir", metavar="RUN_DIR")
+    s = _sub(sub, "evaluate", "Dice of a run's checkpoint on its validation cases")
+    s.add_argument("run_dir", metavar="RUN_DIR",
+                   help="a run directory of `hrseg train` (<train.out_dir>/<train.name>)")
     s.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     s.set_defaults(func=_evaluate)
 
-    s = sub.add_parser("predict", help="segment a CT volume (NIfTI) with a trained run")
-    s.add_argument("run_dir", metavar="RUN_DIR")
-    s.add_argument("volume", help="CT volume, .nii or .nii.gz")
+    s = _sub(sub, "predict", "segment a CT volume (NIfTI) with a trained run")
+    s.add_argument("run_dir", metavar="RUN_DIR",
+                   help="a run directory of `hrseg train`: its newest checkpoint is used")
+    s.add_argument("volume", metavar="VOLUME", help="CT volume in HU, .nii or .nii.gz")
     s.add_argument("-o", "--out", help="output NIfTI (default: RUN_DIR/predictions/, named "
                                        "prediction-N for LiTS volume-N)")
     s.add_argument("--clean-nonfinite", action="store_true",
                    help="set NaN/Inf voxels to the HU window's ends instead of refusing")
     s.set_defaults(func=_predict)
 
-    s = sub.add_parser("run", help="execute the notebooks in order with papermill (the study)")
+    s = _sub(sub, "run", "execute the notebooks in order with papermill (the study)")
     s.add_argument("--params-dir", default="params/notebooks/default",
                    help="one YAML of notebook parameters per run")
     s.add_argument("--only", nargs="+", metavar="NAME",
@@ -185,21 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--extra", help=argparse.SUPPRESS)  # JSON parameters for --jobs' children
     s.set_defaults(func=_run)
 
-    s = sub.add_parser("table", help="paper-style Dice table of the runs in a folder")
+    s = _sub(sub, "table", "paper-style Dice table of the runs in a folder")
     s.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run directories, e.g. runs")
     s.add_argument("--last", type=int, default=3, help="evaluations (checkpoints) per run")
     s.add_argument("--out", help="where results.{md,csv,png} go (default: RUNS_DIR/results)")
     s.add_argument("--title", help="heading of the table")
     s.set_defaults(func=_table)
 
-    s = sub.add_parser("memory", help="plan a mesh + memory techniques for a per-device budget")
+    s = _sub(sub, "memory", "plan a mesh + memory techniques for a per-device budget")
     s.add_argument("--resolution", type=int, nargs="+", default=[512],
                    help="cube size (and the paper preset's schedule), or X Y Z")
-    s.add_argument("--devices", type=int, default=8)
+    s.add_argument("--devices", type=int, default=8, help="devices available")
     s.add_argument("--budget", default="16GiB", help="per device, e.g. 16GiB, 24GB, 800MiB")
     s.add_argument("--batch", type=int, default=1, help="global batch (volumes per step)")
     s.add_argument("--preset", default="paper", help="model preset (paper, mtf, wang_baseline…)")
-    s.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adam"])
+    s.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adam"],
+                   help="optimizer whose state is counted")
     s.add_argument("--compile", default="auto", choices=["auto", "here", "no"],
                    help="confirm the pick by compiling the step on abstract inputs (XLA's "
                         "figure; seconds to minutes, nothing allocated): auto = in this "
@@ -208,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "analytic estimate alone")
     s.set_defaults(func=_memory)
 
-    s = sub.add_parser("view", help="open a case (CT, labels, prediction) in napari")
+    s = _sub(sub, "view", "open a case (CT, labels, prediction) in napari")
     s.add_argument("path", metavar="CASE_OR_RUN",
                    help="volume-N.nii[.gz], imagesTr/X.nii.gz, a dataset folder, or a run "
                         "folder with predictions/")

@@ -17,6 +17,10 @@ Empty masks: a volume where prediction and truth are both empty scores ``empty``
 default (nothing to find, nothing found), 0.0 to match the Mesh-TF evaluation code, or None
 to leave such volumes out of the per-case mean. medpy's ``dc`` returns NaN there under
 NumPy 2, which is why this module does not use it.
+
+Shown to a person (:func:`shown`): a tumour score of validation cases that hold no tumour is
+``n/a`` — everywhere: the training log line, ``hrseg evaluate``, ``hrseg table`` — since any
+number there (0.000 for one false positive voxel, 1.000 for ``empty``) is not a measurement.
 """
 from __future__ import annotations
 
@@ -31,6 +35,22 @@ LIVER, TUMOUR = 1, 2
 IGNORE = -1
 # The scored regions, in the order of every (R, 3) counts array: name -> label.
 REGIONS = {"liver": LIVER, "tumour": TUMOUR}
+
+
+NOT_APPLICABLE = "n/a"   # how a score is shown where it measures nothing
+
+
+def shown(value, applicable: bool = True, digits: int = 3) -> str:
+    """A Dice as printed: ``"0.712"``; :data:`NOT_APPLICABLE` where not ``applicable`` or where
+    the value is None or NaN (the class absent from prediction and label)."""
+    if not applicable or value is None or not math.isfinite(float(value)):
+        return NOT_APPLICABLE
+    return f"{float(value):.{digits}f}"
+
+
+def tumour_applicable(result: dict) -> bool:
+    """False only where an evaluation's validation cases are known to hold no tumour."""
+    return result.get("cases_with_tumour", -1) != 0
 
 
 def region(volume, label: int):

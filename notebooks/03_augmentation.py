@@ -1,6 +1,8 @@
 # ---
 # jupyter:
 #   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
 #     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
@@ -82,7 +84,7 @@ fig
 synthesize = jax.jit(lambda key: augment.synthesize_tumours(key, image, label, tuple(fraction)))
 new_image, new_label = (np.asarray(a) for a in synthesize(jax.random.key(0)))
 assert np.array_equal(new_image[label == 0], image[label == 0]), "changed outside the liver"
-fig = viz.difference_figure(image, new_image, label, new_label,
+fig = viz.difference_figure(image, new_image, label, new_label, hu_window=volume.hu_window,
                             title="tumour synthesis (outlines: liver green, tumour red)")
 viz.save(fig, figures / "synthesis_difference.png")
 fig
@@ -96,13 +98,13 @@ fig
 # ## Statistics of the synthetic tumours
 #
 # For each draw: the tumour share of the liver, the number of separate tumours (26-connected
-# components) and the mean intensity drop from parenchyma to tumour in HU (the window maps
-# 1024 HU to 1). The first row is the original case.
+# components) and the mean intensity drop from parenchyma to tumour in HU (from the case's
+# `data.hu_window`, which maps 1024 HU to 1 by default). The first row is the original case.
 
 # %%
-stats = [viz.tumour_stats(image, label, "original")]
+stats = [viz.tumour_stats(image, label, "original", hu_window=volume.hu_window)]
 for d in range(draws):
-    stats.append(viz.tumour_stats(*synthesize(jax.random.key(d)), d))
+    stats.append(viz.tumour_stats(*synthesize(jax.random.key(d)), d, hu_window=volume.hu_window))
 results.write_csv(stats, figures / "synthesis_stats.csv")
 display(Markdown(results.markdown_table([stats[0], viz.summarize(stats[1:], f"{draws} draws")])))
 assert all(0 < r["tumour share of liver"] <= 1 for r in stats[1:]), stats
@@ -146,4 +148,4 @@ else:
                                 else "open_napari is off") + "; the slice viewer follows")
 
 # %%
-viz.slice_viewer(new_image, new_label)
+viz.slice_viewer(new_image, new_label, spacing=volume.spacing, hu_window=volume.hu_window)

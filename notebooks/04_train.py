@@ -1,6 +1,8 @@
 # ---
 # jupyter:
 #   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
 #     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
@@ -23,7 +25,7 @@
 # resumes from its newest checkpoint (nothing left to do when it finished).
 
 # %% tags=["parameters"]
-config = "params/default/train_64.yaml"  # the run config (hrseg.config YAML)
+config = "params/train/train_2d_16.yaml"  # the run config (hrseg.config YAML); make run passes its own
 overrides = []                 # hrseg train --set items applied on top of the config
 phantom = {"cases": 8, "seed": 0, "shape": [256, 256, 128]}  # written to data.root if missing
 data_root = ""                 # empty: the data.root of the config

@@ -102,3 +102,32 @@ def test_shape_and_length_errors():
         metrics.dice(vol(1, 2), vol(1, 2, 0))
     with pytest.raises(ValueError, match="2 predictions for 1"):
         metrics.dice_global([vol(1), vol(2)], [vol(1)])
+
+
+def test_shown_says_n_a_where_a_score_measures_nothing():
+    from hrseg.metrics import NOT_APPLICABLE, shown, tumour_applicable
+    assert NOT_APPLICABLE == "n/a"
+    assert shown(0.71234) == "0.712" and shown(0.5, digits=2) == "0.50"
+    assert shown(0.0, applicable=False) == shown(math.nan) == shown(None) == "n/a"
+    assert tumour_applicable({"cases_with_tumour": 2})
+    assert not tumour_applicable({"cases_with_tumour": 0})
+    assert tumour_applicable({})                            # older logs: not known, shown
+
+
+def test_evaluate_and_train_lines_say_n_a_like_the_table():
+    """`hrseg train` / `evaluate` print inference.summary_line; `hrseg table` results.table."""
+    from hrseg.train.inference import summary_line
+    from hrseg.workbench import results
+    no_tumour = {"tumour_dice_per_case": 1.0, "tumour_dice_global": 0.0, "liver_dice_per_case":
+                 0.8, "liver_dice_global": 0.9, "cases": 2, "cases_with_tumour": 0}
+    line = summary_line(no_tumour)
+    assert line == ("tumour_dice_per_case n/a, tumour_dice_global n/a, "
+                    "liver_dice_per_case 0.800, liver_dice_global 0.900")
+    assert "tumour_dice_global 0.250" in summary_line(
+        dict(no_tumour, cases_with_tumour=1, tumour_dice_global=0.25))
+    assert "tumour_dice_global n/a" in summary_line(
+        dict(no_tumour, cases_with_tumour=1, tumour_dice_global=math.nan))
+    row = {"resolution": "16³", "runs": ["a"], "n": 1, "val_tumour_cases": 0,
+           **{f"{m}{s}": v for m in results.METRICS for s, v in (("", 0.0), ("_std", 0.0),
+                                                                   ("_n", 1))}}
+    assert results.table([row])[0]["Tumour Dice global"] == "n/a"

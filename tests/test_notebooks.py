@@ -197,3 +197,55 @@ def test_outputs_stay_under_out(smoke_run):
     in_notebooks = {p.name for p in NB_DIR.iterdir() if not p.name.startswith((".", "__"))}
     assert in_notebooks == {f"{n}{s}" for n in NOTEBOOKS for s in (".ipynb", ".py")} | {
         "jupytext.toml"}
+
+
+# Suffixes of the input files a parameter may name (a run config, a table, a volume): such a
+# path must exist. Folders (data_root, cache_dir, out_dir) are made when missing.
+INPUT_SUFFIXES = (".yaml", ".yml", ".json", ".csv", ".npy", ".nii", ".nii.gz")
+
+
+def parameter_defaults(ipynb: Path) -> dict:
+    """The parameters cell of a notebook: ``{name: default}`` of its assignments (literals, as
+    papermill requires)."""
+    import ast
+    nb = nbformat.read(ipynb, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    return {node.targets[0].id: ast.literal_eval(node.value)
+            for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)}
+
+
+def missing_inputs(params: dict, root: Path) -> list[str]:
+    """``name: path`` of every input file a parameter (or a string inside a list or dict of
+    it) names that does not exist relative to ``root``."""
+    def strings(v):
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            for x in v.values():
+                yield from strings(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                yield from strings(x)
+    return [f"{name}: {s}" for name, value in params.items() for s in strings(value)
+            if s.lower().endswith(INPUT_SUFFIXES) and not (root / s).exists()]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_defaults_name_files_that_exist(name):
+    """Run All in JupyterLab uses the parameters cell as it stands (papermill's params replace
+    it only under `hrseg run`): every input file it names is there, every config loads."""
+    from hrseg import config
+    params = parameter_defaults(NB_DIR / f"{name}.ipynb")
+    assert params["out_dir"], name
+    assert missing_inputs(params, ROOT) == [], f"{name}.ipynb's parameters cell"
+    for key, value in params.items():
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")) and key == "config":
+            config.load(ROOT / value, params.get("overrides", []))
+
+
+def test_missing_inputs_finds_a_config_that_is_not_there(tmp_path):
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "a.yaml").write_text("{}\n")
+    params = {"config": "params/a.yaml", "other": {"x": ["params/gone.yaml"]},
+              "data_root": "data/phantom", "overrides": ["train.steps=3"], "n": 3}
+    assert missing_inputs(params, tmp_path) == ["other: params/gone.yaml"]

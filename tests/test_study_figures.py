@@ -72,6 +72,8 @@ def test_tumour_stats_by_hand():
     assert r["draw"] == "x" and r["tumours"] == 2
     assert r["tumour share of liver"] == pytest.approx(16 / 512)
     assert r["intensity drop (HU)"] == pytest.approx(0.1 * 1024)
+    narrow = viz.tumour_stats(image, label, "x", hu_window=(-150, 250))   # 400 HU to 1
+    assert narrow["intensity drop (HU)"] == pytest.approx(0.1 * 400)
     assert np.isnan(viz.tumour_stats(image, np.minimum(label, 1))["intensity drop (HU)"])
     row = viz.summarize([r, {**r, "tumours": 4}], "2 draws")
     assert row["draw"] == "2 draws" and row["tumours"] == "3 ± 1"
@@ -94,6 +96,23 @@ def test_augment_figures():
     fig = viz.flips_figure(label, draws)
     assert [ax.get_title() for ax in fig.axes] == ["draw 0: flipped none (z=2)",
                                                    "draw 1: flipped x (z=2)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["liver", "tumour"]
+
+
+def test_tumour_count_histogram_has_integer_ticks_and_a_y_label():
+    """Draws with 3, 4 and 4 tumours (matplotlib's default ticks: 2.5, 3.0, 3.5 …): ticks
+    only at whole counts and whole numbers of draws."""
+    image, label = _case()
+    stats = [{**viz.tumour_stats(image, label, d), "tumours": n} for d, n in enumerate((3, 4, 4))]
+    fig = viz.synthesis_stats_figure(stats, (0.01, 0.2))
+    ax = fig.axes[1]
+    assert ax.get_ylabel() == "draws" and fig.axes[0].get_ylabel() == "draws"
+    lo, hi = ax.get_xlim()
+    xticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert xticks and all(float(t).is_integer() for t in xticks), xticks
+    for a in fig.axes:
+        lo, hi = a.get_ylim()
+        assert all(float(t).is_integer() for t in a.get_yticks() if lo <= t <= hi)
 
 
 # --- curves -----------------------------------------------------------------------------------

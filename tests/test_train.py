@@ -95,6 +95,26 @@ def test_train_writes_the_run_directory(trained):
     ckpts.close()
 
 
+def test_train_writes_tensorboard_events(trained):
+    """The run directory holds TensorBoard event files with metrics.jsonl's numbers and a
+    validation image per evaluation (tblog.py; read back by tests/test_tblog.py's reader)."""
+    from tests.test_tblog import read_run
+    _, result = trained
+    lines = read_jsonl(result.run_dir / "metrics.jsonl")
+    scalars, images, _ = read_run(result.run_dir)
+    steps = [r for r in lines if "loss" in r]
+    assert scalars["train/loss"] == pytest.approx({r["step"]: r["loss"] for r in steps},
+                                                  rel=1e-6)    # float32 in the event file
+    for tag in ("train/grad_norm", "train/lr", "time/step_s", "train/dice_liver"):
+        assert sorted(scalars[tag]) == [r["step"] for r in steps], tag
+    ev = next(r for r in lines if "eval" in r)
+    assert scalars["eval/liver_dice_global"][ev["step"]] == pytest.approx(
+        ev["eval"]["liver_dice_global"], rel=1e-6)
+    [(tag, by_step)] = images.items()                   # n_val 1: one validation case
+    assert tag == f"validation/{ev['eval']['case_ids'][0]}" and ev["step"] in by_step
+    assert by_step[ev["step"]].shape[1] == 3 * by_step[ev["step"]].shape[0]   # 3 square panels
+
+
 def test_resume_of_a_finished_run_trains_nothing(trained):
     cfg, first = trained
     again = train.train(cfg, progress=False)

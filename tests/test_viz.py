@@ -150,6 +150,12 @@ def test_montage_and_difference_figure_save_atomically(tmp_path):
     assert "after − before (HU)" in [ax.get_ylabel() for ax in fig.axes]   # the colour bar
     unit_fig = viz.difference_figure(hu / 1000, after / 1000, lab, lab)
     assert "after − before (window units)" in [ax.get_ylabel() for ax in unit_fig.axes]
+    # scaled to [0, 1] from data.hu_window (-500, 500): in HU again, as the table beside it
+    hu_fig = viz.difference_figure((hu + 500) / 1000, (after + 500) / 1000, lab, lab,
+                                   hu_window=(-500, 500))
+    assert "after − before (HU)" in [ax.get_ylabel() for ax in hu_fig.axes]
+    d = hu_fig.axes[2].images[0].get_array()
+    assert d.min() == pytest.approx(-50) and d.max() == pytest.approx(0, abs=1e-9)
     viz.save(fig, tmp_path / "diff.svg")
     assert (tmp_path / "diff.svg").read_text().lstrip().startswith("<?xml")
 
@@ -209,13 +215,37 @@ def test_slice_viewer_shows_window_and_level_in_hu_for_scaled_volumes():
     assert v.image.layout.max_width == "100%"                     # fits the notebook cell
 
 
+def test_slice_viewer_fits_a_small_screen_with_true_voxel_aspect():
+    """A 512² slice is not stretched to the cell's width (949 px at 1366 × 768): it fits the
+    display box with its controls, and coronal voxels of 0.7 × 2.5 mm are drawn 1 : 3.6."""
+    pytest.importorskip("ipywidgets")
+    vol = np.full((512, 512, 100), -1000.0, np.float32)       # air, in HU
+    v = viz.slice_viewer(vol, spacing=(0.7, 0.7, 2.5))
+    w, h = v.size
+    assert (w, h) == (400, 400) and viewer.DISPLAY_BOX == (560, 400)
+    assert (v.image.layout.width, v.image.layout.height) == ("400px", "400px")
+    assert v.image.layout.align_self == "flex-start"          # not stretched by the VBox
+    assert v.image.layout.object_fit == "contain" and v.image.layout.max_width == "100%"
+    v.axis.value = 1                                          # coronal: 512 x, 100 z slices
+    w, h = v.size
+    assert w <= 560 and h <= 400
+    assert (h / w) == pytest.approx(100 * 2.5 / (512 * 0.7), rel=0.02)
+    assert v.image.layout.height == f"{h}px"
+    small = viz.slice_viewer(np.zeros((512, 512, 100), np.float32), box=(300, 200))
+    assert small.size == (200, 200)
+    assert "0–1 scale" not in v.caption.value                # HU-like values: a unit known
+    scaled = viz.slice_viewer(np.zeros((8, 8, 4), np.float32))
+    assert "(0–1 scale; pass hu_window for HU)" in scaled.caption.value
+
+
 def test_slice_viewer_bundle_has_a_static_png():
     pytest.importorskip("ipywidgets")
     hu, lab = toy_case()
     v = viz.slice_viewer(hu, lab)
-    bundle = v._repr_mimebundle_()
+    bundle, meta = v._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     np.testing.assert_array_equal(decode_png(bundle["image/png"]), viewer.upsample(v.rgb))
+    assert meta["image/png"] == dict(zip(("width", "height"), v.size))  # the bounded size
     assert not v.show_prediction.value and v.show_prediction.disabled
 
 

@@ -98,6 +98,17 @@ class Volume:
     def label(self) -> np.ndarray:
         return self.labels_u8.astype(np.int32)
 
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """mm per voxel of ``image``: the source spacing times the resampling grid's step."""
+        return tuple(float(s) * float(k) for s, k in
+                     zip(self.meta["spacing"], self.meta["grid"]["scale"]))
+
+    @property
+    def hu_window(self) -> tuple[float, float]:
+        """The HU mapped to [0, 1] in ``image`` (data.hu_window)."""
+        return tuple(float(v) for v in self.meta["hu_window"])
+
 
 @dataclass(frozen=True)
 class Dataset:

@@ -5,6 +5,7 @@
     optim       the optimizer and its learning-rate schedule (``make_optimizer``)
     evaluation  a trained run used: ``load_run``, ``evaluate``, ``predict``
     rundir      the run directory: paths, lock, fixed config, history, metrics.jsonl
+    tblog       TensorBoard event files of a run: metrics.jsonl's numbers, validation slices
     checkpoint  orbax checkpoints, newest-intact restore, retention
     distributed jax.distributed start for multi-host runs
     equivalence sharded against one device: errors of a conv and a U-Net, compiled collectives

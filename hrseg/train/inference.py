@@ -99,10 +99,13 @@ class Evaluator:
         self.cfg, self.cases = cfg, list(cases)
         self.predict = Predictor(cfg, graphdef, layout)
 
-    def __call__(self, state, step_no: int | None = None) -> dict:
+    def __call__(self, state, step_no: int | None = None, on_predictions=None) -> dict:
+        """``on_predictions(cases, preds)``, if given, sees the predicted label volumes."""
         if not self.cases:
             return {}
         preds = self.predict(state, [c.image for c in self.cases])
+        if on_predictions is not None:
+            on_predictions(self.cases, preds)
         labels = [np.asarray(c.label) for c in self.cases]
         result = metrics.evaluate_cases(preds, labels, empty=self.cfg.train.empty_dice)
         result = dict(result, case_ids=[str(c.id) for c in self.cases])
@@ -112,8 +115,11 @@ class Evaluator:
 
 
 def summary_line(result: dict | None) -> str:
-    """One line of an evaluation: its Dice figures."""
+    """One line of an evaluation: its Dice figures; the tumour's ``n/a`` where the validation
+    cases hold no tumour (metrics.shown: the convention of ``hrseg table`` too)."""
     if not result:
         return "no validation cases"
-    return ", ".join(f"{k} {v:.3f}" for k, v in result.items()
-                     if "dice" in k and isinstance(v, float))
+    tumour = metrics.tumour_applicable(result)
+    return ", ".join(f"{k} {metrics.shown(v, tumour or not k.startswith('tumour'))}"
+                     for k, v in result.items()
+                     if "dice" in k and (v is None or isinstance(v, float)))

@@ -2,7 +2,8 @@
 
 ``train(cfg) -> RunResult`` writes ``runs/<name>/``: ``config.yaml``, ``metrics.jsonl`` (one
 line per step: loss, grad norm, training Dice, learning rate, wall time, voxels/s; one line per
-evaluation), ``checkpoints/`` (orbax + ``eval_<step>.json``) and ``result.json``.
+evaluation; tblog.py writes the same to TensorBoard event files beside it), ``checkpoints/``
+(orbax + ``eval_<step>.json``) and ``result.json``.
 
 Everything a step consumes is a function of ``(seed, step)``: the batch (data.batch_for_step),
 the augmentation key of each case (``fold_in(fold_in(key(seed), step), row)``), and the state
@@ -26,11 +27,11 @@ from tqdm.auto import tqdm
 
 from hrseg import atomic, config, data
 from hrseg.config import Config, TrainConfig
-from hrseg.metrics import region_dice
+from hrseg.metrics import region_dice, shown
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.runtime import multihost
-from hrseg.train import checkpoint, distributed, inference, rundir, step, stepcache
+from hrseg.train import checkpoint, distributed, inference, rundir, step, stepcache, tblog
 from hrseg.train.optim import make_optimizer, make_schedule
 from hrseg.train.batches import Batches, batch_shape, check_batch_shape  # noqa: F401  (loop API)
 
@@ -168,10 +169,12 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
                              policy.loss_scaling, jit=False),
         stepcache.config_fingerprint(cfg))
     log = rundir.MetricsLog(run_dir / rundir.METRICS, start, main)
+    tb = tblog.TensorBoard(run_dir, start, main)       # the same records, for TensorBoard
     schedule = make_schedule(t)
 
     def evaluate_and_log(n):
-        result = evaluator(state, n)
+        result = evaluator(state, n, on_predictions=lambda c, p: tb.predictions(n, c, p))
+        tb.evaluation(n, result)
         if main:
             atomic.write_json(ckpts.eval_path(n), {"step": n, "config": config.to_dict(cfg),
                                                    "metrics": result})
@@ -209,8 +212,9 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
                 record.update(loss_scale=float(metrics["loss_scale"]),
                               finite=bool(metrics["finite"]))
             log.write(record)
-            bar.set_postfix(loss=f"{last_loss:.4f}", liver=f"{dice['liver']:.2f}",
-                            tumour=f"{dice['tumour']:.2f}", vox_s=f"{voxels / dt:.3g}")
+            tb.step(record)
+            bar.set_postfix(loss=f"{last_loss:.4f}", liver=shown(dice["liver"], digits=2),
+                            tumour=shown(dice["tumour"], digits=2), vox_s=f"{voxels / dt:.3g}")
             bar.update(1)
             final = n == t.steps
             if final or (t.ckpt_every > 0 and n % t.ckpt_every == 0):
@@ -225,6 +229,7 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
                 last_eval = evaluate_and_log(start)   # killed between checkpoint and eval
     finally:
         bar.close()
+        tb.close()
 
     step_time = float(np.median(times)) if times else None
     voxels = float(np.mean(sizes)) if sizes else 0.0     # one size unless native buckets

@@ -5,6 +5,7 @@ and reading its metrics back. Every other module asks here for a run's paths.
     history.jsonl     one line per start: the step it started at, resumable settings changed
     metrics.jsonl     one line per training step, one per evaluation (MetricsLog, read_metrics)
     result.json       the summary of the last invocation (loop.RunResult)
+    events.out.tfevents.*  the same metrics and validation images for TensorBoard (tblog.py)
     checkpoints/      orbax step folders + eval_<step>.json (checkpoint.Checkpoints)
     predictions/      prediction-N.nii.gz of `hrseg predict`
     .lock             flock'd by the one process training the run (readers take no lock)

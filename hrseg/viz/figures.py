@@ -234,8 +234,11 @@ def montage(volume, labels=None, prediction=None, axis: int = 2, n: int = 6, win
 
 def difference_figure(before, after, labels_before=None, labels_after=None, axis: int = 2,
                       index: int | None = None, window=None, *, spacing=None,
-                      title: str | None = None, unit: str | None = None):
+                      title: str | None = None, unit: str | None = None, hu_window=None):
     """Before / after / (after - before) on one slice, e.g. for tumour synthesis.
+
+    ``hu_window=(lo, hi)``: the volumes were scaled to [0, 1] from these HU (data.hu_window);
+    they are shown, and their difference measured, in HU again.
 
     Labels are drawn as outlines so the intensity change stays visible. ``index`` None picks the
     slice with the largest total absolute change (else the most tumour, else the middle). The
@@ -246,6 +249,10 @@ def difference_figure(before, after, labels_before=None, labels_after=None, axis
     before, after = np.asarray(before), np.asarray(after)
     if before.shape != after.shape:
         raise ValueError(f"before {before.shape} and after {after.shape} differ in shape")
+    if hu_window is not None:
+        lo, hi = (float(v) for v in hu_window)
+        before, after = (lo + v.astype(np.float64) * (hi - lo) for v in (before, after))
+        unit = unit or "HU"
     diff = after.astype(np.float64) - before.astype(np.float64)
     if index is None:
         other = tuple(i for i in range(3) if i != axis)

@@ -1,5 +1,11 @@
 """The ipywidgets slice viewer: axis, slice, overlay toggles and window/level around
-:func:`hrseg.viz.figures.render_slice`, with a static PNG for executed notebooks."""
+:func:`hrseg.viz.figures.render_slice`, with a static PNG for executed notebooks.
+
+The slice is drawn with the voxels' true aspect (``spacing``) inside a bounded box
+(:data:`DISPLAY_BOX`, 560 × 400 px: on a 1366 × 768 screen JupyterLab shows the whole slice and
+its controls together), and window/level read in HU when the volume is in HU or ``hu_window``
+says how it was scaled to [0, 1].
+"""
 from __future__ import annotations
 
 import io
@@ -15,6 +21,15 @@ from hrseg.viz.figures import (
     render_slice,
     window_to_level,
 )
+
+DISPLAY_BOX = (560, 400)     # (width, height) px the slice is shown within
+
+
+def fit(shape, box=DISPLAY_BOX) -> tuple[int, int]:
+    """(width, height) px of an image of ``shape`` (H, W, …) scaled to fit ``box`` (W, H)."""
+    h, w = shape[:2]
+    k = min(box[0] / w, box[1] / h)
+    return max(1, round(w * k)), max(1, round(h * k))
 
 
 def upsample(rgb: np.ndarray, pixel_mm=(1.0, 1.0), min_size: int = 384) -> np.ndarray:
@@ -48,7 +63,7 @@ class SliceViewer:
     """
 
     def __init__(self, volume, labels=None, prediction=None, axis: int = 2, window=None,
-                 spacing=None, min_size: int = 384, hu_window=None):
+                 spacing=None, min_size: int = 384, hu_window=None, box=DISPLAY_BOX):
         import ipywidgets as W
         self.volume = np.asarray(volume)
         self.unit = ""
@@ -63,7 +78,7 @@ class SliceViewer:
         self.labels = None if labels is None else np.asarray(labels)
         self.prediction = None if prediction is None else np.asarray(prediction)
         self.spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
-        self.min_size = min_size
+        self.min_size, self.box = min_size, tuple(box)
         width, level = window_to_level(default_window(self.volume) if window is None else window)
         vmin, vmax = float(np.nanmin(self.volume)), float(np.nanmax(self.volume))
         span = max(vmax - vmin, width, 1e-6)
@@ -87,8 +102,10 @@ class SliceViewer:
         self.level = W.FloatSlider(min=min(vmin, level), max=max(vmax, level), step=step,
                                    value=level, description=f"level{unit}", readout_format=".4g",
                                    style={"description_width": "initial"})
-        # the picture scales down to the cell's width instead of overflowing it
-        self.image = W.Image(format="png", layout=W.Layout(max_width="100%", height="auto"))
+        # shown at fit(box) px (render sets width/height), never wider than the cell, aspect
+        # kept (object-fit), not stretched to the cell's width by the VBox
+        self.image = W.Image(format="png", layout=W.Layout(max_width="100%", object_fit="contain",
+                                                           align_self="flex-start"))
         self.caption = W.HTML()
         wrap = W.Layout(flex_flow="row wrap", max_width="100%")
         self.widget = W.VBox([
@@ -118,24 +135,32 @@ class SliceViewer:
         self.rgb = render_slice(self.volume, self.labels, self.prediction, a, self.index.value,
                                 self.window.value, self.level.value, self.show_labels.value,
                                 self.show_prediction.value)
-        self.png = to_png(upsample(self.rgb, display_spacing(self.spacing, a), self.min_size))
+        shown = upsample(self.rgb, display_spacing(self.spacing, a), self.min_size)
+        self.png = to_png(shown)
         self.image.value = self.png
+        self.size = fit(shown.shape, self.box)             # (width, height) px on the page
+        self.image.layout.width, self.image.layout.height = (f"{n}px" for n in self.size)
+        scale = "" if self.unit else " (0–1 scale; pass hu_window for HU)"
         self.caption.value = (f"{AXIS_NAMES[a]} {AXIS_LETTERS[a]}={self.index.value}"
                               f"/{self.volume.shape[a] - 1} · window {self.window.value:.4g}"
-                              f"{self.unit} · level {self.level.value:.4g}{self.unit}")
+                              f"{self.unit} · level {self.level.value:.4g}{self.unit}{scale}")
         return self.rgb
 
     def _repr_mimebundle_(self, **kwargs):
+        """(data, metadata): the widget, and the PNG shown at the same bounded size."""
         bundle = self.widget._repr_mimebundle_(**kwargs) or {}
         bundle["image/png"] = self.png
         bundle["text/plain"] = f"<SliceViewer {self.caption.value}>"
-        return bundle
+        width, height = self.size
+        return bundle, {"image/png": {"width": width, "height": height}}
 
 
 def slice_viewer(volume, labels=None, prediction=None, axis: int = 2, window=None, *,
-                 spacing=None, hu_window=None):
+                 spacing=None, hu_window=None, box=DISPLAY_BOX):
     """An ipywidgets slice viewer for JupyterLab (static PNG fallback in executed notebooks);
-    see :class:`SliceViewer`. ``hu_window=(lo, hi)``: the volume was scaled to [0, 1] from
-    these HU (data.hu_window); window and level are then shown in HU. Needs ``ipywidgets``."""
+    see :class:`SliceViewer`. ``spacing``: mm per voxel (x, y, z), drawn to scale (a loaded
+    case: ``volume.spacing``). ``hu_window=(lo, hi)``: the volume was scaled to [0, 1] from
+    these HU (``volume.hu_window``); window and level are then shown in HU. ``box``: the
+    (width, height) px the slice fits in. Needs ``ipywidgets``."""
     return SliceViewer(volume, labels, prediction, axis=axis, window=window, spacing=spacing,
-                       hu_window=hu_window)
+                       hu_window=hu_window, box=box)

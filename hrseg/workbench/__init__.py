@@ -4,4 +4,5 @@
     pool      runs independent notebooks side by side, each in its own process group
     results   collects evaluated runs into the paper-style Dice table (``hrseg table``)
     verdict   the one sentence computed from that table, read against Hou et al.'s Table 1
+    notebook_save  the Jupyter pre-save hook: a JupyterLab save keeps only what the user changed
 """

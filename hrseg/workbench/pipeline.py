@@ -36,7 +36,7 @@ def notebooks_dir() -> Path:
     editable, `pip install -e .`)."""
     if os.environ.get(NOTEBOOKS_ENV):
         return Path(os.environ[NOTEBOOKS_ENV])
-    return Path(__file__).resolve().parents[2] / "notebooks"
+    return Path(__file__).resolve().parents[2] / "notebooks"   # hrseg/workbench/ -> repo
 
 
 _NUMBERED = re.compile(r"(\d+)_\w+")

@@ -204,7 +204,8 @@ def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
     for r in rows:
         d = {"Resolution": r["resolution"]}
         for m in METRICS:
-            d[HEADERS[m]] = ("n/a" if m.startswith("tumour") and not _has_tumour(r) else
+            na = m.startswith("tumour") and not _has_tumour(r)     # metrics.shown's n/a
+            d[HEADERS[m]] = (metrics.NOT_APPLICABLE if na else
                              format_mean_std(r[m], r[f"{m}_std"], r[f"{m}_n"], digits))
         paper = table1(r["resolution"])
         d["Table 1 tumour (per case / global)"] = "–" if paper is None else \
