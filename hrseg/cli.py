@@ -144,7 +144,7 @@ DESCRIPTION = ("hrseg: train 3D CT segmentation networks at full resolution, the
                "over devices (halo exchange), and run the study notebooks.")
 EPILOG = """everyday commands:
   hrseg run                                    the study: notebooks 01-05, then the table
-  hrseg train -f params/train/train_2d_16.yaml       one training run (resumes if stopped)
+  hrseg train -f params/train/train_2d_16.yaml one training run (resumes if stopped)
   hrseg table runs                             the Dice table of the runs in runs/
   hrseg SUBCOMMAND --help                      options and an example of each"""
 
