@@ -121,3 +121,20 @@ def test_only_the_main_process_writes(tmp_path):
     tb.predictions(1, [_case(0)], [_case(0).label])
     tb.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_is_one_line_and_the_end_of_the_events(tmp_path, capsys, monkeypatch):
+    from hrseg.train import tblog
+    board = tblog.TensorBoard(tmp_path, 0, enabled=True)
+    board.step({"step": 1, "loss": 0.5})
+
+    def full(event):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(board.writer, "write_event", full)
+    board.step({"step": 2, "loss": 0.4})         # fails: one line, the writer is dropped
+    board.step({"step": 3, "loss": 0.3})         # nothing more is tried
+    board.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hrseg: TensorBoard: events not written" in err[0], err
+    assert "No space left on device" in err[0] and board.writer is None

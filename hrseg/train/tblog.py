@@ -18,10 +18,16 @@ shows under its own name; TensorBoard reads them in name order, which is the ord
 opened in. A resumed run writes a new file that starts with a purge marker at
 the restored step: TensorBoard drops the older file's points from that step on, as
 ``metrics.jsonl`` does. Only the main process writes (``enabled``); the others do nothing.
+
+Events are written in this thread (tensorboardX's EventsWriter, not its SummaryWriter's
+background thread and exit hook), so a failed write — a full disk, a folder gone — is one
+``hrseg: TensorBoard: ...`` line and the end of the event file, never a traceback or a failed
+run: the events are a view, ``metrics.jsonl`` and the checkpoints are what a run needs.
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -70,13 +76,45 @@ class TensorBoard:
 
     def __init__(self, run_dir: str | Path, start: int, enabled: bool):
         self.writer = None
+        self._next_flush = time.monotonic() + FLUSH_SECS
         if enabled:
-            from tensorboardX import SummaryWriter
-            # tensorboardX names a file by the second it was opened and truncates a file of
-            # that name: the nanoseconds keep two starts within a second apart, in order
-            self.writer = SummaryWriter(str(run_dir), purge_step=int(start) or None,
-                                        flush_secs=FLUSH_SECS,
-                                        filename_suffix=f".{time.time_ns() % 10 ** 9:09d}")
+            from tensorboardX.event_file_writer import EventsWriter
+            from tensorboardX.proto import event_pb2
+            self._pb = event_pb2
+            # tensorboardX names a file by the second it was opened: the nanoseconds keep two
+            # starts within a second apart, in order
+            self._guard(lambda: setattr(self, "writer", EventsWriter(
+                str(Path(run_dir) / "events"), f".{time.time_ns() % 10 ** 9:09d}")))
+            if start:   # TensorBoard drops the earlier files' points from the restored step on
+                self._write(step=int(start), session_log=event_pb2.SessionLog(
+                    status=event_pb2.SessionLog.START))
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except OSError as e:
+            print(f"hrseg: TensorBoard: events not written from here on ({e}); "
+                  f"metrics.jsonl has every number", file=sys.stderr)
+            writer, self.writer = self.writer, None
+            if writer is not None:
+                try:
+                    writer.close()
+                except OSError:
+                    pass
+
+    def _write(self, **fields) -> None:
+        if self.writer is not None:
+            event = self._pb.Event(wall_time=time.time(), **fields)
+            self._guard(lambda: self.writer.write_event(event))
+
+    def _flush(self, now: bool = False) -> None:
+        if self.writer is not None and (now or time.monotonic() >= self._next_flush):
+            self._next_flush = time.monotonic() + FLUSH_SECS
+            self._guard(self.writer.flush)
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX import summary
+        self._write(step=step, summary=summary.scalar(tag, value))
 
     def step(self, record: dict) -> None:
         """One training step's ``metrics.jsonl`` record."""
@@ -85,7 +123,8 @@ class TensorBoard:
         for key, tag in SCALARS.items():
             v = _number(record.get(key))
             if v is not None:
-                self.writer.add_scalar(tag, v, int(record["step"]))
+                self._scalar(tag, v, int(record["step"]))
+        self._flush()
 
     def evaluation(self, step: int, result: dict | None) -> None:
         """An evaluation (inference.Evaluator's dict): its Dice figures; NaN (no tumour in the
@@ -95,20 +134,22 @@ class TensorBoard:
         for key, value in result.items():
             v = _number(value)
             if v is not None and key != "step":
-                self.writer.add_scalar(f"eval/{key}", v, int(step))
-        self.writer.flush()
+                self._scalar(f"eval/{key}", v, int(step))
+        self._flush(now=True)
 
     def predictions(self, step: int, cases, preds) -> None:
         """Images of the first validation cases (``cases[i].image``, ``.label``, ``.id``) and
         their predicted labels ``preds[i]`` (X, Y, Z)."""
         if self.writer is None:
             return
+        from tensorboardX import summary
         for case, pred in list(zip(cases, preds))[:MAX_CASES]:
             rgb = panels(np.asarray(case.image), np.asarray(case.label), np.asarray(pred))
-            self.writer.add_image(f"validation/{case.id}", rgb, int(step), dataformats="HWC")
+            self._write(step=int(step), summary=summary.image(
+                f"validation/{case.id}", rgb, dataformats="HWC"))
+        self._flush(now=True)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self._guard(self.writer.close)
             self.writer = None
-
