@@ -181,17 +181,20 @@ class TrainConfig:
     batch: int = 1                      # global batch (volumes per step)
     optimizer: str = "adafactor"        # "adafactor" (the paper) | "adam"
     lr: float = 3e-3                    # peak learning rate (the paper: 3e-3)
-    lr_decay: float = 0.3               # step decay factor (released Mesh-TF code)
-    lr_decay_every: int = 0             # steps between decays (0 = never)
+    lr_decay: float = 0.3               # decay factor of either schedule (Mesh-TF step decay; Wang's plateau ×0.3)
+    lr_decay_every: int = 0             # schedule "step": steps between decays (0 = never)
+    schedule: str = "step"              # "step" (lr_decay every lr_decay_every steps) | "plateau" (Wang et al.)
+    plateau_patience: int = 50          # schedule "plateau": epochs without a lower training loss before a decay
+    epoch_steps: int = 0                # schedule "plateau": steps averaged into one epoch's loss (0 = training volumes / batch)
     grad_clip: float = 1.0              # global-norm clipping (0 = off)
-    loss: str = "dice_ce"               # "gdice" | "wce" | "dice_ce" (0.2 Dice + 0.8 CE)
+    loss: str = "dice_ce"               # "gdice" | "wce" | "dice_ce" (0.2 Dice + 0.8 CE) | "dice_ce_wang" (CE + soft Dice, Isensee's)
     ce_weights: tuple[float, ...] = (1.0, 8.0, 16.0)  # per-class CE weights (released code)
     dice_weight: float = 0.2            # dice_ce: share of the generalized Dice (the rest: CE)
     eval_every: int = 50                # steps between validation passes (0 = only at the end, -1 = never)
     ckpt_every: int = 50                # steps between checkpoints (0 = only at the end)
     keep_ckpts: int = 3                 # newest checkpoints kept
     resume: bool = True                 # continue from the newest checkpoint in the run dir
-    empty_dice: float = 1.0             # Dice when prediction and label are both empty
+    empty_dice: float | None = 1.0      # Dice of a case whose prediction and label are both empty: 1.0 | 0.0 (Hou's released code) | null (left out of the mean); recorded in every evaluation
 
 
 @dataclass(frozen=True)

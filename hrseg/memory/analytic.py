@@ -160,10 +160,14 @@ def tensors(model, local_batch_shape, dt, grown=None) -> list[Tensor]:
             if isinstance(up, layers.ResizeConv):
                 # the 3³ conv keeps the repeated input, not the coarser output it repeats; the
                 # concatenation, not the unit's output, is what the block's first conv keeps
-                out.pop()
+                # (in-place ABN keeps its outputs all the same: its backward inverts them)
+                inplace = up.unit.act.norm == "inplace_abn"
+                if not inplace:
+                    out.pop()
                 out.append(Tensor(f"{part.name}.repeated", here + (up.unit.conv.kernel.shape[-2],),
                                   dt))
-                out += _unit(up.unit, f"{part.name}.upsample", here, dt, seen)[:-1]
+                out += _unit(up.unit, f"{part.name}.upsample", here, dt, seen)[:None if inplace
+                                                                                else -1]
             else:
                 seen.append(up)
                 if grown[part.level + 1] != grown[part.level]:  # the up-conv keeps its input,

@@ -116,4 +116,4 @@ def summary_line(result: dict | None) -> str:
     if not result:
         return "no validation cases"
     return ", ".join(f"{k} {v:.3f}" for k, v in result.items()
-                     if "dice" in k and isinstance(v, float))
+                     if "dice" in k and k != "empty_dice" and isinstance(v, float))

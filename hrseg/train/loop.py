@@ -30,7 +30,7 @@ from hrseg.metrics import region_dice
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.train import checkpoint, distributed, inference, rundir, step, stepcache
-from hrseg.train.optim import make_optimizer, make_schedule
+from hrseg.train.optim import epoch_steps, learning_rate, make_optimizer, make_schedule
 from hrseg.train.batches import Batches, batch_shape, check_batch_shape  # noqa: F401  (loop API)
 
 
@@ -52,10 +52,11 @@ class RunResult:
         return d
 
 
-def build(cfg: Config, layout: partition.Layout):
-    """``(graphdef, state on the layout's mesh, optimizer)`` of a config, freshly initialised."""
+def build(cfg: Config, layout: partition.Layout, steps_per_epoch: int = 1):
+    """``(graphdef, state on the layout's mesh, optimizer)`` of a config, freshly initialised
+    (``steps_per_epoch``: the plateau schedule's epoch; the state's structure ignores it)."""
     model = unet.build(cfg.model, cfg.in_channels, rngs=nnx.Rngs(cfg.train.seed))
-    optimizer = make_optimizer(cfg.train)
+    optimizer = make_optimizer(cfg.train, steps_per_epoch)
     loss_scaling = precision.policy(cfg.model.precision).loss_scaling
     graphdef, state = step.init_state(model, optimizer, loss_scaling)
     return graphdef, step.replicate(layout, state), optimizer
@@ -82,6 +83,14 @@ def _finite_or_raise(metrics: dict, step_no: int, ckpts: checkpoint.Checkpoints)
             else "no checkpoint was written yet")
     raise FloatingPointError(f"step {step_no}: {what}; training stopped, {keep} "
                              f"(lower train.lr, or check the input data of this step)")
+
+
+def overflow_skipped(policy: precision.Policy, metrics: dict) -> bool:
+    """An fp16 step whose gradients overflowed: the step skipped its update and halved the
+    loss scale, training goes on. Not once the scale it ran at is below step.MIN_SCALE: then
+    the loss itself is not finite, and the NaN guard stops the run as without fp16."""
+    return bool(policy.loss_scaling and not metrics["finite"]
+                and float(metrics["loss_scale"]) >= step.MIN_SCALE)
 
 
 def _say(line: str) -> None:
@@ -115,8 +124,8 @@ def train(cfg: Config, *, progress: bool = True,
         rundir.check_resume(run_dir, cfg)          # before any work: a changed run is refused
     layout = make_layout(cfg)
     check_batch_shape(cfg, layout.mesh)
-    graphdef, state, optimizer = build(cfg, layout)
     batches = Batches(cfg, layout)
+    graphdef, state, optimizer = build(cfg, layout, epoch_steps(cfg.train, len(batches.ds.train)))
     evaluator = inference.Evaluator(cfg, graphdef, layout, batches.ds.val)
 
     lock = rundir.Lock(run_dir).acquire() if main else None
@@ -165,9 +174,10 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
     train_step = stepcache.wrap(   # traced once per machine and network, then from disk
         step.make_train_step(graphdef, optimizer, loss_fn, layout, cfg.model.dims,
                              policy.loss_scaling, jit=False),
-        stepcache.config_fingerprint(cfg))
+        {**stepcache.config_fingerprint(cfg),   # the plateau's epoch is traced into the step
+         "epoch_steps": epoch_steps(t, len(batches.ds.train))})
     log = rundir.MetricsLog(run_dir / rundir.METRICS, start, main)
-    schedule = make_schedule(t)
+    schedule, plateau = make_schedule(t), t.schedule == "plateau"
 
     def evaluate_and_log(n):
         result = evaluator(state, n)
@@ -196,13 +206,14 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
                 times.append(dt)
                 sizes.append(voxels)
             n = s + 1
-            if not (policy.loss_scaling and not metrics["finite"]):
+            if not overflow_skipped(policy, metrics):
                 _finite_or_raise(metrics, n, ckpts)
             dice = region_dice(metrics["counts"])   # this batch's Dice; liver with tumours
             last_loss = float(metrics["loss"])
             record = {"step": n, "loss": last_loss, "grad_norm": float(metrics["grad_norm"]),
                       "dice_liver": dice["liver"], "dice_tumour": dice["tumour"],
-                      "lr": float(schedule(s)), "step_time_s": dt, "data_time_s": t0 - t_data,
+                      "lr": learning_rate(t, state.opt_state, s) if plateau else float(schedule(s)),
+                      "step_time_s": dt, "data_time_s": t0 - t_data,
                       "voxels_per_s": voxels / dt}
             if policy.loss_scaling:
                 record.update(loss_scale=float(metrics["loss_scale"]),
