@@ -91,7 +91,7 @@ def test_plateau_schedule_gets_the_loss(prec):
     assert plateau_scale(state.opt_state) == 1.0
     scales = []
     for _ in range(4):   # lr 1e-9: the loss does not move, so it has stopped decreasing
-        state, m = fn(state, *batch)
+        state, _ = fn(state, *batch)
         scales.append(plateau_scale(state.opt_state))
     assert scales[0] == 1.0 and np.isclose(scales[1], 0.3) and scales[-1] < 0.3
     assert all(np.isclose(s, 0.3 ** round(np.log(s) / np.log(0.3))) for s in scales)

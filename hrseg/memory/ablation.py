@@ -14,8 +14,13 @@ bytes, three ways —
 * ``measured``  (``compiled=True``) the compiled step's memory_analysis on this machine's
                 backend. On XLA:CPU it differs from the others both ways: its backward pass
                 reuses buffers better than the estimate's working set assumes (the fp32 rows
-                come out lower), it computes bf16 convolutions in float32, and its heap
-                packing leaves gaps (the bf16 row comes out higher).
+                come out lower), it computes 16-bit convolutions in float32, and its heap
+                packing leaves gaps (the fp16 row comes out higher).
+
+The mixed-precision row is fp16 with dynamic loss scaling and float32 master weights (Wang's
+NVIDIA AMP). :func:`paper_comparison` sets Wang's Table 1 (parameters; GB at 96³,
+256 × 256 × 152 and 256 × 256 × full) beside ours, row by row (``hrseg memory --wang``); the
+network's fit to their parameter counts is in docs/papers-wang.md.
 """
 from __future__ import annotations
 
