@@ -161,18 +161,19 @@ def format_comparison(rows: list[dict]) -> str:
     (CUDA context and PyTorch's cached blocks included), ours a step's bytes: compare the
     fractions, not the absolute figures."""
     labels = [k for k, v in rows[0].items() if isinstance(v, dict)]
-    head = f"{'':18s} {'params ours':>16s} {'Wang':>12s}"
+    head = f"{'':18s} {'params: ours':>14s} {'Wang':>12s}"
+    sub = f"{'':18s} {'':>14s} {'':>12s}"
     for label in labels:
         shape = "×".join(map(str, rows[0][label]["shape"]))
-        head += f" | {label + ' (' + shape + ')' if 'full' in label else label:>29s}"
-    lines = [head, f"{'':18s} {'':>16s} {'':>12s}" + f" | {'ours GiB':>14s} {'Wang GB':>14s}"
-             * len(labels)]
+        head += f" | {label + ' (' + shape + ')' if 'full' in label else label:^28s}"
+        sub += f" | {'ours GiB':>13s} {'Wang GB':>14s}"
+    lines = [head, sub]
     for r in rows:
         line = (f"{r['row']:18s} {r['params'] / 1e6:6.2f}M ({r['params_fraction']:4.0%})"
                 f" {r['wang_params'] / 1e6:4.1f}M ({r['wang_params_fraction']:4.0%})")
         for label in labels:
             c = r[label]
-            wang = ("    > 32 (  — )" if c["wang"] is None else
+            wang = ("> 32 (  — )" if c["wang"] is None else
                     f"{c['wang'] / 1e9:6.1f} ({c['wang_fraction']:4.0%})" if c["wang_fraction"]
                     is not None else f"{c['wang'] / 1e9:6.1f} (  — )")
             line += f" | {c['ours'] / analytic.GiB:6.2f} ({c['ours_fraction']:4.0%}) {wang:>14s}"
