@@ -164,6 +164,17 @@ def test_wang_table_1_beside_ours_row_by_row():
     assert "> 32" in text and "256×256×full (256×256×256)" in text and "28.4" in text
 
 
+def test_cli_memory_wang_prints_the_comparison(capsys, monkeypatch):
+    small = dataclasses.replace(unet.preset("wang_baseline"), base=4)
+    real = memory.paper_comparison
+    monkeypatch.setattr(memory, "paper_comparison", lambda: real(
+        sizes=(("96×96×96", (16, 16, 16)), ("256×256×full", (16, 16, 24))), base=small))
+    assert cli.main(["memory", "--wang"]) == 0
+    out = capsys.readouterr().out
+    assert "Wang et al.'s Table 1" in out and "+mixed precision" in out and "> 32" in out
+    assert "9.5M" in out and "17.6" in out
+
+
 def test_wang_ablation_native_column_is_the_largest_bucket():
     """Third column: the same figure at the largest bucket of native-size cases."""
     from hrseg.data import phantom

@@ -69,6 +69,7 @@ def test_fp16_overflow_halves_the_scale_and_skips_the_update():
     pol = precision.policy("fp16")
     assert loop.overflow_skipped(pol, m)
     assert not loop.overflow_skipped(pol, dict(m, loss_scale=np.float32(0.5)))
+    assert not loop.overflow_skipped(pol, dict(m, loss=np.float32(np.nan)))   # not an overflow
     assert not loop.overflow_skipped(precision.policy("bf16"), m)
 
 

@@ -119,7 +119,8 @@ def ablation(input_shape, batch: int = 1, compiled: bool = False, base: ModelCon
 def paper_comparison(sizes=WANG_SIZES, kind: str = "estimate",
                      base: ModelConfig | None = None) -> list[dict]:
     """Wang et al.'s Table 1 beside ours, row by row: parameters and single-device training-step
-    memory (batch 1, Adam) at each of ``sizes`` — ``(label, shape)``; a None shape is
+    memory (batch 1, Adam) at each of ``sizes`` — ``(label, shape)``, labels from
+    :data:`WANG_SIZES` (the shape may differ: smaller for a test); a None shape is
     "256 × 256 × full", the largest bucket of KiTS's 45–234 slices (:func:`largest_bucket`).
     ``kind``: "estimate" (analytic, cheap at any size), "traced" or "measured" (compiles).
 
@@ -129,6 +130,10 @@ def paper_comparison(sizes=WANG_SIZES, kind: str = "estimate",
     """
     if kind not in ("estimate", "traced", "measured"):
         raise ValueError(f"kind '{kind}' is not estimate, traced or measured")
+    columns = [label for label, _ in WANG_SIZES]
+    unknown = [label for label, _ in sizes if label not in columns]
+    if unknown:
+        raise ValueError(f"sizes {unknown}: Table 1's columns are {', '.join(columns)}")
     base = base or unet.preset("wang_baseline")
     levels = base.levels
     shapes = [(label, tuple(shape) if shape is not None else
@@ -137,9 +142,9 @@ def paper_comparison(sizes=WANG_SIZES, kind: str = "estimate",
     for (name, changes), (w_params, *w_gb) in zip(ABLATION, WANG_TABLE1):
         cfg = dataclasses.replace(base, **changes)
         row = {"row": name, "params": unet.param_count(cfg), "wang_params": w_params * 1e6}
-        for i, (label, shape) in enumerate(shapes):
+        for label, shape in shapes:
             ours = _memory(cfg, shape, 1, "adam", kind == "measured", kind == "traced")[kind]
-            wang = w_gb[i] if i < len(w_gb) else None
+            wang = w_gb[columns.index(label)]
             row[label] = {"shape": list(shape), "ours": ours,
                           "wang": None if wang is None else wang * 1e9}
         rows.append(row)

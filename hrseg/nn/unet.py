@@ -1,10 +1,11 @@
 """UNet3D / UNet2D (Flax NNX); the papers' presets are config.preset (re-exported here).
 
 Parts are named in data-flow order — ``down_1 … down_{L-1}`` (each followed by ``pool_i``
-with ``downsample: conv``), ``bottom``, ``up_{L-1} … up_1``, ``head`` — and listed by ``UNet.parts()``, which the forward pass and hrseg.memory's estimate
-both walk (so a part cannot be in one and not the other); each is built from layers.py, so one model runs on the halo, gspmd and none
-backends. ``model(x, train) -> logits``: x ``(B, X, Y, Z, Cin)`` (2D ``(B, X, Y, Cin)``),
-logits float32 ``(B, X, Y, Z, classes)``. Every spatial size must be a multiple of
+with ``downsample: conv``), ``bottom``, ``up_{L-1} … up_1``, ``head`` — and listed by
+``UNet.parts()``, which the forward pass and hrseg.memory's estimate both walk (so a part
+cannot be in one and not the other); each is built from layers.py, so one model runs on the
+halo, gspmd and none backends. ``model(x, train) -> logits``: x ``(B, X, Y, Z, Cin)`` (2D
+``(B, X, Y, Cin)``), logits float32 ``(B, X, Y, Z, classes)``. Every spatial size must be a multiple of
 ``2 ** poolings_of(cfg)`` (partition.check_divisible); one that does not split evenly over
 its devices is padded and masked by the partitioned step (parallel/uneven.py).
 

@@ -86,10 +86,12 @@ def _finite_or_raise(metrics: dict, step_no: int, ckpts: checkpoint.Checkpoints)
 
 
 def overflow_skipped(policy: precision.Policy, metrics: dict) -> bool:
-    """An fp16 step whose gradients overflowed: the step skipped its update and halved the
-    loss scale, training goes on. Not once the scale it ran at is below step.MIN_SCALE: then
-    the loss itself is not finite, and the NaN guard stops the run as without fp16."""
+    """An fp16 step whose scaled gradients overflowed (the loss itself finite): the step
+    skipped its update and halved the loss scale, and training goes on. A non-finite loss, or
+    an overflow at a scale below step.MIN_SCALE, is no scaling matter: the NaN guard stops the
+    run as it does without fp16."""
     return bool(policy.loss_scaling and not metrics["finite"]
+                and math.isfinite(float(metrics["loss"]))
                 and float(metrics["loss_scale"]) >= step.MIN_SCALE)
 
 
@@ -125,7 +127,8 @@ def train(cfg: Config, *, progress: bool = True,
     layout = make_layout(cfg)
     check_batch_shape(cfg, layout.mesh)
     batches = Batches(cfg, layout)
-    graphdef, state, optimizer = build(cfg, layout, epoch_steps(cfg.train, len(batches.ds.train)))
+    graphdef, state, optimizer = build(cfg, layout,
+                                       epoch_steps(cfg.train, len(batches.ds.train)))
     evaluator = inference.Evaluator(cfg, graphdef, layout, batches.ds.val)
 
     lock = rundir.Lock(run_dir).acquire() if main else None
