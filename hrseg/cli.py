@@ -124,6 +124,11 @@ def _memory(args) -> int:
 
     from hrseg import config, memory, runtime
     runtime.start()
+    if args.wang:
+        print("Wang et al.'s Table 1 beside hrseg's analytic estimate (wang_baseline rows, "
+              "batch 1, Adam, one device)")
+        print(memory.format_comparison(memory.paper_comparison()))
+        return 0
     if re.fullmatch(r"\s*[0-9.eE+-]+\s*", str(args.budget)):
         raise ValueError(f"--budget {args.budget}: give a unit, e.g. {args.budget}GiB or "
                          f"{args.budget}GB (a bare number would be bytes)")
@@ -272,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "process, or in a subprocess with fake CPU devices when the mesh needs "
                         "more devices than it has; here = this process only; no = the "
                         "analytic estimate alone")
+    s.add_argument("--wang", action="store_true",
+                   help="print Wang et al.'s Table 1 (parameters, GB at 96³, 256×256×152, "
+                        "256×256×full) beside our estimate of each row, and exit")
     s.set_defaults(func=_memory)
 
     s = _sub(sub, "view", "open a case (CT, labels, prediction) in napari")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from pathlib import Path
 
@@ -34,6 +35,11 @@ def _coerce(tp, value, where: str):
     """Convert a YAML value to the field's declared type, or fail naming the key."""
     origin = typing.get_origin(tp)
     try:
+        if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp):
+            if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+                return None          # `empty_dice: null`
+            [tp] = [a for a in typing.get_args(tp) if a is not type(None)]
+            return _coerce(tp, value, where)
         if origin is tuple:
             args = typing.get_args(tp)
             if value is None and args[-1] is Ellipsis:   # `patch: null` = empty
@@ -165,6 +171,10 @@ _RULES = (
     ("train.keep_ckpts", lambda v: v >= 1, ">= 1"),
     ("train.lr_decay_every", lambda v: v >= 0, ">= 0 (0 = never)"),
     ("train.lr_decay", lambda v: v > 0, "> 0"),
+    ("train.schedule", lambda v: v in ("step", "plateau"), "step or plateau"),
+    ("train.plateau_patience", lambda v: v >= 0, ">= 0"),
+    ("train.epoch_steps", lambda v: v >= 0, ">= 0 (0 = training volumes / batch)"),
+    ("train.empty_dice", lambda v: v is None or 0 <= v <= 1, "1.0, 0.0 or null"),
     ("train.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train.dice_weight", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("mesh.spatial", lambda v: all(n >= 1 for n in v), "devices >= 1 on every axis"),

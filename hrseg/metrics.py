@@ -14,8 +14,9 @@ Padding: voxels labelled ``IGNORE`` (−1) are outside the volume; a prediction 
 counted (:func:`counts` masks it), so padded and unpadded volumes score the same.
 
 Empty masks: a volume where prediction and truth are both empty scores ``empty`` — 1.0 by
-default (nothing to find, nothing found), 0.0 to match the Mesh-TF evaluation code, or None
-to leave such volumes out of the per-case mean. medpy's ``dc`` returns NaN there under
+default (nothing to find, nothing found), 0.0 to match the Mesh-TF evaluation code (Hou et
+al.'s released code, hence their Table 1), or None to leave such volumes out of the per-case
+mean. Runs set it with ``train.empty_dice``; every evaluation records it (``empty_dice``). medpy's ``dc`` returns NaN there under
 NumPy 2, which is why this module does not use it.
 
 Shown to a person (:func:`shown`): a tumour score of validation cases that hold no tumour is
@@ -117,11 +118,12 @@ def evaluate_cases(preds: Sequence, labels: Sequence, empty: float | None = 1.0)
     """Tumour and liver Dice, per case and global, plus each case's scores.
 
     Keys: ``tumour_dice_per_case``, ``tumour_dice_global``, ``liver_dice_per_case``,
-    ``liver_dice_global``, ``cases``, ``cases_with_tumour`` and ``per_case`` (a list of
-    ``{"tumour": …, "liver": …}``, None where ``empty=None`` skipped the volume).
+    ``liver_dice_global``, ``cases``, ``cases_with_tumour``, ``per_case`` (a list of
+    ``{"tumour": …, "liver": …}``, None where ``empty=None`` skipped the volume) and
+    ``empty_dice``: the convention used (``empty``), so a table can say which it was.
     """
     pairs = _pairs(preds, labels)
-    out: dict = {"cases": len(pairs),
+    out: dict = {"empty_dice": empty, "cases": len(pairs),
                  "cases_with_tumour": sum(bool(region(t, TUMOUR).any()) for _, t in pairs),
                  "per_case": [{} for _ in pairs]}
     for name, lab in (("tumour", TUMOUR), ("liver", LIVER)):

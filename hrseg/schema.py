@@ -111,6 +111,9 @@ class ModelConfig:
     convs_per_block: int = 2            # conv layers per encoder/decoder block
     block: str = "plain"                # "plain" | "bottleneck" | "separable" | "compact" (Wang's Compact ConvBlock)
     reduction: int = 4                  # bottleneck factor K of bottleneck/compact blocks (C -> C/K)
+    bottleneck_convs: int = 0           # 3³ convs inside a bottleneck/compact block (0 = convs_per_block; 1 = ResNet's 1-3-1)
+    downsample: str = "maxpool"         # "maxpool" | "conv" (3³ stride-2 conv unit doubling the channels)
+    upsample: str = "transpose"         # "transpose" (k2s2) | "resize_conv" (nearest 2× + 3³ conv unit halving them)
     norm: str = "batch"                 # "batch" | "group" | "instance" | "inplace_abn" | "none"
     norm_groups: int = 8                # groups of group norm
     bn_momentum: float = 0.9            # running-statistics decay (Mesh-TF: 0.9)
@@ -149,12 +152,14 @@ def preset(name: str, resolution: int | None = None) -> ModelConfig:
     * ``paper2d`` the same architecture as paper(512) in 2D, for 512² slices with the
       adjacent slices as channels (``build(cfg, in_channels=5)``).
     * ``wang_baseline`` / ``wang_compact`` Wang, Oda & Mori (2020): a 3D U-Net baseline and
-      the same network with Compact ConvBlocks (their Table 1 reports ~9.5 M and ~2.6 M
-      parameters). Their layer widths are not published in what we could read; this is our
-      reconstruction: the mtf network with 3 convs per block (8,533,059 parameters) and 4
-      levels, so 256×256×152 pools evenly; compact = 1³ reduce by K = 4, three depthwise-
-      separable convs, 1³ restore per block (430,235, i.e. 5 % of the baseline, inside the
-      issue's ≤ 30 %; hand counts in tests/test_unet.py).
+      the same network with Compact ConvBlocks. Their widths are not published; this
+      reconstruction is fitted to their Table 1 (9.5 / 3.2 / 2.7 / 2.6 M for baseline,
+      +bottleneck, +SepConv, +CCBlock: ``model.block`` plain / bottleneck / separable /
+      compact give 8.74 / 3.18 / 2.61 / 2.48 M, each within 10 %; docs/papers-wang.md): 4
+      levels of 32–256 filters (256×256×152 pools evenly), two 3³ convs per block, down-
+      sampling by a 3³ stride-2 conv doubling the channels and up-sampling by nearest 2× +
+      a 3³ conv halving them (Isensee et al.'s modules, whose KiTS recipe Wang follows; the
+      blocks never change these), bottleneck = ResNet's 1-3-1 with K = 2.
     """
     mtf = ModelConfig(preset="mtf", dims=3, levels=4, base=32, convs_per_block=2,
                       block="plain", norm="batch", bn_momentum=0.9, bn_eps=1e-6,
@@ -173,10 +178,11 @@ def preset(name: str, resolution: int | None = None) -> ModelConfig:
                                    levels=levels, base=base, convs_per_block=4,
                                    precision="bf16")
     if name == "wang_baseline":
-        return dataclasses.replace(mtf, preset=name, convs_per_block=3, head_bias=True)
+        return dataclasses.replace(mtf, preset=name, convs_per_block=2, head_bias=True,
+                                   reduction=2, bottleneck_convs=1, downsample="conv",
+                                   upsample="resize_conv")
     if name == "wang_compact":
-        return dataclasses.replace(preset("wang_baseline"), preset=name, block="compact",
-                                   reduction=4)
+        return dataclasses.replace(preset("wang_baseline"), preset=name, block="compact")
     raise ValueError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
 
 
@@ -220,10 +226,16 @@ class TrainConfig:
     batch: int = 1                      # global batch (volumes per step)
     optimizer: str = "adafactor"        # "adafactor" (the paper) | "adam"
     lr: float = role(3e-3, resume=True)  # peak learning rate (the paper: 3e-3)
-    lr_decay: float = role(0.3, resume=True)  # step decay factor (released Mesh-TF code)
-    lr_decay_every: int = role(0, resume=True)  # steps between decays (0 = never)
+    lr_decay: float = role(0.3, resume=True)  # decay factor of either schedule (Mesh-TF step
+                                        # decay; Wang's plateau ×0.3)
+    lr_decay_every: int = role(0, resume=True)  # schedule "step": steps between decays (0 = never)
+    schedule: str = "step"              # "step" (lr_decay every lr_decay_every steps) | "plateau" (Wang et al.)
+    plateau_patience: int = role(50, resume=True)  # schedule "plateau": epochs without a lower
+                                        # training loss before a decay
+    epoch_steps: int = role(0, resume=True)  # schedule "plateau": steps averaged into one epoch's
+                                        # loss (0 = training volumes / batch)
     grad_clip: float = 1.0              # global-norm clipping (0 = off)
-    loss: str = "dice_ce"               # "gdice" | "wce" | "dice_ce" (0.2 Dice + 0.8 CE)
+    loss: str = "dice_ce"               # "gdice" | "wce" | "dice_ce" (0.2 Dice + 0.8 CE) | "dice_ce_wang" (CE + soft Dice, Isensee's)
     ce_weights: tuple[float, ...] = (1.0, 8.0, 16.0)  # per-class CE weights (released code)
     dice_weight: float = 0.2            # dice_ce: share of the generalized Dice (the rest: CE)
     eval_every: int = role(50, resume=True, step=False)  # steps between validation passes
@@ -231,7 +243,10 @@ class TrainConfig:
     ckpt_every: int = role(50, resume=True, step=False)  # steps between checkpoints (0 = only at the end)
     keep_ckpts: int = role(3, resume=True, step=False)  # newest checkpoints kept
     resume: bool = role(True, **_RUN)  # continue from the newest checkpoint in the run dir
-    empty_dice: float = role(1.0, resume=True, step=False)  # Dice when prediction and label are both empty
+    empty_dice: float | None = role(1.0, resume=True, step=False)  # Dice of a case whose
+                                        # prediction and label are both empty: 1.0 | 0.0 (Hou's
+                                        # released code) | null (left out of the mean); recorded
+                                        # in every evaluation
 
 
 @dataclass(frozen=True)

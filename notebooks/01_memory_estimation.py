@@ -135,17 +135,27 @@ print("CPU: no allocator statistics" if real is None else
 #
 # Single-device training step of their U-Net with each technique added in turn (their Table 1):
 # bottleneck blocks, separable convolutions, Compact ConvBlocks, in-place activated BatchNorm,
-# mixed precision. Fractions are of the baseline. *estimate* is the analytic count, *traced*
-# replaces its activations by what `jax.vjp` really saves (no compiling: any backend), and
-# *compiled* (with `wang_compiled`) is this machine's XLA step — on CPU it computes bf16
-# convolutions in float32 and packs its heap with gaps, so mixed precision shows less of its
-# saving there.
+# mixed precision (fp16 with loss scaling, as their AMP). Fractions are of the baseline.
+# *estimate* is the analytic count, *traced* replaces its activations by what `jax.vjp` really
+# saves (no compiling: any backend), and *compiled* (with `wang_compiled`) is this machine's XLA
+# step — on CPU it computes 16-bit convolutions in float32 and packs its heap with gaps, so
+# mixed precision shows less of its saving there.
 
 # %%
 ablation = memory.ablation(tuple(wang_shape), batch=1, compiled=wang_compiled)
 results.write_csv(ablation, figures / "wang_ablation.csv")
 print(f"input {'×'.join(map(str, wang_shape))}, batch 1")
 print(memory.format_table(ablation))
+
+# %% [markdown]
+# Beside Wang et al.'s Table 1, row by row, at their three inputs (96³, 256×256×152, and
+# 256×256×full: the largest bucket of 45–234 slices): parameters and our analytic estimate,
+# with Wang's nvidia-smi GB. Compare the fractions of each baseline, not the absolute figures
+# (nvidia-smi counts the CUDA context and PyTorch's cache; docs/papers-wang.md).
+
+# %%
+comparison = memory.paper_comparison()
+print(memory.format_comparison(comparison))
 
 # %% [markdown]
 # ## The planner

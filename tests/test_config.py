@@ -182,3 +182,38 @@ def test_derived_run_configs_say_only_what_differs():
     cfg, base = (config.load(ROOT / "params" / "train" / f) for f in ("train_2d_16.yaml",
                                                                      "train_2d.yaml"))
     assert cfg.train.optimizer == base.train.optimizer and cfg.data.resolution == (16, 16)
+
+
+def test_wang_recipe_keys_load_and_are_checked():
+    """The keys that select Wang et al.'s recipe: plateau schedule, Dice + CE, fp16, rows."""
+    cfg = config.load(None, ["model.preset=wang_baseline", "model.block=compact",
+                             "model.norm=inplace_abn", "model.precision=fp16",
+                             "train.optimizer=adam", "train.lr=4e-4", "train.schedule=plateau",
+                             "train.plateau_patience=50", "train.lr_decay=0.3",
+                             "train.loss=dice_ce_wang", "data.resolution=[96,96,96]"])
+    m, t = cfg.model, cfg.train
+    assert (m.downsample, m.upsample, m.reduction, m.bottleneck_convs) == (
+        "conv", "resize_conv", 2, 1)
+    assert (m.block, m.norm, m.precision) == ("compact", "inplace_abn", "fp16")
+    assert (t.schedule, t.plateau_patience, t.epoch_steps, t.loss) == (
+        "plateau", 50, 0, "dice_ce_wang")
+    assert config.load(None).train.schedule == "step"                    # default unchanged
+    for bad, key in [("train.schedule=cosine", "train.schedule"),
+                     ("train.plateau_patience=-1", "train.plateau_patience"),
+                     ("train.epoch_steps=-2", "train.epoch_steps")]:
+        with pytest.raises(ValueError, match=key):
+            config.load(None, [bad])
+
+
+@pytest.mark.parametrize("value, want", [("1.0", 1.0), ("0", 0.0), ("0.0", 0.0),
+                                         ("null", None)])
+def test_empty_dice_is_a_visible_setting(value, want, tmp_path):
+    assert config.load(None).train.empty_dice == 1.0                     # today's default
+    cfg = config.load(None, [f"train.empty_dice={value}"])
+    assert cfg.train.empty_dice == want and (want is None or isinstance(want, float))
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  empty_dice: {value}\n")
+    assert config.load(path).train.empty_dice == want
+    for bad in ("2", "-1", "abc"):
+        with pytest.raises(ValueError, match="train.empty_dice"):
+            config.load(None, [f"train.empty_dice={bad}"])

@@ -141,7 +141,27 @@ def test_class_counts_are_exact_beyond_2_pow_24():
     assert got.dtype == np.int32
 
 
-@pytest.mark.parametrize("name", ["gdice", "wce", "dice_ce", "ce"])
+def test_dice_ce_wang_matches_formula():
+    """CE (unweighted mean) + 1 − mean over the foreground classes of the batch soft Dice
+    (2 Σ p r + 1e-5) / (Σ p + Σ r + 1e-5): nnU-Net's DC_and_CE_loss, Wang et al.'s loss."""
+    logits, labels = _inputs()
+    p = _np_softmax(logits.astype(np.float64))
+    r = np.eye(3)[labels]
+    ce = -np.mean(np.log(np.take_along_axis(p, labels[..., None], -1)))
+    dice = [(2 * (p[..., k] * r[..., k]).sum() + 1e-5) / (p[..., k].sum() + r[..., k].sum() + 1e-5)
+            for k in (1, 2)]
+    want = ce + 1 - np.mean(dice)
+    got = losses.get("dice_ce_wang")(jnp.asarray(logits), jnp.asarray(labels))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    assert float(losses.soft_dice(jnp.asarray(logits), jnp.asarray(labels))) == pytest.approx(
+        np.mean(dice), rel=1e-5)
+    # a confident perfect prediction: CE -> 0, Dice -> 1, so the loss -> 0
+    perfect = jnp.asarray(np.eye(3)[labels] * 30.0, jnp.float32)
+    assert float(losses.dice_ce_wang(perfect, jnp.asarray(labels))) < 1e-5
+    assert "dice_ce_wang" in losses.NAMES
+
+
+@pytest.mark.parametrize("name", ["gdice", "wce", "dice_ce", "dice_ce_wang", "ce"])
 def test_padding_labelled_ignore_leaves_loss_and_gradients_unchanged(name):
     """A batch padded with IGNORE labels (and arbitrary logits there) has the loss and the
     gradients of the unpadded batch: padding is outside the volume."""

@@ -138,6 +138,43 @@ def test_wang_ablation_table():
     assert "+mixed precision" in table and "traced" in table
 
 
+def test_wang_table_1_beside_ours_row_by_row():
+    """Wang et al.'s Table 1 (params, GB at three inputs) beside our analytic estimate."""
+    rows = memory.paper_comparison()
+    assert [r["row"] for r in rows] == [r for r, _ in memory.ABLATION]
+    sizes = ["96×96×96", "256×256×152", "256×256×full"]
+    assert [r["256×256×152"]["wang"] for r in rows] == [28.4e9, 28.3e9, 30.1e9, 27.2e9,
+                                                         20.0e9, 11.7e9]
+    assert [r["96×96×96"]["wang"] for r in rows] == [3.7e9, 3.1e9, 3.2e9, 3.0e9, 2.3e9, 1.6e9]
+    assert rows[0]["256×256×full"]["wang"] is None and rows[-1]["256×256×full"]["wang"] == 17.6e9
+    assert rows[0]["256×256×full"]["shape"] == [256, 256, 256]     # 234 slices -> bucket 256
+    for r in rows:
+        assert abs(r["params"] / r["wang_params"] - 1) <= 0.10, r["row"]
+        for size in sizes:
+            cell = r[size]
+            assert cell["ours"] == memory.estimate(
+                dataclasses.replace(unet.preset("wang_baseline"),
+                                    **dict(memory.ABLATION)[r["row"]]),
+                tuple(cell["shape"]), optimizer="adam", batch=1, backend="none")["total"]
+    # in-place ABN and fp16 do to ours what they did to Wang's at 256×256×152 (±10 points)
+    for r in rows[-2:]:
+        c = r["256×256×152"]
+        assert abs(c["ours_fraction"] - c["wang_fraction"]) <= 0.10, (r["row"], c)
+    text = memory.format_comparison(rows)
+    assert "> 32" in text and "256×256×full (256×256×256)" in text and "28.4" in text
+
+
+def test_cli_memory_wang_prints_the_comparison(capsys, monkeypatch):
+    small = dataclasses.replace(unet.preset("wang_baseline"), base=4)
+    real = memory.paper_comparison
+    monkeypatch.setattr(memory, "paper_comparison", lambda: real(
+        sizes=(("96×96×96", (16, 16, 16)), ("256×256×full", (16, 16, 24))), base=small))
+    assert cli.main(["memory", "--wang"]) == 0
+    out = capsys.readouterr().out
+    assert "Wang et al.'s Table 1" in out and "+mixed precision" in out and "> 32" in out
+    assert "9.5M" in out and "17.6" in out
+
+
 def test_wang_ablation_native_column_is_the_largest_bucket():
     """Third column: the same figure at the largest bucket of native-size cases."""
     from hrseg.data import phantom

@@ -42,6 +42,18 @@ def test_empty_mask_conventions():
     assert math.isnan(metrics.dice_per_case([vol(0)], [vol(0)], empty=None))
 
 
+@pytest.mark.parametrize("empty,per_case", [(1.0, (2 / 3 + 1) / 2), (0.0, 1 / 3),
+                                            (None, 2 / 3)])
+def test_evaluation_records_its_empty_mask_convention(empty, per_case):
+    """Today's 1.0, Hou et al.'s released code's 0.0, or left out: the result says which."""
+    preds = [vol(2, 2, 0), vol(0, 1, 0)]
+    trues = [vol(2, 0, 0), vol(0, 1, 0)]
+    r = metrics.evaluate_cases(preds, trues, empty=empty)
+    assert r["empty_dice"] == empty
+    assert r["tumour_dice_per_case"] == pytest.approx(per_case)
+    assert r["per_case"][1]["tumour"] == empty
+
+
 def test_matches_medpy_on_non_empty_masks():
     from medpy.metric.binary import dc
     rng = np.random.default_rng(0)

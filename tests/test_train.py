@@ -186,6 +186,28 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(dataset, tmp_path, m
     ckpts.close()
 
 
+def test_wang_recipe_trains_fp16_on_a_plateau_and_records_empty_dice(dataset, tmp_path):
+    """Wang et al.'s recipe end to end (shrunk to 4 base filters): their network with Compact
+    ConvBlocks and in-place ABN, fp16 with loss scaling, Adam on the plateau schedule, Dice +
+    CE; Hou's empty-mask convention (0.0), recorded in the evaluation."""
+    cfg = smoke(dataset, tmp_path, "train.name=wang", "model.preset=wang_compact",
+                "model.base=4", "model.norm=inplace_abn", "model.precision=fp16",
+                "train.optimizer=adam", "train.lr=4e-4", "train.schedule=plateau",
+                "train.plateau_patience=1", "train.epoch_steps=1", "train.loss=dice_ce_wang",
+                "train.steps=3", "train.empty_dice=0.0")
+    result = train.train(cfg, progress=False)
+    steps = [r for r in read_jsonl(result.run_dir / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == 3 and all(math.isfinite(r["loss"]) for r in steps)
+    assert all(r["loss_scale"] >= 1.0 for r in steps)                    # fp16: scaled
+    assert steps[0]["lr"] == pytest.approx(4e-4)                         # plateau scale 1
+    assert all(r["lr"] in (pytest.approx(4e-4), pytest.approx(1.2e-4),
+                           pytest.approx(3.6e-5)) for r in steps)
+    assert result.eval["empty_dice"] == 0.0
+    saved = checkpoint.Checkpoints(result.run_dir / "checkpoints", read_only=True)
+    assert saved.evals()[3]["metrics"]["empty_dice"] == 0.0
+    saved.close()
+
+
 def test_evaluate_run_dir(trained):
     cfg, result = trained
     again = train.evaluate(result.run_dir)

@@ -41,25 +41,63 @@ def test_mtf_parameter_count_by_hand():
     assert plain_unet_params(1, 32, 4, 2, 3) == 5_600_960
 
 
+def wang_params(block: str) -> int:
+    """Parameters of the Wang reconstruction, written out from its description (schema.preset):
+    widths 32-64-128-256, 2 convs per block, 3³ stride-2 conv down (doubling), nearest 2× +
+    3³ conv up (halving), BN γ+β after every conv (no conv bias), head with bias; inside a
+    bottleneck K = 2 and one 3³ conv (1-3-1); the network's very first conv stays full."""
+    f = [32, 64, 128, 256]
+
+    def conv(cin, cout, kind):                    # one conv + its BN
+        return {"full": 27 * cin * cout, "sep": 27 * cin + cin * cout,
+                "point": cin * cout}[kind] + 2 * cout
+
+    def blk(cin, cout, first=False):
+        if block in ("bottleneck", "compact"):
+            m = cout // 2
+            return (conv(cin, m, "point") + conv(m, m, "full" if block == "bottleneck" else "sep")
+                    + conv(m, cout, "point"))
+        kind = "sep" if block == "separable" else "full"
+        return conv(cin, cout, "full" if first else kind) + conv(cout, cout, kind)
+
+    n = blk(1, f[0], first=True)
+    for i in range(1, 4):                         # stride-2 down conv, then the level's block
+        n += conv(f[i - 1], f[i], "full") + blk(f[i], f[i])
+    for i in range(3):                            # up conv, concat, block
+        n += conv(f[i + 1], f[i], "full") + blk(2 * f[i], f[i])
+    return n + f[0] * 3 + 3
+
+
+# Wang, Oda & Mori (2020), Table 1: baseline, +bottleneck, +SepConv, +CCBlock (millions)
+WANG_PARAMS = {"plain": 9.5, "bottleneck": 3.2, "separable": 2.7, "compact": 2.6}
+
+
+@pytest.mark.parametrize("block", list(WANG_PARAMS))
+def test_wang_parameter_counts_within_ten_percent_of_table_1(block):
+    cfg = dataclasses.replace(unet.preset("wang_baseline"), block=block)
+    model = unet.build(cfg)                       # the real network: its nnx.Param leaves
+    n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert n == wang_params(block) == unet.param_count(cfg)
+    assert abs(n / (WANG_PARAMS[block] * 1e6) - 1) <= 0.10, (block, n)
+    if block == "compact":
+        assert unet.param_count(unet.preset("wang_compact")) == n
+
+
 def test_wang_parameter_counts_by_hand():
-    # baseline = mtf with a third conv per block and a head bias:
-    #   + 27·(32² + 64² + 128² + 256² + 128² + 64² + 32²) = 2,930,688 conv weights
-    #   + BN 2·(32 + 64 + 128 + 256 + 128 + 64 + 32)       =     1,408
-    #   + head bias                                        =         3  -> 8,533,059
-    assert unet.param_count(unet.preset("wang_baseline")) == 8_533_059
-    # compact (K = 4, m = C/4): reduce cin·m + BN 2m; 3 × [dw 27m + pw m² + BN 2m];
-    # restore m·C + BN 2C
-    #   down_1 (1 -> 32, m 8)     24 + 3·296 + 320            =   1,232
-    #   down_2 (32 -> 64, m 16)   544 + 3·720 + 1,152         =   3,856
-    #   down_3 (64 -> 128, m 32)  2,112 + 3·1,952 + 4,352     =  12,320
-    #   bottom (128 -> 256, m 64) 8,320 + 3·5,952 + 16,896    =  43,072
-    #   up_3   8·256·128 + (256 -> 128: 8,256 + 5,856 + 4,352) = 280,608
-    #   up_2   8·128·64 + (128 -> 64: 2,080 + 2,160 + 1,152)   =  70,928
-    #   up_1   8·64·32 + (64 -> 32: 528 + 888 + 320)           =  18,120
-    #   head   32·3 + 3                                        =      99
-    #                                                             430,235
-    assert unet.param_count(unet.preset("wang_compact")) == 430_235
-    assert 430_235 / 8_533_059 < 0.30                                   # PM4's params target
+    # baseline: down_1 27·1·32 + 27·32·32 + BN 128                 =    28,640
+    #   pool_1 27·32·64 + 128 = 55,424;   down_2 2·27·64² + 256    =   276,864
+    #   pool_2 27·64·128 + 256 = 221,440; down_3 2·27·128² + 512   = 1,106,688
+    #   pool_3 27·128·256 + 512 = 885,248; bottom 2·27·256² + 1,024 = 4,425,216
+    #   up_3 27·256·128 + 256 + 27·256·128 + 27·128² + 512         = 2,212,608
+    #   up_2 27·128·64 + 128 + 27·128·64 + 27·64² + 256            =   553,344
+    #   up_1 27·64·32 + 64 + 27·64·32 + 27·32² + 128               =   138,432
+    #   head 32·3 + 3                                               =        99
+    #                                                                 8,741,891
+    assert wang_params("plain") == 8_741_891
+    # compact: the 6 stride-2 / up-sampling convs (2,323,776 with their BN) stay; each
+    # block is 1³ cin -> C/2, [dw 27·C/2 + pw (C/2)²], 1³ C/2 -> C, BN after each
+    assert wang_params("compact") == 2_482_131
+    assert unet.param_count(unet.preset("wang_compact")) == 2_482_131
 
 
 @pytest.mark.parametrize("res,levels,base", [(64, 3, 256), (128, 4, 128), (256, 5, 64),

@@ -14,9 +14,12 @@
 """
 from hrseg.memory.ablation import (  # noqa: F401
     ABLATION,
+    WANG_TABLE1,
     ablation,
+    format_comparison,
     format_table,
     largest_bucket,
+    paper_comparison,
     phantom_bucket,
 )
 from hrseg.memory.analytic import (  # noqa: F401

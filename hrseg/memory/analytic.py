@@ -150,13 +150,30 @@ def tensors(model, local_batch_shape, dt, grown=None) -> list[Tensor]:
             out += _block(part.module, part.name, here, dt, seen)
         if part.role == "down":
             skips.append(out[-1].shape[-1])
-            out.append(Tensor(f"{part.name}.pool", lead(part.level + 1) + (skips[-1],), dt))
+            if not getattr(model, "conv_pool", False):   # the max-pool's output
+                out.append(Tensor(f"{part.name}.pool", lead(part.level + 1) + (skips[-1],), dt))
+        elif part.role == "pool":   # 3³ stride-2 unit: keeps its input (the skip), its outputs
+            out += _unit(part.module, f"{part.name}.0",
+                         lead(part.level + 1, grown[part.level]), dt, seen)
         elif part.role == "up":
-            seen.append(part.module.upsample)
-            if grown[part.level + 1] != grown[part.level]:  # the up-conv keeps its input,
-                # the coarser output taken back to this level's blocks (unet._regather)
-                out.append(Tensor(f"{part.name}.regathered", lead(part.level + 1, grown[
-                    part.level]) + (out[-1].shape[-1],), dt))
+            up = part.module.upsample
+            if isinstance(up, layers.ResizeConv):
+                # the 3³ conv keeps the repeated input, not the coarser output it repeats; the
+                # concatenation, not the unit's output, is what the block's first conv keeps
+                # (in-place ABN keeps its outputs all the same: its backward inverts them)
+                inplace = up.unit.act.norm == "inplace_abn"
+                if not inplace:
+                    out.pop()
+                out.append(Tensor(f"{part.name}.repeated", here + (up.unit.conv.kernel.shape[-2],),
+                                  dt))
+                out += _unit(up.unit, f"{part.name}.upsample", here, dt, seen)[:None if inplace
+                                                                                else -1]
+            else:
+                seen.append(up)
+                if grown[part.level + 1] != grown[part.level]:  # the up-conv keeps its input,
+                    # the coarser output taken back to this level's blocks (unet._regather)
+                    out.append(Tensor(f"{part.name}.regathered", lead(part.level + 1, grown[
+                        part.level]) + (out[-1].shape[-1],), dt))
             out.append(Tensor(f"{part.name}.concat", here + (2 * skips.pop(),), dt))
             out += _block(part.module.block, part.name, here, dt, seen)
         elif part.role == "head":
@@ -165,7 +182,7 @@ def tensors(model, local_batch_shape, dt, grown=None) -> list[Tensor]:
             own = lead(0, ones)  # the loss runs on this device's block (logits scattered)
             out += [Tensor("logits", own + (k,), 4), Tensor("log_probs", own + (k,), 4),
                     Tensor("logits.max", own + (1,), 4)]  # log_softmax keeps its shift
-        elif part.role != "bottom":
+        elif part.role not in ("bottom", "pool"):
             raise ValueError(f"memory estimate: part '{part.name}' has role '{part.role}', "
                              f"which hrseg/memory/analytic.py does not count")
     counted = {id(m) for m in seen}

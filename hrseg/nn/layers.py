@@ -12,9 +12,13 @@ changes what a block is made of (m = C/K channels inside a bottleneck):
   separable   [depthwise 3³ + pointwise 1³] × convs      (the network's first conv stays 3³:
                                                            a depthwise conv of one channel is
                                                            a single filter)
-  bottleneck  1³ reduce C -> m, [3³ conv m -> m] × convs, 1³ restore m -> C
-  compact     1³ reduce C -> m, [depthwise 3³ + pointwise 1³] × convs, 1³ restore m -> C
+  bottleneck  1³ reduce C -> m, [3³ conv m -> m] × n, 1³ restore m -> C
+  compact     1³ reduce C -> m, [depthwise 3³ + pointwise 1³] × n, 1³ restore m -> C
               (the Compact ConvBlock: bottleneck + depthwise-separable)
+              n = ``bottleneck_convs`` (1: ResNet's 1-3-1, Wang's text), 0 = ``convs``
+
+Between levels (unet.py): 2× max-pool or a 3³ stride-2 conv unit (``downsample``), and a k2s2
+transposed conv or a ResizeConv (``upsample``); the block type never changes these.
 """
 from __future__ import annotations
 
@@ -68,19 +72,22 @@ def activate(x, name: str):
 
 
 class Conv(nnx.Module):
-    """SAME conv with an odd kernel (halo-exchanged when sharded); ``groups=cin`` = depthwise."""
+    """SAME conv with an odd kernel (halo-exchanged when sharded); ``groups=cin`` = depthwise;
+    ``stride=2`` halves every spatial size (a learned down-sampling)."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, *, ndim: int = 3, groups: int = 1,
-                 bias: bool = False, dtype=jnp.float32, impl: str = "auto", rngs: nnx.Rngs):
+                 bias: bool = False, stride: int = 1, dtype=jnp.float32, impl: str = "auto",
+                 rngs: nnx.Rngs):
         if cin % groups or cout % groups:
             raise ValueError(f"Conv: {cin} -> {cout} channels not divisible into {groups} groups")
-        self.groups, self.dtype, self.impl = groups, dtype, impl   # impl: halo.conv's kernel
+        self.groups, self.stride, self.dtype = groups, stride, dtype
+        self.impl = impl                # halo.conv's kernel (parallel/cpuconv.KERNELS)
         self.kernel = nnx.Param(_he(rngs.params(), (kernel,) * ndim + (cin // groups, cout)))
         self.bias = nnx.Param(_const(0.0, cout)) if bias else None
 
     def __call__(self, x):
-        y = halo.conv(x.astype(self.dtype), self.kernel[...], feature_group_count=self.groups,
-                      impl=self.impl)
+        y = halo.conv(x.astype(self.dtype), self.kernel[...], strides=self.stride,
+                      feature_group_count=self.groups, impl=self.impl)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
@@ -170,6 +177,7 @@ class Opts:
     ndim: int = 3                       # spatial dims: 3 (UNet3D) or 2 (UNet2D)
     block: str = "plain"                # one of BLOCKS
     reduction: int = 4                  # K of the bottleneck: C -> C/K inside a unit
+    bottleneck_convs: int = 0           # 3³ convs between a bottleneck's 1³ convs (0: convs)
     norm: str = "batch"                 # one of NORMS
     activation: str = "leaky_relu"      # one of ACTIVATIONS
     norm_groups: int = 8                # groups of group norm
@@ -182,22 +190,25 @@ class Opts:
         return NormAct(features, self.norm, self.activation, groups=self.norm_groups,
                        momentum=self.momentum, eps=self.eps, dtype=self.dtype)
 
-    def conv(self, cin, cout, kernel, rngs, groups=1) -> Conv:
+    def conv(self, cin, cout, kernel, rngs, groups=1, stride=1) -> Conv:
         bias = self.norm == "none" and groups == 1  # a conv followed by a norm needs no bias
         return Conv(cin, cout, kernel, ndim=self.ndim, groups=groups, bias=bias,
-                    dtype=self.dtype, impl=self.kernel, rngs=rngs)
+                    stride=stride, dtype=self.dtype, impl=self.kernel, rngs=rngs)
 
 
 class Unit(nnx.Module):
     """One conv ``cin -> cout`` followed by NormAct. ``kind``: "full" (3³), "separable"
-    (depthwise 3³ + pointwise 1³, one NormAct after both) or "pointwise" (1³)."""
+    (depthwise 3³ + pointwise 1³, one NormAct after both) or "pointwise" (1³); ``stride=2``
+    (full only): a 3³ stride-2 conv, the learned down-sampling of ``model.downsample: conv``."""
 
     def __init__(self, cin: int, cout: int, opts: Opts, *, kind: str = "full",
-                 rngs: nnx.Rngs):
+                 stride: int = 1, rngs: nnx.Rngs):
         if kind not in ("full", "separable", "pointwise"):
             raise ValueError(f"unit kind '{kind}' is not full, separable or pointwise")
+        if stride != 1 and kind != "full":
+            raise ValueError(f"unit kind '{kind}': only a full 3³ conv takes a stride")
         self.depthwise = opts.conv(cin, cin, 3, rngs, groups=cin) if kind == "separable" else None
-        self.conv = opts.conv(cin, cout, 3 if kind == "full" else 1, rngs)
+        self.conv = opts.conv(cin, cout, 3 if kind == "full" else 1, rngs, stride=stride)
         self.act = opts.norm_act(cout)
 
     def __call__(self, x, train: bool):
@@ -221,7 +232,8 @@ class ConvBlock(nnx.Module):
         kind = "separable" if sep else "full"
         if opts.block in ("bottleneck", "compact"):
             m = max(cout // opts.reduction, 1)
-            plan = ([(cin, m, "pointwise")] + [(m, m, kind)] * convs
+            inner = opts.bottleneck_convs or convs
+            plan = ([(cin, m, "pointwise")] + [(m, m, kind)] * inner
                     + [(m, cout, "pointwise")])
         else:
             plan = [(cin if i == 0 else cout, cout,
@@ -240,13 +252,42 @@ def CompactConvBlock(cin: int, cout: int, convs: int, opts: Opts, **kw) -> ConvB
     return ConvBlock(cin, cout, convs, replace(opts, block="compact"), **kw)
 
 
-class UpBlock(nnx.Module):
-    """k2s2 transposed conv ``cin -> cout``, concatenate the skip, then a ConvBlock."""
+def repeat2(x):
+    """``(B, *S, C) -> (B, *2S, C)``: every voxel repeated 2× along each spatial axis (nearest
+    up-sampling; local to a shard, as the k2s2 transposed conv is)."""
+    for axis in range(1, x.ndim - 1):
+        x = jnp.repeat(x, 2, axis=axis)
+    return x
 
-    def __init__(self, cin: int, cout: int, convs: int, opts: Opts, *, rngs: nnx.Rngs):
-        self.upsample = ConvTranspose(cin, cout, ndim=opts.ndim, dtype=opts.dtype, rngs=rngs)
+
+class ResizeConv(nnx.Module):
+    """Nearest 2× up-sampling, then a full 3³ conv ``cin -> cout`` and NormAct (Isensee et al.'s
+    up-sampling module); ``model.upsample: resize_conv``."""
+
+    def __init__(self, cin: int, cout: int, opts: Opts, *, rngs: nnx.Rngs):
+        self.unit = Unit(cin, cout, opts, kind="full", rngs=rngs)
+
+    def __call__(self, x, train: bool):
+        return self.unit(repeat2(x), train)
+
+
+UPSAMPLES = ("transpose", "resize_conv")
+DOWNSAMPLES = ("maxpool", "conv")
+
+
+class UpBlock(nnx.Module):
+    """Up-sampling ``cin -> cout`` (k2s2 transposed conv, or ResizeConv), concatenate the skip,
+    then a ConvBlock."""
+
+    def __init__(self, cin: int, cout: int, convs: int, opts: Opts, *, rngs: nnx.Rngs,
+                 upsample: str = "transpose"):
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"upsample '{upsample}' is not one of {UPSAMPLES}")
+        self.upsample = (ConvTranspose(cin, cout, ndim=opts.ndim, dtype=opts.dtype, rngs=rngs)
+                         if upsample == "transpose" else ResizeConv(cin, cout, opts, rngs=rngs))
         self.block = ConvBlock(2 * cout, cout, convs, opts, rngs=rngs)
 
     def __call__(self, x, skip, train: bool):
-        x = self.upsample(x)
+        x = (self.upsample(x) if isinstance(self.upsample, ConvTranspose)
+             else self.upsample(x, train))
         return self.block(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1), train)

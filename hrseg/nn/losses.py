@@ -11,7 +11,12 @@ integer. Every sum over voxels goes through ``halo.psum`` over every mesh axis (
   class voxel counts are int32 per shard, psum'd in int32 (exact beyond 2²⁴ voxels);
 * ``weighted_ce`` — cross-entropy with per-class weights (1 / 8 / 16 in the released code),
   normalised by the summed weights of the voxels (a weighted mean);
-* ``combined`` — ``dice_weight × GDL + (1 − dice_weight) × WCE`` (0.2 / 0.8).
+* ``combined`` — ``dice_weight × GDL + (1 − dice_weight) × WCE`` (0.2 / 0.8);
+* ``dice_ce_wang`` — Wang et al.'s "combination of Dice and cross-entropy loss" after
+  Isensee et al. (their ref. 18, nnU-Net's ``DC_and_CE_loss``): unweighted cross-entropy plus
+  ``1 −`` the soft Dice of each foreground class (background left out), computed over the
+  whole batch ("batch Dice", smoothing 1e-5) and averaged over the classes, weights 1 : 1.
+  (nnU-Net adds ``−Dice``; ``1 − Dice`` differs by a constant, so the gradient is the same.)
 
 Voxels labelled ``hrseg.metrics.IGNORE`` (−1: padding that fits a volume to the mesh or the
 pooling) are outside the volume: every loss leaves them out, so a padded batch has the loss and
@@ -28,7 +33,8 @@ from hrseg import metrics
 from hrseg.parallel import halo, partition
 
 EPS = 1e-6
-NAMES = ("gdice", "wce", "dice_ce")
+NAMES = ("gdice", "wce", "dice_ce", "dice_ce_wang")
+SOFT_DICE_SMOOTH = 1e-5   # nnU-Net's SoftDiceLoss smoothing
 
 
 def _voxel_sum(x):
@@ -112,9 +118,27 @@ def combined(logits, labels, weights: Sequence[float] = (1.0, 8.0, 16.0),
             + (1.0 - dice_weight) * weighted_ce(logits, labels, weights))
 
 
+def soft_dice(logits, labels, classes: Sequence[int] | None = None,
+              smooth: float = SOFT_DICE_SMOOTH) -> jax.Array:
+    """Mean over ``classes`` (default: all but background) of the batch soft Dice
+    ``(2 Σ p r + s) / (Σ p + Σ r + s)``, sums over the batch, space and the mesh."""
+    logits = logits.astype(jnp.float32)
+    idx = list(range(1, logits.shape[-1])) if classes is None else [int(c) for c in classes]
+    prob = jax.nn.softmax(logits, axis=-1)[..., idx] * _inside(labels)   # (B, *S, k)
+    ref = _one_hot(logits, labels)[..., idx]
+    inter, total = _voxel_sum(ref * prob), _voxel_sum(prob + ref)          # (k,)
+    return jnp.mean((2.0 * inter + smooth) / (total + smooth))
+
+
+def dice_ce_wang(logits, labels) -> jax.Array:
+    """``CE + (1 − soft Dice over the foreground classes)`` (Wang et al. / Isensee et al.)."""
+    return cross_entropy(logits.astype(jnp.float32), labels) + 1.0 - soft_dice(logits, labels)
+
+
 def get(name: str, weights: Sequence[float] = (1.0, 8.0, 16.0),
         dice_weight: float = 0.2) -> Callable:
-    """``loss_fn(logits, labels) -> scalar`` for ``"gdice"``, ``"wce"`` or ``"dice_ce"``."""
+    """``loss_fn(logits, labels) -> scalar`` for ``"gdice"``, ``"wce"``, ``"dice_ce"`` or
+    ``"dice_ce_wang"`` (which takes neither weights nor dice_weight)."""
     weights = tuple(float(w) for w in weights)
     if name == "gdice":
         return lambda logits, labels: generalized_dice(logits, labels)
@@ -122,4 +146,6 @@ def get(name: str, weights: Sequence[float] = (1.0, 8.0, 16.0),
         return lambda logits, labels: weighted_ce(logits, labels, weights)
     if name == "dice_ce":
         return lambda logits, labels: combined(logits, labels, weights, float(dice_weight))
+    if name == "dice_ce_wang":
+        return dice_ce_wang
     raise ValueError(f"train.loss '{name}' is not one of {', '.join(NAMES)}")

@@ -1,10 +1,11 @@
 """UNet3D / UNet2D (Flax NNX); the papers' presets are config.preset (re-exported here).
 
-Parts are named in data-flow order — ``down_1 … down_{L-1}``, ``bottom``, ``up_{L-1} … up_1``,
-``head`` — and listed by ``UNet.parts()``, which the forward pass and hrseg.memory's estimate
-both walk (so a part cannot be in one and not the other); each is built from layers.py, so one model runs on the halo, gspmd and none
-backends. ``model(x, train) -> logits``: x ``(B, X, Y, Z, Cin)`` (2D ``(B, X, Y, Cin)``),
-logits float32 ``(B, X, Y, Z, classes)``. Every spatial size must be a multiple of
+Parts are named in data-flow order — ``down_1 … down_{L-1}`` (each followed by ``pool_i``
+with ``downsample: conv``), ``bottom``, ``up_{L-1} … up_1``, ``head`` — and listed by
+``UNet.parts()``, which the forward pass and hrseg.memory's estimate both walk (so a part
+cannot be in one and not the other); each is built from layers.py, so one model runs on the
+halo, gspmd and none backends. ``model(x, train) -> logits``: x ``(B, X, Y, Z, Cin)`` (2D
+``(B, X, Y, Cin)``), logits float32 ``(B, X, Y, Z, classes)``. Every spatial size must be a multiple of
 ``2 ** poolings_of(cfg)`` (partition.check_divisible); one that does not split evenly over
 its devices is padded and masked by the partitioned step (parallel/uneven.py).
 
@@ -29,7 +30,7 @@ from hrseg.config import (  # noqa: F401  (re-exported: config.py owns the prese
     preset,
 )
 from hrseg.nn import precision
-from hrseg.nn.layers import Conv, ConvBlock, Opts, UpBlock
+from hrseg.nn.layers import DOWNSAMPLES, Conv, ConvBlock, Opts, Unit, UpBlock
 from hrseg.parallel import halo, submesh
 
 
@@ -44,7 +45,8 @@ def filters(cfg: ModelConfig) -> list[int]:
 
 
 def opts(cfg: ModelConfig) -> Opts:
-    return Opts(ndim=cfg.dims, block=cfg.block, reduction=cfg.reduction, norm=cfg.norm,
+    return Opts(ndim=cfg.dims, block=cfg.block, reduction=cfg.reduction,
+                bottleneck_convs=cfg.bottleneck_convs, norm=cfg.norm,
                 activation=cfg.activation, norm_groups=cfg.norm_groups,
                 momentum=cfg.bn_momentum, eps=cfg.bn_eps,
                 dtype=precision.policy(cfg.precision).compute_dtype, kernel=cfg.conv)
@@ -56,8 +58,9 @@ class Part:
     name: str
     module: nnx.Module
     level: int    # resolution level: the input's spatial sizes / 2**level
-    role: str     # "down": block, its output is a skip, then a 2× max-pool; "bottom": block;
-                  # "up": k2s2 up-conv, concatenate the skip, block; "head": 1³ conv -> logits
+    role: str     # "down": block, its output is a skip, then a 2× max-pool (unless a "pool"
+                  # part follows: a 3³ stride-2 conv unit, ``downsample: conv``); "bottom":
+                  # block; "up": up-sampling, concatenate the skip, block; "head": 1³ conv
 
 
 class UNet(nnx.Module):
@@ -66,20 +69,26 @@ class UNet(nnx.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int = 1, *, rngs: nnx.Rngs):
         if cfg.levels < 1:
             raise ValueError(f"levels must be >= 1, got {cfg.levels}")
+        if cfg.downsample not in DOWNSAMPLES:
+            raise ValueError(f"downsample '{cfg.downsample}' is not one of {DOWNSAMPLES}")
         o = opts(cfg)
         f = filters(cfg)
         self.ndim, self.levels = cfg.dims, cfg.levels
         self.gather_below = cfg.gather_below
+        self.conv_pool = cfg.downsample == "conv"
         c = in_channels
         for i in range(cfg.levels - 1):
             setattr(self, f"down_{i + 1}", ConvBlock(c, f[i], cfg.convs_per_block, o, rngs=rngs,
                                                      first=i == 0))
             c = f[i]
+            if self.conv_pool:  # 3³ stride 2, doubling the channels (Isensee et al.)
+                setattr(self, f"pool_{i + 1}", Unit(c, f[i + 1], o, stride=2, rngs=rngs))
+                c = f[i + 1]
         self.bottom = ConvBlock(c, f[-1], cfg.convs_per_block, o, rngs=rngs,
                                 first=cfg.levels == 1)
         for i in reversed(range(cfg.levels - 1)):
             setattr(self, f"up_{i + 1}", UpBlock(f[i + 1], f[i], cfg.convs_per_block, o,
-                                                 rngs=rngs))
+                                                 rngs=rngs, upsample=cfg.upsample))
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
         self.head = Conv(f[0], cfg.classes, 1, ndim=cfg.dims, bias=cfg.head_bias,
                          dtype=o.dtype, rngs=rngs)
@@ -91,8 +100,11 @@ class UNet(nnx.Module):
 
     def parts(self) -> list[Part]:
         """The network in data-flow order; ``__call__`` runs exactly this list."""
-        down = [Part(f"down_{i + 1}", getattr(self, f"down_{i + 1}"), i, "down")
-                for i in range(self.levels - 1)]
+        down = []
+        for i in range(self.levels - 1):
+            down.append(Part(f"down_{i + 1}", getattr(self, f"down_{i + 1}"), i, "down"))
+            if self.conv_pool:   # input at level i, output at level i + 1
+                down.append(Part(f"pool_{i + 1}", getattr(self, f"pool_{i + 1}"), i, "pool"))
         up = [Part(f"up_{i + 1}", getattr(self, f"up_{i + 1}"), i, "up")
               for i in reversed(range(self.levels - 1))]
         return [*down, Part("bottom", self.bottom, self.levels - 1, "bottom"), *up,
@@ -110,8 +122,9 @@ class UNet(nnx.Module):
             if part.role == "down":
                 x = part.module(x, train)
                 skips.append(x)
-                x = halo.max_pool(x)
-            elif part.role == "bottom":
+                if not self.conv_pool:
+                    x = halo.max_pool(x)
+            elif part.role in ("pool", "bottom"):
                 x = part.module(x, train)
             elif part.role == "up":
                 x = part.module(x, skips.pop(), train)

@@ -122,4 +122,4 @@ def summary_line(result: dict | None) -> str:
     tumour = metrics.tumour_applicable(result)
     return ", ".join(f"{k} {metrics.shown(v, tumour or not k.startswith('tumour'))}"
                      for k, v in result.items()
-                     if "dice" in k and (v is None or isinstance(v, float)))
+                     if "dice" in k and k != "empty_dice" and (v is None or isinstance(v, float)))

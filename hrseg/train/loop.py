@@ -32,7 +32,7 @@ from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.runtime import multihost
 from hrseg.train import checkpoint, distributed, inference, rundir, step, stepcache, tblog
-from hrseg.train.optim import make_optimizer, make_schedule
+from hrseg.train.optim import epoch_steps, learning_rate, make_optimizer, make_schedule
 from hrseg.train.batches import Batches, batch_shape, check_batch_shape  # noqa: F401  (loop API)
 
 
@@ -54,10 +54,11 @@ class RunResult:
         return d
 
 
-def build(cfg: Config, layout: partition.Layout):
-    """``(graphdef, state on the layout's mesh, optimizer)`` of a config, freshly initialised."""
+def build(cfg: Config, layout: partition.Layout, steps_per_epoch: int = 1):
+    """``(graphdef, state on the layout's mesh, optimizer)`` of a config, freshly initialised
+    (``steps_per_epoch``: the plateau schedule's epoch; the state's structure ignores it)."""
     model = unet.build(cfg.model, cfg.in_channels, rngs=nnx.Rngs(cfg.train.seed))
-    optimizer = make_optimizer(cfg.train)
+    optimizer = make_optimizer(cfg.train, steps_per_epoch)
     loss_scaling = precision.policy(cfg.model.precision).loss_scaling
     graphdef, state = step.init_state(model, optimizer, loss_scaling)
     return graphdef, step.replicate(layout, state), optimizer
@@ -84,6 +85,16 @@ def _finite_or_raise(metrics: dict, step_no: int, ckpts: checkpoint.Checkpoints)
             else "no checkpoint was written yet")
     raise FloatingPointError(f"step {step_no}: {what}; training stopped, {keep} "
                              f"(lower train.lr, or check the input data of this step)")
+
+
+def overflow_skipped(policy: precision.Policy, metrics: dict) -> bool:
+    """An fp16 step whose scaled gradients overflowed (the loss itself finite): the step
+    skipped its update and halved the loss scale, and training goes on. A non-finite loss, or
+    an overflow at a scale below step.MIN_SCALE, is no scaling matter: the NaN guard stops the
+    run as it does without fp16."""
+    return bool(policy.loss_scaling and not metrics["finite"]
+                and math.isfinite(float(metrics["loss"]))
+                and float(metrics["loss_scale"]) >= step.MIN_SCALE)
 
 
 def _say(line: str) -> None:
@@ -117,8 +128,9 @@ def train(cfg: Config, *, progress: bool = True,
         rundir.check_resume(run_dir, cfg)          # before any work: a changed run is refused
     layout = make_layout(cfg)
     check_batch_shape(cfg, layout.mesh)
-    graphdef, state, optimizer = build(cfg, layout)
     batches = Batches(cfg, layout)
+    graphdef, state, optimizer = build(cfg, layout,
+                                       epoch_steps(cfg.train, len(batches.ds.train)))
     evaluator = inference.Evaluator(cfg, graphdef, layout, batches.ds.val)
 
     lock = rundir.Lock(run_dir).acquire() if main else None
@@ -167,10 +179,11 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
     train_step = stepcache.wrap(   # traced once per machine and network, then from disk
         step.make_train_step(graphdef, optimizer, loss_fn, layout, cfg.model.dims,
                              policy.loss_scaling, jit=False),
-        stepcache.config_fingerprint(cfg))
+        {**stepcache.config_fingerprint(cfg),   # the plateau's epoch is traced into the step
+         "epoch_steps": epoch_steps(t, len(batches.ds.train))})
     log = rundir.MetricsLog(run_dir / rundir.METRICS, start, main)
     tb = tblog.TensorBoard(run_dir, start, main)       # the same records, for TensorBoard
-    schedule = make_schedule(t)
+    schedule, plateau = make_schedule(t), t.schedule == "plateau"
 
     def evaluate_and_log(n):
         result = evaluator(state, n, on_predictions=lambda c, p: tb.predictions(n, c, p))
@@ -200,13 +213,14 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
                 times.append(dt)
                 sizes.append(voxels)
             n = s + 1
-            if not (policy.loss_scaling and not metrics["finite"]):
+            if not overflow_skipped(policy, metrics):
                 _finite_or_raise(metrics, n, ckpts)
             dice = region_dice(metrics["counts"])   # this batch's Dice; liver with tumours
             last_loss = float(metrics["loss"])
             record = {"step": n, "loss": last_loss, "grad_norm": float(metrics["grad_norm"]),
                       "dice_liver": dice["liver"], "dice_tumour": dice["tumour"],
-                      "lr": float(schedule(s)), "step_time_s": dt, "data_time_s": t0 - t_data,
+                      "lr": learning_rate(t, state.opt_state, s) if plateau else float(schedule(s)),
+                      "step_time_s": dt, "data_time_s": t0 - t_data,
                       "voxels_per_s": voxels / dt}
             if policy.loss_scaling:
                 record.update(loss_scale=float(metrics["loss_scale"]),

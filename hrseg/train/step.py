@@ -30,8 +30,13 @@ from hrseg import metrics as scores
 from hrseg.parallel import halo, partition, uneven
 from hrseg.parallel.partition import Layout
 
-# fp16 dynamic loss scaling (as flax's DynamicScale): grow ×2 after this many finite steps.
+# fp16 dynamic loss scaling (torch.cuda.amp.GradScaler, flax's DynamicScale): start at
+# INITIAL_SCALE, halve and skip the update on non-finite gradients, grow ×2 after SCALE_PERIOD
+# finite steps in a row. A step that overflows even at a scale below MIN_SCALE is no overflow
+# any more: the training loop stops there as it does for fp32 / bf16.
+INITIAL_SCALE = 2.0 ** 15
 SCALE_PERIOD = 2000
+MIN_SCALE = 1.0
 
 
 class TrainState(struct.PyTreeNode):
@@ -48,7 +53,7 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation,
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                        opt_state=optimizer.init(params),
-                       loss_scale=jnp.float32(2.0 ** 15 if loss_scaling else 1.0),
+                       loss_scale=jnp.float32(INITIAL_SCALE if loss_scaling else 1.0),
                        good_steps=jnp.zeros((), jnp.int32))
     return graphdef, state
 
@@ -178,7 +183,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
                                                    state.loss_scale)
         grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
         finite = jnp.isfinite(loss) & _all_finite(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        extra = ({"value": loss} if isinstance(optimizer, optax.GradientTransformationExtraArgs)
+                 else {})   # reduce_on_plateau (train.schedule: plateau) reads the loss
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
         # a good step leaves a finite state: batch statistics or optimizer moments can

@@ -185,7 +185,7 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
             mean, std, n = metrics.mean_std(e.get(m) for e in evals)
             row.update({m: mean, f"{m}_std": std, f"{m}_n": n})
         cfg = runs[0].cfg
-        row["empty_dice"] = float(cfg.train.empty_dice)   # one per row: it is in the recipe
+        row["empty_dice"] = cfg.train.empty_dice   # one per row: it is in the recipe
         row["devices"] = int(cfg.mesh.data * math.prod(cfg.mesh.spatial))
         native = cfg.data.resample == "native"     # shapes vary by bucket: not from the config
         row["memory_bytes"] = step_memory(cfg) if memory and not native else math.nan
@@ -226,8 +226,9 @@ def notes(rows: Sequence[dict]) -> str:
     """What a reader needs beside the table: the empty-mask convention the rows used (a case
     with no tumour in reference nor prediction scores ``train.empty_dice``; Hou et al.'s
     released code scores 0) and Table 1's rows."""
-    conv = sorted({r.get("empty_dice", 1.0) for r in rows})
-    which = " / ".join(f"{c:g}" for c in conv) or "1"
+    conv = {r.get("empty_dice", 1.0) for r in rows}
+    which = " / ".join("left out" if c is None else f"{c:g}"
+                       for c in sorted(conv, key=lambda c: -1 if c is None else c)) or "1"
     return (f"Dice ± std over runs × checkpoints; an empty reference and prediction scores "
             f"{which} (train.empty_dice; Hou et al.'s released code: 0). {table1_line()} The 3D "
             f"resolution study: docs/results.md.")

@@ -27,6 +27,10 @@ CASES = {
                                  "reduction": 2},
     "plain-none-fp16": {"norm": "none", "precision": "fp16"},
     "plain-batch-bf16": {"precision": "bf16"},
+    # Wang's reconstruction: 3³ stride-2 conv down, nearest 2× + 3³ conv up, 1-3-1 bottleneck
+    "wang-bottleneck-convdown-resizeup": {"block": "bottleneck", "reduction": 2,
+                                          "bottleneck_convs": 1, "downsample": "conv",
+                                          "upsample": "resize_conv"},
 }
 # of the largest |value| in the logits / in all gradients / in all statistics: a gradient
 # that cancels to ~0 (2-channel BN scale of the tiny net) carries the others' rounding
