@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT = [ROOT / "params" / "train_64.yaml", ROOT / "params" / "train_64_patch32.yaml"]
+DEFAULT = [ROOT / "params" / "train" / "train_64.yaml",
+           ROOT / "params" / "train" / "train_64_patch32.yaml"]
 
 
 def figures(path) -> dict:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hrseg.config import ModelConfig, TrainConfig
+from hrseg.config import Config, ModelConfig, TrainConfig
 from hrseg.memory.analytic import batch_shape, mesh_shape, with_precision
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
@@ -22,16 +22,37 @@ from hrseg.train.optim import make_optimizer
 
 
 def abstract_step(model_cfg: ModelConfig, batch_shape, layout: partition.Layout,
-                  optimizer: str = "adafactor", loss_fn=None, model_fn=None):
-    """(jitted train_step, abstract args) for ``.lower(*args)``, without allocating."""
+                  optimizer: str | TrainConfig = "adafactor", loss_fn=None, model_fn=None):
+    """(jitted train_step, abstract args) for ``.lower(*args)``, without allocating.
+    ``optimizer``: a name, or a run's whole ``train`` section (its schedule too)."""
     pol = precision.policy(model_cfg.precision)
     build = model_fn or (lambda: unet.build(model_cfg, batch_shape[-1]))
-    opt = make_optimizer(TrainConfig(optimizer=optimizer))
+    opt = make_optimizer(optimizer if isinstance(optimizer, TrainConfig)
+                         else TrainConfig(optimizer=optimizer))
     graphdef = nnx.split(nnx.eval_shape(build), nnx.Param, ...)[0]
     state = jax.eval_shape(lambda: step.init_state(build(), opt, pol.loss_scaling)[1])
     fn = step.make_train_step(graphdef, opt, loss_fn or losses.cross_entropy, layout,
                               ndim=model_cfg.dims, loss_scaling=pol.loss_scaling)
     return fn, step.abstract_inputs(state, layout, batch_shape, ndim=model_cfg.dims)
+
+
+def run_step(cfg: Config, input_shape=None):
+    """``(jitted train step, abstract args)`` of a run config as ``hrseg train`` builds it —
+    its model, precision, conv kernel, loss, optimizer and schedule, batch and mesh (on the
+    process's first devices) — on ShapeDtypeStructs: ``fn.lower(*args)`` traces the real step
+    and ``.compile()`` compiles it, nothing allocated. ``input_shape``: the spatial sizes
+    (default: ``data.patch`` or ``data.resolution``; give one for ``resample: native``)."""
+    m, t = cfg.mesh, cfg.train
+    n = m.data * math.prod(m.spatial)
+    if n > jax.device_count():
+        raise ValueError(f"the {m.data}×{'×'.join(map(str, m.spatial))} mesh needs {n} devices; "
+                         f"this process has {jax.device_count()}")
+    lay = partition.layout(partition.make_mesh(m.spatial, m.data, devices=jax.devices()[:n]),
+                           m.backend)
+    shape = batch_shape(cfg.model, tuple(input_shape or cfg.data.patch or cfg.data.resolution),
+                        t.batch, cfg.in_channels)
+    return abstract_step(cfg.model, shape, lay, t,
+                         loss_fn=losses.get(t.loss, t.ce_weights, t.dice_weight))
 
 
 def measure(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,

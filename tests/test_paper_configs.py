@@ -1,0 +1,71 @@
+"""params/paper/: the papers' own settings load, and each one's real training step — model,
+precision, loss, optimizer and schedule, batch, mesh — is traced and lowered on abstract inputs
+(memory.compiled.run_step; nothing allocated), on as many fake CPU devices as its mesh needs,
+in one child process. The XLA compile of these paper-scale steps takes minutes each on this
+machine (hou_64: 185 s), so it is left to `benchmarks/paper_configs.py`."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hrseg import config
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = sorted((ROOT / "params" / "paper").glob("*.yaml"))
+NATIVE = (256, 256, 256)   # resample: native — the largest bucket of KiTS19's 45-234 slices
+
+CHILD = r"""
+import json, sys
+from hrseg import config
+from hrseg.memory import compiled
+out = {}
+for path in sys.argv[1:]:
+    cfg = config.load(path)
+    shape = %r if cfg.data.resample == "native" else None
+    fn, args = compiled.run_step(cfg, shape)
+    text = fn.lower(*args).as_text()
+    out[path] = {"chars": len(text), "ppermute": text.count("collective_permute")}
+print(json.dumps(out))
+""" % (NATIVE,)
+
+
+def test_the_papers_settings_are_all_there():
+    names = {p.stem for p in PAPER}
+    assert {f"hou_{r}" for r in ("64", "128", "256", "512", "2d")} <= names
+    rows = ("baseline", "bottleneck", "sepconv", "ccblock", "abn", "mp")
+    assert {f"wang_{s}_{r}" for s in ("96", "256x256x152", "full") for r in rows} <= names
+    assert {"wang_fig4b_96", "wang_fig4b_256x256x152"} <= names
+
+
+def test_hou_configs_are_the_papers_recipe():
+    for p in (q for q in PAPER if q.stem.startswith("hou_")):
+        cfg = config.load(p)
+        t, m = cfg.train, cfg.mesh
+        assert (t.loss, t.optimizer, t.lr, t.empty_dice) == ("gdice", "adafactor", 3e-3, 0.0)
+        assert m.data == 2 and t.batch == (8 if p.stem == "hou_512" else 16), p.stem
+        assert cfg.model.preset in ("paper", "paper2d")
+
+
+def test_wang_configs_are_the_papers_recipe():
+    for p in (q for q in PAPER if q.stem.startswith("wang_")):
+        t = config.load(p).train
+        assert (t.optimizer, t.lr, t.schedule, t.lr_decay, t.plateau_patience, t.loss,
+                t.batch) == ("adam", 4e-4, "plateau", 0.3, 50, "dice_ce_wang", 1), p.stem
+    mp = config.load(ROOT / "params" / "paper" / "wang_96_mp.yaml").model
+    assert (mp.block, mp.norm, mp.precision) == ("compact", "inplace_abn", "fp16")
+
+
+def test_every_paper_config_traces_and_lowers_on_its_mesh():
+    need = max(c.mesh.data * c.mesh.spatial[0] * c.mesh.spatial[1] * c.mesh.spatial[2]
+               for c in map(config.load, PAPER))
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={need}")
+    proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, PAPER)], capture_output=True,
+                          text=True, env=env, timeout=1500, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(out) == sorted(map(str, PAPER))
+    for path, lowered in out.items():
+        halo = config.load(path).mesh.backend == "halo"
+        assert lowered["chars"] > 10_000 and (lowered["ppermute"] > 0) == halo, (path, lowered)
