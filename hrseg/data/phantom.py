@@ -91,14 +91,9 @@ def _blur_x_inplace(a: np.ndarray) -> None:
         prev = cur
 
 
-def generate_case(seed: int, shape=None):
-    """One synthetic CT: ``(hu float32 (X,Y,Z), label uint8 (X,Y,Z), affine (4,4))``.
-
-    Arrays are in the stored voxel order (as nibabel gives them from the written file; the
-    affine says how they map to RAS+ mm). ``shape=None`` is the realistic default
-    (512×512×80–200); any other shape renders the same anatomy on that grid (spacing =
-    field of view / shape), e.g. ``(64, 64, 32)`` for tests. HU values are integers.
-    """
+def _draw(seed: int, shape):
+    """Every random draw of a case but the noise: ``(body, shape, spacing, flips, xs, ys, zs,
+    noise_seed, affine)`` (voxel centres in the anatomy's mm; the affine of the stored array)."""
     rng = np.random.default_rng(int(seed))
     fov, extent, shape, spacing, flips = _geometry(rng, shape)
     body = anatomy.Anatomy(rng, fov, extent)
@@ -106,12 +101,51 @@ def generate_case(seed: int, shape=None):
     xs = _centres(shape[0], spacing[0], -fov[0] / 2)
     ys = _centres(shape[1], spacing[1], -fov[1] / 2)
     zs = _centres(shape[2], spacing[2], 0.0)
+    noise_seed = int(rng.integers(2 ** 63))
+    z0 = -float(rng.uniform(200, 500))          # table position: an arbitrary world offset
+    lo = np.array([xs[0], ys[0], zs[0] + z0], np.float64)
+    hi = np.array([xs[-1], ys[-1], zs[-1] + z0], np.float64)
+    affine = np.eye(4)
+    for d, flip in enumerate(flips):
+        affine[d, d] = -spacing[d] if flip else spacing[d]
+        affine[d, 3] = hi[d] if flip else lo[d]
+    return body, shape, spacing, flips, xs, ys, zs, noise_seed, affine
+
+
+def case_tumours(seed: int, shape=None) -> list[dict]:
+    """The ground truth of :func:`generate_case`'s tumours (``seed``, ``shape`` as there),
+    without rendering: per tumour ``centre_mm`` (RAS+, the affine's world), ``centre_voxel``
+    (index in the stored array), ``radius_mm`` (the drawn r), ``semi_axes_mm`` (r × the
+    ellipsoid's axes, before the lobe modulation and the clipping to the liver) and
+    ``diameter_mm``: the equivalent diameter of that ellipsoid, ``2 (a b c)^(1/3)``.
+    Tumours may overlap (then they are one lesion of the label)."""
+    body, shape, spacing, flips, xs, ys, zs, _, affine = _draw(seed, shape)
+    out = []
+    for t in body.tumours:
+        c = np.asarray(t["centre"], np.float64)                      # the anatomy's mm
+        index = [(c[d] - first) / spacing[d] for d, first in enumerate((xs[0], ys[0], zs[0]))]
+        index = [shape[d] - 1 - i if flips[d] else i for d, i in enumerate(index)]
+        semi = [float(t["r"] * a) for a in t["axes"]]
+        out.append({"centre_mm": (affine @ np.array([*index, 1.0]))[:3].tolist(),
+                    "centre_voxel": [float(i) for i in index], "radius_mm": float(t["r"]),
+                    "semi_axes_mm": semi, "diameter_mm": 2.0 * math.prod(semi) ** (1 / 3)})
+    return out
+
+
+def generate_case(seed: int, shape=None):
+    """One synthetic CT: ``(hu float32 (X,Y,Z), label uint8 (X,Y,Z), affine (4,4))``.
+
+    Arrays are in the stored voxel order (as nibabel gives them from the written file; the
+    affine says how they map to RAS+ mm). ``shape=None`` is the realistic default
+    (512×512×80–200); any other shape renders the same anatomy on that grid (spacing =
+    field of view / shape), e.g. ``(64, 64, 32)`` for tests. HU values are integers.
+    :func:`case_tumours` gives its tumours' centres and sizes.
+    """
+    body, shape, spacing, flips, xs, ys, zs, noise_seed, affine = _draw(seed, shape)
     hu = np.empty(shape, np.float32)
     label = np.empty(shape, np.uint8)
-    noise_seed = int(rng.integers(2 ** 63))
     half_width = math.sqrt(3) * body.noise_sd * _NOISE_GAIN   # uniform noise of that sd
     # The stored orientation: flipped axes are written reversed, slab by slab.
-    z0 = -float(rng.uniform(200, 500))          # table position: an arbitrary world offset
     flip_yz = (slice(None), slice(None, None, -1) if flips[1] else slice(None),
                slice(None, None, -1) if flips[2] else slice(None))
     for k, i0 in enumerate(range(0, shape[0], SLAB)):
@@ -129,12 +163,6 @@ def generate_case(seed: int, shape=None):
     _blur_x_inplace(hu)
     np.clip(hu, -1024, 3071, out=hu)
     np.rint(hu, out=hu)
-    lo = np.array([xs[0], ys[0], zs[0] + z0], np.float64)
-    hi = np.array([xs[-1], ys[-1], zs[-1] + z0], np.float64)
-    affine = np.eye(4)
-    for d, flip in enumerate(flips):
-        affine[d, d] = -spacing[d] if flip else spacing[d]
-        affine[d, 3] = hi[d] if flip else lo[d]
     return hu, label, affine
 
 
@@ -147,6 +175,12 @@ def _write_case(out: Path, index: int, seed: int, shape) -> list[Path]:
 
 
 MANIFEST = "phantom.json"
+TUMOURS = "tumours.json"    # {case index: case_tumours(...)}: the ground truth of the lesions
+
+
+def _write_tumours(out: Path, cases: int, seed: int, shape) -> None:
+    truth = {str(i): case_tumours(case_seed(seed, i), shape) for i in range(cases)}
+    atomic.write_text(out / TUMOURS, json.dumps(truth, indent=1) + "\n")
 
 
 def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool = False,
@@ -157,6 +191,7 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
     (temporary name, then rename). A folder already holding this exact dataset (same
     generator version, seed, cases and shape, recorded in ``phantom.json``) is left as it
     is; cases beyond ``cases`` left by an earlier phantom run there are removed.
+    ``tumours.json`` beside it records each case's tumours (:func:`case_tumours`).
     ``workers`` threads (default: the CPU count, at most 4) render cases in parallel.
     """
     out = Path(out_dir)
@@ -171,6 +206,8 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
                 for kind in ("volume", "segmentation")]
     old = json.loads(manifest.read_text()) if manifest.is_file() else None
     if old == want and all(p.is_file() for p in expected):
+        if not (out / TUMOURS).is_file():   # a dataset written before the file existed
+            _write_tumours(out, cases, seed, shape)
         if progress:
             print(f"{out}: phantom dataset up to date ({cases} cases, seed {seed})")
         return expected
@@ -190,5 +227,6 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
                 bar.update(1)
     if bar is not None:
         bar.close()
+    _write_tumours(out, cases, seed, shape)
     atomic.write_text(manifest, json.dumps(want, indent=1) + "\n")
     return expected

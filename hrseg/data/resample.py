@@ -116,16 +116,45 @@ def apply(g: Grid, x: np.ndarray, order: int, cval: float = 0.0, antialias: bool
                                     mode="constant" if g.pad else "nearest", cval=cval)
 
 
-def to_input_grid(g: Grid, y: np.ndarray) -> np.ndarray:
+def to_input_grid(g: Grid, y: np.ndarray, box=None) -> np.ndarray:
     """Nearest-neighbour inverse of :func:`apply` for label maps: ``g.out_shape`` array back
-    onto the input grid (outside the resampled region: 0)."""
+    onto the input grid (outside the resampled region: 0). ``box`` ``(lo, hi)`` (input voxel
+    indices, hi exclusive): only that part of the input grid, the same values as the full
+    result's ``[lo:hi]``."""
     if tuple(y.shape) != g.out_shape:
         raise ValueError(f"prediction shape {tuple(y.shape)} is not the grid's {g.out_shape}")
     scale, offset = np.array(g.scale), np.array(g.offset)
     if np.allclose(scale, 1) and np.allclose(offset, 0) and y.shape == g.in_shape:
-        return np.array(y, copy=True)
-    return ndimage.affine_transform(y, 1 / scale, offset=-offset / scale,
-                                    output_shape=g.in_shape, output=y.dtype, order=0,
-                                    mode="constant" if g.pad else "nearest", cval=0)
+        return np.array(y if box is None else y[tuple(slice(a, b) for a, b in zip(*box))],
+                        copy=True)
+    if box is None:
+        return ndimage.affine_transform(y, 1 / scale, offset=-offset / scale,
+                                        output_shape=g.in_shape, output=y.dtype, order=0,
+                                        mode="constant" if g.pad else "nearest", cval=0)
+    # The map is diagonal, so scipy resamples axis by axis (zoom_shift): the same call on each
+    # axis's index ramp gives the output index each input voxel takes (-1: outside, padding).
+    idx = [ndimage.affine_transform(np.arange(n, dtype=np.int64), [1 / a], offset=-o / a,
+                                    output_shape=(m,), order=0, cval=-1,
+                                    mode="constant" if g.pad else "nearest")[int(b0):int(b1)]
+           for n, m, a, o, b0, b1 in zip(g.out_shape, g.in_shape, scale, offset, *box)]
+    out = y[np.ix_(*(np.maximum(i, 0) for i in idx))]
+    if g.pad:
+        out[(idx[0] < 0)[:, None, None] | (idx[1] < 0)[None, :, None]
+            | (idx[2] < 0)[None, None, :]] = 0
+    return out
+
+
+def input_box(g: Grid, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """The input-grid box ``(lo, hi)`` (hi exclusive) that holds every input voxel
+    :func:`to_input_grid` fills from the output box ``[lo, hi)``: a voxel's margin wider,
+    and out to the input's edge where the box touches the output's (edge clamping)."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    scale, offset = np.array(g.scale), np.array(g.offset)
+    n_in, n_out = np.array(g.in_shape), np.array(g.out_shape)
+    a = np.floor(offset + scale * (lo - 1.5)).astype(int)
+    b = np.ceil(offset + scale * (hi + 0.5)).astype(int) + 1
+    a = np.where(lo <= 0, 0, np.clip(a, 0, n_in))
+    b = np.where(hi >= n_out, n_in, np.clip(b, 0, n_in))
+    return a, b
 
 
