@@ -30,6 +30,7 @@ voxel grid (the reference label as stored, the prediction resampled back to it).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -140,7 +141,7 @@ def _centroids(lab: np.ndarray, mask: np.ndarray, n: int, size: np.ndarray) -> n
 def bin_labels(edges: Sequence[float] = BINS_MM) -> list[str]:
     """``["< 10 mm", "10–20 mm", "20–40 mm", "≥ 40 mm"]`` for the default edges."""
     e = [f"{v:g}" for v in edges]
-    return ([f"< {e[0]} mm"] + [f"{a}–{b} mm" for a, b in zip(e, e[1:])]
+    return ([f"< {e[0]} mm"] + [f"{a}–{b} mm" for a, b in itertools.pairwise(e)]
             + [f"≥ {e[-1]} mm"])
 
 

@@ -141,7 +141,7 @@ def generate_case(seed: int, shape=None):
     field of view / shape), e.g. ``(64, 64, 32)`` for tests. HU values are integers.
     :func:`case_tumours` gives its tumours' centres and sizes.
     """
-    body, shape, spacing, flips, xs, ys, zs, noise_seed, affine = _draw(seed, shape)
+    body, shape, _, flips, xs, ys, zs, noise_seed, affine = _draw(seed, shape)
     hu = np.empty(shape, np.float32)
     label = np.empty(shape, np.uint8)
     half_width = math.sqrt(3) * body.noise_sd * _NOISE_GAIN   # uniform noise of that sd
