@@ -229,7 +229,6 @@ def test_evaluate_writes_the_per_lesion_table(smoke_run, dataset):
                    for x in case["lesions"])
     assert rec["reference_lesions"] == sum(len(c["lesions"]) for c in rec["per_case"])
     assert sum(b["lesions"] for b in rec["bins"]) == rec["reference_lesions"]
-    assert rec["seconds"] < 5
 
 
 # --- the table --------------------------------------------------------------------------------
