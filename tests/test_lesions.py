@@ -13,6 +13,7 @@ from scipy import ndimage
 from hrseg import cli, config, data, lesions, train
 from hrseg.data import nifti, phantom
 from hrseg.nn import unet
+from hrseg.train import inference
 from hrseg.train.inference import LesionScorer
 from hrseg.workbench import lesion_table
 
@@ -118,6 +119,16 @@ def test_bins_edges_and_pooled_summary():
     assert math.isnan(lesions.summarize([])["false_positives_per_case"])
 
 
+def test_summary_line_says_how_many_lesions_were_found():
+    cases = [{"lesions": [{"diameter_mm": 5, "overlap_voxels": 0, "dice": 0.0},
+                          {"diameter_mm": 30, "overlap_voxels": 9, "dice": 0.7}],
+              "false_positives": 3}]
+    line = inference.summary_line({"tumour_dice_global": 0.5,
+                                   "lesions": lesions.summarize(cases)})
+    assert line == ("tumour_dice_global 0.500; lesions detected 1/2 (overlap), "
+                    "3.0 false positive(s) per case")
+
+
 # --- the phantom's known tumours ---------------------------------------------------------------
 
 @pytest.mark.parametrize("index", [1, 3])
@@ -212,6 +223,9 @@ def test_evaluate_writes_the_per_lesion_table(smoke_run, dataset):
     path = result.run_dir / "checkpoints" / f"eval_{step:08d}.json"
     path.unlink()
     evaluated = train.evaluate(result.run_dir)
+    line = inference.summary_line(evaluated)
+    n = evaluated["lesions"]["reference_lesions"]
+    assert line.startswith("tumour_dice_per_case") and (f"/{n} (overlap)" in line) == (n > 0)
     rec = json.loads(path.read_text())["metrics"]["lesions"]
     assert rec == json.loads(json.dumps(evaluated["lesions"]))
     assert [b["bin"] for b in rec["bins"]] == lesions.bin_labels()

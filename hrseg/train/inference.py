@@ -175,8 +175,14 @@ class Evaluator:
 
 
 def summary_line(result: dict | None) -> str:
-    """One line of an evaluation: its Dice figures."""
+    """One line of an evaluation: its Dice figures and lesions found."""
     if not result:
         return "no validation cases"
-    return ", ".join(f"{k} {v:.3f}" for k, v in result.items()
+    line = ", ".join(f"{k} {v:.3f}" for k, v in result.items()
                      if "dice" in k and isinstance(v, float))
+    les = result.get("lesions")
+    if les and les.get("reference_lesions"):
+        found = sum(b["detected"] for b in les["bins"])
+        line += (f"; lesions detected {found}/{les['reference_lesions']} ({les['rule']}), "
+                 f"{les['false_positives_per_case']:.1f} false positive(s) per case")
+    return line
