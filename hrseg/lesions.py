@@ -85,9 +85,11 @@ def is_detected(lesion: dict, rule: str = DEFAULT_RULE, threshold: float = DICE_
 
 
 def analyse(pred, true, spacing, rule: str = DEFAULT_RULE, threshold: float = DICE_THRESHOLD,
-            origin=(0, 0, 0)) -> dict:
+            origin=(0, 0, 0), true_components: tuple[np.ndarray, int] | None = None) -> dict:
     """Per-lesion scores of one case: boolean tumour masks ``pred`` and ``true`` (same 3D
     shape, one grid), ``spacing`` (3,) mm per voxel along the array axes.
+    ``true_components``: ``components(true)`` when the caller has it already (the reference
+    is the same at every evaluation).
 
     Returns ``{"lesions": [...], "false_positives": k, "predicted_lesions": m}``; each lesion
     (in component order: ``scipy.ndimage.label``'s scan order) is ``{"voxels", "volume_mm3",
@@ -99,7 +101,9 @@ def analyse(pred, true, spacing, rule: str = DEFAULT_RULE, threshold: float = DI
     if pred.shape != true.shape:
         raise ValueError(f"lesions: prediction {pred.shape} and label {true.shape} differ")
     spacing = np.asarray(spacing, np.float64).reshape(3)
-    t_lab, nt = components(true)
+    t_lab, nt = components(true) if true_components is None else true_components
+    if t_lab.shape != true.shape:
+        raise ValueError(f"lesions: components {t_lab.shape} of another shape than {true.shape}")
     p_lab, npred = components(pred)
     t_size = np.bincount(t_lab[true], minlength=nt + 1)[1:]              # (nt,)
     p_size = np.bincount(p_lab[pred], minlength=npred + 1)               # (npred + 1,)

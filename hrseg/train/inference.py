@@ -102,7 +102,8 @@ class LesionScorer:
     voxel grid: the reference label as stored (canonical orientation, its own spacing) and the
     prediction resampled back by nearest neighbour (as ``hrseg predict`` writes it). Only the
     box around the reference and predicted tumours is resampled and labelled; each case's
-    reference box is read from its label file once and kept."""
+    reference box and its lesions are read from its label file and labelled once, and kept
+    (one byte a voxel of that box while a case has < 256 lesions)."""
 
     def __init__(self, cases, rule: str = lesions.DEFAULT_RULE,
                  threshold: float = lesions.DICE_THRESHOLD):
@@ -110,7 +111,8 @@ class LesionScorer:
         self._refs: dict[str, tuple] = {}
 
     def reference(self, case) -> tuple:
-        """``(grid, spacing, box or None, tumour mask in the box)`` of a Volume, cached."""
+        """``(grid, spacing, box or None, (lesion labels in the box, count))`` of a Volume,
+        cached."""
         if case.id not in self._refs:
             path, grid = case.meta["label_path"], resample.Grid.from_dict(case.meta["grid"])
             label, _, spacing = data.read_nifti(path)
@@ -119,8 +121,11 @@ class LesionScorer:
                                  f"{grid.in_shape} the cached case was resampled from")
             mask = label == metrics.TUMOUR
             box = lesions.bbox(mask)
-            crop = None if box is None else np.ascontiguousarray(mask[_box(*box)])
-            self._refs[case.id] = (grid, np.asarray(spacing, np.float64), box, crop)
+            comps = None
+            if box is not None:
+                lab, n = lesions.components(mask[_box(*box)])
+                comps = (lab.astype(np.min_scalar_type(n)), n)
+            self._refs[case.id] = (grid, np.asarray(spacing, np.float64), box, comps)
         return self._refs[case.id]
 
     def case(self, case, pred) -> dict:
@@ -134,12 +139,14 @@ class LesionScorer:
         if not boxes:
             return {"lesions": [], "false_positives": 0, "predicted_lesions": 0}
         lo, hi = np.min([b[0] for b in boxes], 0), np.max([b[1] for b in boxes], 0)
-        true = np.zeros(tuple(hi - lo), bool)                            # the union box
+        t_lab = np.zeros(tuple(hi - lo), np.int32)                       # the union box
         if ref_box is not None:
-            true[_box(ref_box[0] - lo, ref_box[1] - lo)] = ref
+            t_lab[_box(ref_box[0] - lo, ref_box[1] - lo)] = ref[0]
+        true = t_lab > 0
         p = (resample.to_input_grid(grid, pmask, box=(lo, hi)).astype(bool)
              if pred_box is not None else np.zeros_like(true))
-        return lesions.analyse(p, true, spacing, self.rule, self.threshold, origin=lo)
+        return lesions.analyse(p, true, spacing, self.rule, self.threshold, origin=lo,
+                               true_components=(t_lab, ref[1] if ref else 0))
 
     def __call__(self, preds) -> dict:
         """:func:`hrseg.lesions.summarize` of the cases plus ``per_case`` (each case's lesions,
