@@ -139,7 +139,7 @@ class LesionScorer:
         if not boxes:
             return {"lesions": [], "false_positives": 0, "predicted_lesions": 0}
         lo, hi = np.min([b[0] for b in boxes], 0), np.max([b[1] for b in boxes], 0)
-        t_lab = np.zeros(tuple(hi - lo), np.int32)                       # the union box
+        t_lab = np.zeros(tuple(hi - lo), ref[0].dtype if ref else np.uint8)   # union box
         if ref_box is not None:
             t_lab[_box(ref_box[0] - lo, ref_box[1] - lo)] = ref[0]
         true = t_lab > 0
