@@ -90,6 +90,9 @@ def _table(args) -> int:
     if not Path(args.runs_dir).is_dir():
         print(f"hrseg table: error: no such folder: {args.runs_dir}", file=sys.stderr)
         return 2
+    if args.lesions:
+        from hrseg.workbench import lesion_table
+        return lesion_table.main(args.runs_dir, last=args.last, rule=args.rule, out=args.out)
     rows = results.collect(args.runs_dir, last=args.last)
     if not rows:
         print(f"hrseg table: error: no run with an evaluation under {args.runs_dir} "
@@ -260,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--last", type=int, default=3, help="evaluations (checkpoints) per run")
     s.add_argument("--out", help="where results.{md,csv,png} go (default: RUNS_DIR/results)")
     s.add_argument("--title", help="heading of the table")
+    s.add_argument("--lesions", action="store_true",
+                   help="the per-lesion table instead: detection rate and Dice by lesion "
+                        "diameter, false positives per case (lesions.{md,csv,png})")
+    s.add_argument("--rule", choices=["overlap", "dice"], default="overlap",
+                   help="--lesions: a lesion is detected on any overlap (LiTS, default) or "
+                        "when its Dice is >= 0.5")
     s.set_defaults(func=_table)
 
     s = _sub(sub, "memory", "plan a mesh + memory techniques for a per-device budget")

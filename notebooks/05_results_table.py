@@ -2,7 +2,6 @@
 # jupyter:
 #   jupytext:
 #     cell_metadata_filter: tags,-all
-#     formats: ipynb,py:percent
 #     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
@@ -24,7 +23,7 @@
 # `hrseg.memory.estimate`), the median step time and the voxels per second. Runs of one
 # resolution with different recipes (not just another seed) get a row each.
 #
-# With `params/notebooks/default` (what `make run` runs) the three training runs are the study in 2D —
+# With `params/default` (what `make run` runs) the three training runs are the study in 2D —
 # 16², 32² and 64² axial slices × 5, one 600-step recipe — sized for the 15-minute budget on 2
 # CPU cores (3D steps at 64³ are ~10× dearer there). The 3D study (32³, 64³, 600 steps) and its
 # table are in the README (`hrseg table runs/study`).
@@ -47,7 +46,7 @@ from pathlib import Path
 from IPython.display import Markdown, display
 
 from hrseg import memory, viz
-from hrseg.workbench import results
+from hrseg.workbench import lesion_table, results
 
 root = Path(runs_dir or out_dir)
 table_dir = Path(out_dir) / "results"
@@ -79,6 +78,27 @@ reference = memory.paper_schedule(paper_resolutions)  # one device, analytic
 fig = results.memory_figure(rows, reference)
 viz.save(fig, table_dir / "memory_vs_resolution.png")
 fig
+
+# %% [markdown]
+# ## Lesions by size: why resolution matters
+#
+# Each evaluation also scores the reference lesions one by one (26-connected components of the
+# tumour label on each case's original grid, `hrseg.lesions`): found or missed, binned by
+# equivalent diameter. Detected means any predicted voxel on the lesion (LiTS); the Dice is
+# per lesion. Small tumours vanish when the volume is down-sampled: the lines should part
+# at the small end. Runs evaluated before this existed get it from `hrseg evaluate RUN_DIR`.
+
+# %%
+lesion_rows = lesion_table.collect(root, last=last)
+if lesion_rows:
+    lesion_paths = lesion_table.write(lesion_rows, table_dir)
+    display(Markdown(lesion_paths["md"].read_text()))
+else:
+    print(f"no per-lesion evaluations under {root}")
+
+# %%
+# detection rate and per-lesion Dice against diameter, one line per resolution (lesions.png)
+viz.detection_by_size(lesion_rows) if lesion_rows else None
 
 # %%
 print(f"results table: {paths['md']} (also {paths['csv'].name}, {paths['png'].name})")

@@ -189,6 +189,32 @@ def test_to_original_geometry_shape_for_downsampled_prediction(lits, tmp_path):
         data.to_original_geometry(np.zeros((8, 8, 8), np.int32), v.meta)
 
 
+@pytest.mark.parametrize("mode,res", [("stretch", (16, 16, 16)), ("spacing", (16, 16, 16)),
+                                      ("stretch", (32, 32)), ("spacing", (5, 7, 3)),
+                                      ("native", None)])
+def test_to_input_grid_in_a_box_is_the_whole_result_cut(mode, res):
+    """The box path (per-axis index tables) gives exactly the whole resampling's voxels, and
+    input_box holds every input voxel an output box's voxels reach."""
+    in_shape = (97, 83, 41)
+    g = resample.grid(in_shape, (0.7, 0.9, 2.5), res or (1, 1, 1), mode,
+                      native_mm=(2.0, 2.3, 3.0))
+    rng = np.random.default_rng(0)
+    y = (rng.random(g.out_shape) < 0.3).astype(np.uint8) * 2
+    full = resample.to_input_grid(g, y)
+    for lo, hi in (((0, 0, 0), in_shape), ((3, 5, 7), (50, 60, 30)), ((90, 0, 40), (97, 2, 41))):
+        got = resample.to_input_grid(g, y, box=(np.array(lo), np.array(hi)))
+        np.testing.assert_array_equal(got, full[tuple(slice(a, b) for a, b in zip(lo, hi))])
+    for _ in range(20):
+        lo = np.array([rng.integers(0, n) for n in g.out_shape])
+        hi = lo + rng.integers(1, 3, 3)
+        y = np.zeros(g.out_shape, np.uint8)
+        y[tuple(slice(a, b) for a, b in zip(lo, hi))] = 1
+        reached = np.argwhere(resample.to_input_grid(g, y))
+        a, b = resample.input_box(g, lo, np.minimum(hi, g.out_shape))
+        assert ((reached >= a) & (reached < b)).all()
+        assert (b - a <= np.ceil(np.array(g.scale) * (hi - lo + 2)) + 3).all()   # not all
+
+
 # --- dataset, cache, batches -------------------------------------------------------------
 def test_load_dataset_split_cache_and_invalidation(lits, tmp_path, monkeypatch):
     c = cfg_for(lits, tmp_path, resolution=(16, 16, 16))

@@ -186,7 +186,7 @@ def test_05_results_table_smoke(smoke_run):
     assert table == smoke_run / "results" / "results.md"
     assert "| 16³ |" in table.read_text()
     for name in ("results.csv", "results.png", "dice_vs_resolution.png",
-                 "memory_vs_resolution.png"):
+                 "memory_vs_resolution.png", "lesions.md", "lesions.png"):   # 04 scored lesions
         assert (table.parent / name).stat().st_size > 100, name
 
 

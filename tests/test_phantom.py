@@ -63,7 +63,7 @@ def test_write_dataset_lits_layout_atomic_and_reused(tmp_path):
     paths = phantom.write_dataset(tmp_path, cases=2, seed=3, shape=SMALL)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["phantom.json", "segmentation-0.nii.gz", "segmentation-1.nii.gz",
-                     "volume-0.nii.gz", "volume-1.nii.gz"]            # no temporaries left
+                     "tumours.json", "volume-0.nii.gz", "volume-1.nii.gz"]   # no temporaries
     assert [p.name for p in paths][:2] == ["volume-0.nii.gz", "segmentation-0.nii.gz"]
     assert data.verify_dataset(tmp_path) == []
     # The file holds exactly generate_case's arrays and affine, as int16 / uint8.

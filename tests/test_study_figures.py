@@ -146,3 +146,22 @@ def test_training_curves():
                                                          "tumour: validation Dice global"]
     np.testing.assert_allclose(_lines(dice_ax)[0].get_ydata(), [0.8])
     assert loss_ax.get_title() == "dice_ce"
+
+
+def test_detection_by_size_one_line_per_resolution():
+    def bins(rates, n):
+        return [{"bin": b, "lesions": k, "detection_rate": r, "dice_mean": r / 2}
+                for b, r, k in zip(("< 10 mm", "10–20 mm", "20–40 mm", "≥ 40 mm"), rates, n)]
+    rows = [{"resolution": "32³", "rule": "overlap", "bins": bins([0.2, 0.5, 1.0, 1.0], [5, 2, 3, 1])},
+            {"resolution": "64³", "rule": "overlap", "bins": bins([0.6, 1.0, 1.0, 0.0], [5, 2, 3, 0])}]
+    det, dice = viz.detection_by_size(rows).axes
+    assert [ln.get_label() for ln in _lines(det)] == ["32³", "64³"]
+    np.testing.assert_allclose(_lines(det)[0].get_ydata(), [0.2, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(_lines(dice)[1].get_ydata(), [0.3, 0.5, 0.5, np.nan])  # no lesion: gap
+    assert [t.get_text() for t in det.get_xticklabels()] == ["< 10 mm", "10–20 mm", "20–40 mm",
+                                                             "≥ 40 mm"]
+    assert "any overlap" in det.get_ylabel()
+    assert [t.get_text() for t in det.texts] == ["5", "2", "3", "1", "5", "2", "3"]   # per point
+    rows[1]["bins"][3]["lesions"] = 1                       # the same cases: counts under the bins
+    det = viz.detection_by_size(rows).axes[0]
+    assert not det.texts and det.get_xticklabels()[0].get_text() == "< 10 mm\n(5 lesions)"

@@ -93,6 +93,51 @@ def _blur_x_inplace(a: np.ndarray) -> None:
         prev = cur
 
 
+def _draw(seed: int, shape, task: str = "lits"):
+    """Every random draw of a case but the noise: ``(body, shape, spacing, flips, xs, ys, zs,
+    noise_seed, affine)`` (voxel centres in the anatomy's mm; the affine of the stored array)."""
+    if task not in TASKS:
+        raise ValueError(f"phantom: --task must be one of {', '.join(TASKS)}, got '{task}'")
+    rng = np.random.default_rng(int(seed))
+    fov, extent, shape, spacing, flips = _geometry(rng, shape)
+    body = anatomy.Anatomy(rng, fov, extent)
+    anatomy.sample_liver_contents(body, rng)
+    if task == "kits":
+        kits_phantom.sample_kidney_tumours(body, rng)
+    xs = _centres(shape[0], spacing[0], -fov[0] / 2)
+    ys = _centres(shape[1], spacing[1], -fov[1] / 2)
+    zs = _centres(shape[2], spacing[2], kits_phantom.scan_start(body) if task == "kits" else 0.0)
+    noise_seed = int(rng.integers(2 ** 63))
+    z0 = -float(rng.uniform(200, 500))          # table position: an arbitrary world offset
+    lo = np.array([xs[0], ys[0], zs[0] + z0], np.float64)
+    hi = np.array([xs[-1], ys[-1], zs[-1] + z0], np.float64)
+    affine = np.eye(4)
+    for d, flip in enumerate(flips):
+        affine[d, d] = -spacing[d] if flip else spacing[d]
+        affine[d, 3] = hi[d] if flip else lo[d]
+    return body, shape, spacing, flips, xs, ys, zs, noise_seed, affine
+
+
+def case_tumours(seed: int, shape=None) -> list[dict]:
+    """The ground truth of :func:`generate_case`'s liver tumours (``seed``, ``shape`` as
+    there; the LiTS task), without rendering: per tumour ``centre_mm`` (RAS+, the affine's
+    world), ``centre_voxel`` (index in the stored array), ``radius_mm`` (the drawn r),
+    ``semi_axes_mm`` (r × the ellipsoid's axes, before the lobe modulation and the clipping to
+    the liver) and ``diameter_mm``: the equivalent diameter of that ellipsoid,
+    ``2 (a b c)^(1/3)``. Tumours may overlap (then they are one lesion of the label)."""
+    body, shape, spacing, flips, xs, ys, zs, _, affine = _draw(seed, shape)
+    out = []
+    for t in body.tumours:
+        c = np.asarray(t["centre"], np.float64)                      # the anatomy's mm
+        index = [(c[d] - first) / spacing[d] for d, first in enumerate((xs[0], ys[0], zs[0]))]
+        index = [shape[d] - 1 - i if flips[d] else i for d, i in enumerate(index)]
+        semi = [float(t["r"] * a) for a in t["axes"]]
+        out.append({"centre_mm": (affine @ np.array([*index, 1.0]))[:3].tolist(),
+                    "centre_voxel": [float(i) for i in index], "radius_mm": float(t["r"]),
+                    "semi_axes_mm": semi, "diameter_mm": 2.0 * math.prod(semi) ** (1 / 3)})
+    return out
+
+
 def generate_case(seed: int, shape=None, task: str = "lits"):
     """One synthetic CT: ``(hu float32 (X,Y,Z), label uint8 (X,Y,Z), affine (4,4))``.
 
@@ -101,26 +146,14 @@ def generate_case(seed: int, shape=None, task: str = "lits"):
     (512×512×80–200); any other shape renders the same anatomy on that grid (spacing =
     field of view / shape), e.g. ``(64, 64, 32)`` for tests. HU values are integers.
     ``task="kits"``: with renal tumours, labelled kidney 1 / tumour 2 (kits_phantom).
+    :func:`case_tumours` gives the LiTS task's tumour centres and sizes.
     """
-    if task not in TASKS:
-        raise ValueError(f"phantom: --task must be one of {', '.join(TASKS)}, got '{task}'")
-    rng = np.random.default_rng(int(seed))
-    fov, extent, shape, spacing, flips = _geometry(rng, shape)
-    body = anatomy.Anatomy(rng, fov, extent)
-    anatomy.sample_liver_contents(body, rng)
-    paint = painter.paint
-    if task == "kits":
-        kits_phantom.sample_kidney_tumours(body, rng)
-        paint = kits_phantom.paint
-    xs = _centres(shape[0], spacing[0], -fov[0] / 2)
-    ys = _centres(shape[1], spacing[1], -fov[1] / 2)
-    zs = _centres(shape[2], spacing[2], kits_phantom.scan_start(body) if task == "kits" else 0.0)
+    body, shape, _, flips, xs, ys, zs, noise_seed, affine = _draw(seed, shape, task)
+    paint = kits_phantom.paint if task == "kits" else painter.paint
     hu = np.empty(shape, np.float32)
     label = np.empty(shape, np.uint8)
-    noise_seed = int(rng.integers(2 ** 63))
     half_width = math.sqrt(3) * body.noise_sd * _NOISE_GAIN   # uniform noise of that sd
     # The stored orientation: flipped axes are written reversed, slab by slab.
-    z0 = -float(rng.uniform(200, 500))          # table position: an arbitrary world offset
     flip_yz = (slice(None), slice(None, None, -1) if flips[1] else slice(None),
                slice(None, None, -1) if flips[2] else slice(None))
     for k, i0 in enumerate(range(0, shape[0], SLAB)):
@@ -138,12 +171,6 @@ def generate_case(seed: int, shape=None, task: str = "lits"):
     _blur_x_inplace(hu)
     np.clip(hu, -1024, 3071, out=hu)
     np.rint(hu, out=hu)
-    lo = np.array([xs[0], ys[0], zs[0] + z0], np.float64)
-    hi = np.array([xs[-1], ys[-1], zs[-1] + z0], np.float64)
-    affine = np.eye(4)
-    for d, flip in enumerate(flips):
-        affine[d, d] = -spacing[d] if flip else spacing[d]
-        affine[d, 3] = hi[d] if flip else lo[d]
     return hu, label, affine
 
 
@@ -169,10 +196,19 @@ def _write_case(out: Path, index: int, seed: int, shape, task: str = "lits") -> 
 MANIFEST = "phantom.json"
 
 
+TUMOURS = "tumours.json"    # {case index: case_tumours(...)}: the ground truth of the lesions
+
+
+def _write_tumours(out: Path, cases: int, seed: int, shape) -> None:
+    truth = {str(i): case_tumours(case_seed(seed, i), shape) for i in range(cases)}
+    atomic.write_text(out / TUMOURS, json.dumps(truth, indent=1) + "\n")
+
+
 def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool = False,
                   workers: int | None = None, task: str = "lits") -> list[Path]:
     """Write ``cases`` synthetic CTs to ``out_dir`` in the LiTS layout (``task="kits"``: the
-    KiTS19 layout, see case_paths); returns the paths.
+    KiTS19 layout, see case_paths); returns the paths. For the LiTS task ``tumours.json``
+    beside them records each case's tumours (:func:`case_tumours`).
 
     Case N is ``generate_case(case_seed(seed, N), shape)``. Files are written atomically
     (temporary name, then rename). A folder already holding this exact dataset (same
@@ -193,6 +229,8 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
     expected = [p for i in range(cases) for p in case_paths(out, i, task)]
     old = json.loads(manifest.read_text()) if manifest.is_file() else None
     if old == want and all(p.is_file() for p in expected):
+        if task == "lits" and not (out / TUMOURS).is_file():   # written before the file existed
+            _write_tumours(out, cases, seed, shape)
         if progress:
             print(f"{out}: phantom dataset up to date ({cases} cases, seed {seed})")
         return expected
@@ -214,5 +252,7 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
                 bar.update(1)
     if bar is not None:
         bar.close()
+    if task == "lits":
+        _write_tumours(out, cases, seed, shape)
     atomic.write_text(manifest, json.dumps(want, indent=1) + "\n")
     return expected

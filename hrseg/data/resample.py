@@ -118,20 +118,37 @@ def apply(g: Grid, x: np.ndarray, order: int, cval: float = 0.0, antialias: bool
                                     mode="constant" if g.pad else "nearest", cval=cval)
 
 
-def to_input_grid(g: Grid, y: np.ndarray) -> np.ndarray:
+def to_input_grid(g: Grid, y: np.ndarray, box=None) -> np.ndarray:
     """Nearest-neighbour inverse of :func:`apply` for label maps: ``g.out_shape`` array back
-    onto the input grid (outside the resampled region: 0)."""
+    onto the input grid (outside the resampled region: 0). ``box`` ``(lo, hi)`` (input voxel
+    indices, hi exclusive): only that part of the input grid, the same values as the full
+    result's ``[lo:hi]``."""
     if tuple(y.shape) != g.out_shape:
         raise ValueError(f"prediction shape {tuple(y.shape)} is not the grid's {g.out_shape}")
     scale, offset = np.array(g.scale), np.array(g.offset)
     if np.allclose(scale, 1) and np.allclose(offset, 0) and y.shape == g.in_shape:
-        return np.array(y, copy=True)
-    out = ndimage.affine_transform(y, 1 / scale, offset=-offset / scale,
-                                   output_shape=g.in_shape, output=y.dtype, order=0,
-                                   mode="constant" if g.pad else "nearest", cval=0)
+        return np.array(y if box is None else y[tuple(slice(a, b) for a, b in zip(*box))],
+                        copy=True)
+    if box is None:
+        out = ndimage.affine_transform(y, 1 / scale, offset=-offset / scale,
+                                       output_shape=g.in_shape, output=y.dtype, order=0,
+                                       mode="constant" if g.pad else "nearest", cval=0)
+        box = (np.zeros(len(g.in_shape), int), np.array(g.in_shape))
+    else:
+        # The map is diagonal, so scipy resamples axis by axis (zoom_shift): the same call on
+        # each axis's index ramp gives the output index each input voxel takes (-1: outside,
+        # padding).
+        idx = [ndimage.affine_transform(np.arange(n, dtype=np.int64), [1 / a], offset=-o / a,
+                                        output_shape=(m,), order=0, cval=-1,
+                                        mode="constant" if g.pad else "nearest")[int(b0):int(b1)]
+               for n, m, a, o, b0, b1 in zip(g.out_shape, g.in_shape, scale, offset, *box)]
+        out = y[np.ix_(*(np.maximum(i, 0) for i in idx))]
+        if g.pad:
+            out[(idx[0] < 0)[:, None, None] | (idx[1] < 0)[None, :, None]
+                | (idx[2] < 0)[None, None, :]] = 0
     if g.crop:   # input voxels outside the cropped output: background, not the edge repeated
-        for ax, (n_in, n_out) in enumerate(zip(g.in_shape, g.out_shape)):
-            o = (np.arange(n_in) - offset[ax]) / scale[ax]
+        for ax, (n_out, b0, b1) in enumerate(zip(g.out_shape, *box)):
+            o = (np.arange(int(b0), int(b1)) - offset[ax]) / scale[ax]
             outside = (o < -0.5) | (o > n_out - 0.5)
             if outside.any():
                 np.moveaxis(out, ax, 0)[outside] = 0

@@ -48,7 +48,9 @@ def load_run(run_dir: str | Path, step_no: int | None = None):
 
 
 def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
-    """Validation Dice of a run's checkpoint, written to ``checkpoints/eval_<step>.json``."""
+    """Validation Dice of a run's checkpoint, and its lesions one by one on each case's
+    original grid (``metrics["lesions"]``, inference.LesionScorer), written to
+    ``checkpoints/eval_<step>.json``."""
     cfg, graphdef, state, layout, step_no = load_run(run_dir, step)
     dataset = data.load_dataset(cfg.data)
     result = inference.Evaluator(cfg, graphdef, layout, dataset.val)(state, step_no)

@@ -3,7 +3,7 @@
     figures         slice rendering (radiological convention), montages, difference figures
     halo_figures    the blocks of a partitioned volume and the halos each device receives
     augment_figures statistics of synthetic tumours over draws, flips
-    curves          memory against devices, training curves
+    curves          memory against devices, training curves, lesions found by size
     viewer          the ipywidgets slice viewer with a static PNG fallback
     napari/         npe2 plugin: NIfTI reader, label layers, tumour-synthesis widget
 
@@ -17,6 +17,7 @@ from hrseg.viz.augment_figures import (  # noqa: F401
     tumour_stats,
 )
 from hrseg.viz.curves import (  # noqa: F401
+    detection_by_size,
     memory_vs_devices_figure,
     moving_average,
     training_curves,

@@ -156,6 +156,19 @@ def step_memory(cfg) -> float:
     return float(est["total"])
 
 
+def grouped(root: str | Path = "runs") -> list[tuple[str, list[Run]]]:
+    """The table's rows as ``(label, runs)``: runs of one resolution and recipe, sorted 3D by
+    size then 2D; a resolution with several recipes labels each by its first run's name."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in find_runs(root):
+        groups.setdefault(row_key(run.cfg) + (recipe(run.cfg),), []).append(run)
+    shared: dict[tuple, int] = {}
+    for key in groups:
+        shared[key[:3]] = shared.get(key[:3], 0) + 1
+    return [(key[2] if shared[key[:3]] == 1 else f"{key[2]} ({groups[key][0].name})",
+             groups[key]) for key in sorted(groups, key=lambda k: (k[:2], groups[k][0].name))]
+
+
 def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> list[dict]:
     """One dict per table row (resolution), sorted 3D by size then 2D.
 
@@ -166,16 +179,8 @@ def collect(root: str | Path = "runs", last: int = 3, memory: bool = True) -> li
     """
     if last < 1:
         raise ValueError(f"last must be >= 1 evaluations per run, got {last}")
-    groups: dict[tuple, list[Run]] = {}
-    for run in find_runs(root):
-        groups.setdefault(row_key(run.cfg) + (recipe(run.cfg),), []).append(run)
-    shared = {}
-    for key in groups:
-        shared[key[:3]] = shared.get(key[:3], 0) + 1
     rows = []
-    for key in sorted(groups, key=lambda k: (k[:2], groups[k][0].name)):
-        runs = groups[key]
-        label = key[2] if shared[key[:3]] == 1 else f"{key[2]} ({runs[0].name})"
+    for label, runs in grouped(root):
         evals = [run.evals[s] for run in runs for s in sorted(run.evals)[-last:]]
         row = {"resolution": label, "runs": [r.name for r in runs], "n": len(evals)}
         with_tumour = [e["cases_with_tumour"] for e in evals if "cases_with_tumour" in e]
