@@ -2,6 +2,7 @@
 # jupyter:
 #   jupytext:
 #     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
 #     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
@@ -23,10 +24,10 @@
 # `hrseg.memory.estimate`), the median step time and the voxels per second. Runs of one
 # resolution with different recipes (not just another seed) get a row each.
 #
-# With `params/default` (what `make run` runs) the three training runs are the study in 2D —
+# With `params/notebooks/default` (what `make run` runs) the three training runs are the study in 2D —
 # 16², 32² and 64² axial slices × 5, one 600-step recipe — sized for the 15-minute budget on 2
 # CPU cores (3D steps at 64³ are ~10× dearer there). The 3D study (32³, 64³, 600 steps) and its
-# table are in the README (`hrseg table runs/study`).
+# table are in docs/results.md (`hrseg table runs/study`).
 
 # %% tags=["parameters"]
 runs_dir = ""                  # empty: out_dir (the run directories directly in it)
