@@ -155,3 +155,17 @@ def to_input_grid(g: Grid, y: np.ndarray, box=None) -> np.ndarray:
     return out
 
 
+def input_box(g: Grid, lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """The input-grid box ``(lo, hi)`` (hi exclusive) that holds every input voxel
+    :func:`to_input_grid` fills from the output box ``[lo, hi)``: a voxel's margin wider,
+    and out to the input's edge where the box touches the output's (edge clamping)."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    scale, offset = np.array(g.scale), np.array(g.offset)
+    n_in, n_out = np.array(g.in_shape), np.array(g.out_shape)
+    a = np.floor(offset + scale * (lo - 1.5)).astype(int)
+    b = np.ceil(offset + scale * (hi + 0.5)).astype(int) + 1
+    a = np.where(lo <= 0, 0, np.clip(a, 0, n_in))
+    b = np.where(hi >= n_out, n_in, np.clip(b, 0, n_in))
+    return a, b
+
+
