@@ -73,7 +73,8 @@ def test_accelerator_config_fits_its_stated_memory(path):
     cfg = config.load(path)
     budget = config.parse_bytes(MEMORY_LINE.search(path.read_text()).group(1))
     m = cfg.mesh
-    est = memory.estimate(cfg.model, cfg.data.resolution, (m.data, *m.spatial),
+    shape = cfg.data.patch or cfg.data.resolution          # what a training step sees
+    est = memory.estimate(cfg.model, shape, (m.data, *m.spatial), policy=cfg.model.precision,
                           optimizer=cfg.train.optimizer, batch=cfg.train.batch,
                           in_channels=cfg.in_channels)
     assert est["total"] <= budget, (f"{_rel(path)}: {est['total'] / memory.GiB:.1f} GiB "
