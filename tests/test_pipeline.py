@@ -3,6 +3,7 @@
 The tests use a folder of throw-away notebooks (two cells; a real kernel, ~2 s each, for the
 execution tests); the real notebooks run in tests/test_notebooks.py.
 """
+import json
 import os
 
 import nbformat
@@ -150,9 +151,12 @@ def test_ensure_phantom_writes_only_into_a_missing_or_empty_folder(tmp_path):
     assert sorted(p.name for p in root.glob("*.nii.gz")) == ["segmentation-0.nii.gz",
                                                               "volume-0.nii.gz"]
     before = {p: p.stat().st_mtime_ns for p in root.iterdir()}
-    # other arguments (e.g. a user's `hrseg phantom --cases 24`): used as is, never rewritten
-    msg = pipeline.ensure_phantom(root, 3, 1, (16, 16, 8), progress=False)
-    assert msg.endswith("using the phantom there (1 cases, seed 0, shape [16, 16, 8])")
+    msg = pipeline.ensure_phantom(root, 1, 0, (16, 16, 8), progress=False)
+    assert msg.endswith("using the phantom there (1 cases, seed 0, shape 16 16 8)")
+    # other arguments (e.g. 16 cases asked of an 8-case folder): an error naming both, never
+    # another dataset silently, never rewritten
+    with pytest.raises(ValueError, match=r"1 cases, seed 0, shape 16 16 8 .*asks for 3 cases"):
+        pipeline.ensure_phantom(root, 3, 1, (16, 16, 8), progress=False)
     assert {p: p.stat().st_mtime_ns for p in root.iterdir()} == before
     lits = tmp_path / "lits"
     lits.mkdir()
@@ -239,7 +243,10 @@ def test_concurrent_ensure_phantom_writes_it_once(tmp_path, monkeypatch):
         import time
         time.sleep(0.3)
         root.mkdir(parents=True)
-        (root / phantom.MANIFEST).write_text('{"cases": 2, "seed": 0}')
+        for f in phantom.case_files(2):
+            (root / f).write_bytes(b"")
+        (root / phantom.MANIFEST).write_text(json.dumps(
+            {**phantom.request(2, 0, None), "files": phantom.case_files(2), "complete": True}))
 
     monkeypatch.setattr(phantom, "write_dataset", slow_write)
     with ThreadPoolExecutor(2) as pool:
