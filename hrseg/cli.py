@@ -29,11 +29,30 @@ def _verify(args) -> int:
     return 0
 
 
+def _compile_cache(command: str) -> None:
+    """Turn JAX's persistent compilation cache on when its folder is safe to use; otherwise
+    one line, and the command runs without it (hrseg.runtime.compile_cache.check_folder)."""
+    import os
+
+    from hrseg.runtime import compile_cache
+    try:
+        why = compile_cache.check_folder(compile_cache.cache_dir())
+    except OSError as e:            # e.g. the working directory was removed
+        why = f"no usable working directory ({e.strerror or e})"
+    if why is None:
+        compile_cache.enable()
+        return
+    os.environ.pop(compile_cache.ENV_DIR, None)      # children must not use it either
+    if "jax" in sys.modules:                          # (jax read the variable at import)
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", None)
+    print(f"hrseg {command}: compilation cache off: {why}; running without it",
+          file=sys.stderr)
+
+
 def _train(args) -> int:
     from hrseg import config, train
-    from hrseg.runtime import compile_cache
     cfg = config.load(args.file, args.set)
-    compile_cache.enable()
+    _compile_cache("train")
     try:
         result = train.train(cfg, progress=not args.quiet)
     except FloatingPointError as e:  # NaN/Inf: the message names the step and the checkpoint
@@ -61,8 +80,7 @@ def _predict(args) -> int:
 
 def _run(args) -> int:
     from hrseg.workbench import pipeline
-    from hrseg.runtime import compile_cache
-    compile_cache.enable()  # the notebooks' kernels inherit it through the environment
+    _compile_cache("run")   # the notebooks' kernels inherit it through the environment
     try:
         extra = json.loads(args.extra) if args.extra else None
         pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet,

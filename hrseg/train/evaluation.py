@@ -14,7 +14,7 @@ import numpy as np
 
 from hrseg import atomic, config, data
 from hrseg.data import nifti
-from hrseg.train import checkpoint, distributed, inference, rundir
+from hrseg.train import checkpoint, distributed, inference, outpath, rundir
 from hrseg.train.loop import _say, build, make_layout
 
 
@@ -59,8 +59,7 @@ def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
 
 def prediction_path(run_dir: str | Path, volume: str | Path) -> Path:
     """``<run>/predictions/prediction-N.nii.gz`` for LiTS ``volume-N``, else the same name."""
-    name = Path(volume).name
-    stem = name[:-7] if name.endswith(".nii.gz") else Path(name).stem
+    stem = outpath.case_stem(volume)
     if stem.startswith("volume-"):
         stem = "prediction-" + stem[len("volume-"):]
     return rundir.predictions(run_dir) / f"{stem}.nii.gz"
@@ -75,6 +74,7 @@ def predict(run_dir: str | Path, volume: str | Path, out: str | Path | None = No
     NaN and -Inf become the HU window's low end (air), +Inf its high end."""
     import nibabel as nib
 
+    out = outpath.prediction_target(volume, out, prediction_path(run_dir, volume))
     hu, _, spacing = data.read_nifti(volume)                  # canonical RAS+
     bad = int(np.size(hu) - np.count_nonzero(np.isfinite(hu)))
     if bad and not clean_nonfinite:
@@ -89,5 +89,4 @@ def predict(run_dir: str | Path, volume: str | Path, out: str | Path | None = No
     meta = {"grid": data.grid_for(hu.shape, spacing, cfg.data).to_dict(),
             "affine": nib.load(str(volume)).affine}             # the file's own orientation
     labels, affine = data.to_original_geometry(labels, meta)
-    out = Path(out) if out else prediction_path(run_dir, volume)
     return nifti.write_nifti(out, labels, affine, dtype=np.uint8)
