@@ -257,10 +257,98 @@ def _drop_closed_loop_noise() -> None:
     sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisablehook(u)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every ``finally`` runs (locks
+    released, checkpoints finished, children stopped)."""
+
+
+INTERRUPTIBLE = ("train", "run", "evaluate", "predict")
+STOP_WAIT_S = 20          # how long stopped children get before SIGKILL
+
+
+def _catch_signals() -> dict:
+    """SIGTERM becomes :class:`Terminated`; once one of SIGINT / SIGTERM has arrived, more of
+    them are ignored so that the clean-up is not cut short. Returns the handlers before."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return before
+
+
+def stop_children(wait_s: float = STOP_WAIT_S) -> int:
+    """SIGTERM to every descendant process and its process group (papermill's kernels and
+    ``hrseg run --jobs`` children lead their own sessions, so they do not get the terminal's
+    signal), wait for them, SIGKILL what is left. Returns how many there were."""
+    import os
+    import signal
+    try:
+        import psutil
+    except ImportError:        # (installed with jupyter; without it there are no kernels)
+        return 0
+    try:
+        procs = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return 0
+    own = os.getpgrp()
+
+    def send(sig):
+        for p in procs:
+            try:
+                pgid = os.getpgid(p.pid)
+                if pgid != own:
+                    os.killpg(pgid, sig)
+                p.send_signal(sig)
+            except (OSError, psutil.Error):
+                pass
+    send(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    if alive:
+        procs = alive
+        send(signal.SIGKILL)
+        psutil.wait_procs(alive, timeout=5)
+    return len(procs)
+
+
+def _interrupted(command: str, e: KeyboardInterrupt) -> int:
+    import signal
+    sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+    stop_children()
+    then = {"train": "the same command resumes from the newest checkpoint",
+            "run": "the same command runs the notebooks again (finished runs resume)",
+            }.get(command, "nothing was written")
+    print(f"hrseg {command}: stopped by {signal.Signals(sig).name}; {then}", file=sys.stderr)
+    return 128 + int(sig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("train", "evaluate", "predict"):
         _drop_closed_loop_noise()
+    before = _catch_signals() if args.command in INTERRUPTIBLE else {}
+    try:
+        return _run_command(args)
+    except KeyboardInterrupt as e:
+        if args.command not in INTERRUPTIBLE:
+            raise
+        return _interrupted(args.command, e)
+    finally:
+        import signal
+        for sig, handler in before.items():    # (cli.main called in-process: put them back)
+            signal.signal(sig, handler)
+
+
+def _run_command(args) -> int:
+    """The subcommand; an error the user can fix is one line (and rc 2, 1 for a full disk)."""
     try:
         return int(args.func(args) or 0)
     except Exception as e:

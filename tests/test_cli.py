@@ -1,0 +1,104 @@
+"""cli.py: SIGINT / SIGTERM in `hrseg train` and `hrseg run` — one line, the children's process
+groups (papermill kernels in their own sessions) stopped and waited for, the lock released,
+rc 130 / 143, and the next run resumes (issue 31)."""
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+
+from hrseg import config, train
+from hrseg.train import rundir
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def _wait(what, timeout=120.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = what()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _lines(err: str) -> list[str]:
+    assert "Traceback" not in err, err
+    return [ln for ln in err.splitlines() if ln.startswith("hrseg ")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_train_in_one_line_and_the_next_run_resumes(dataset, tmp_path, sig):
+    sets = [f"data.root={dataset}", f"data.cache_dir={tmp_path}/cache",
+            f"train.out_dir={tmp_path}", "train.eval_every=-1", "train.ckpt_every=2",
+            "train.steps=100000"]
+    child = subprocess.Popen([sys.executable, "-m", "hrseg.cli", "train", "-f", str(SMOKE),
+                              "--quiet", "--set", *sets], env=ENV, stderr=subprocess.PIPE,
+                             text=True)
+    run = tmp_path / "smoke"
+    try:
+        _wait(lambda: len(rundir.read_metrics(run / rundir.METRICS)) >= 3)
+        child.send_signal(sig)
+        err = child.communicate(timeout=120)[1]
+    finally:
+        child.kill()
+    assert child.returncode == 128 + sig, err
+    [line] = _lines(err)
+    assert line.startswith(f"hrseg train: stopped by {signal.Signals(sig).name}; "), line
+    with open(run / rundir.LOCK) as fh:                    # released
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    newest = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    cfg = config.load(SMOKE, sets[:-1] + [f"train.steps={newest + 1}"])
+    again = train.train(cfg, progress=False)
+    assert again.resumed_from == newest and again.steps == newest + 1
+
+
+def _sleeping_notebook(path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    cell = nbformat.v4.new_code_cell("x = 0\nout_dir = 'runs'")
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell("import time\ntime.sleep(600)")]
+    nbformat.write(nb, path)
+
+
+def test_sigterm_to_run_jobs_2_stops_both_notebooks_and_their_kernels(tmp_path):
+    """The issue's case: `hrseg run --jobs 2`, then `kill -TERM <parent>`: before, both
+    children and their kernels (each in its own session) kept running."""
+    nbdir, params = tmp_path / "notebooks", tmp_path / "params"
+    nbdir.mkdir()
+    params.mkdir()
+    for name in ("01_a", "02_b", "03_last"):    # the last notebook runs after the others
+        _sleeping_notebook(nbdir / f"{name}.ipynb")
+        (params / f"{name}.yaml").write_text("x: 1\n")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "hrseg.cli", "run", "--params-dir", str(params), "--out",
+         str(tmp_path / "out"), "--jobs", "2", "--quiet"],
+        env=dict(ENV, HRSEG_NOTEBOOKS=str(nbdir)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        def kernels():
+            procs = psutil.Process(child.pid).children(recursive=True)
+            ks = [p for p in procs if "ipykernel" in " ".join(p.cmdline())]
+            return procs if len(ks) == 2 else None
+        procs = _wait(kernels, timeout=180)
+        time.sleep(1)                                    # the kernels run the sleeping cell
+        child.send_signal(signal.SIGTERM)
+        err = child.communicate(timeout=120)[1]
+    finally:
+        child.kill()
+    assert child.returncode == 143, err
+    [line] = _lines(err)
+    assert line.startswith("hrseg run: stopped by SIGTERM; "), line
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
