@@ -18,7 +18,12 @@ def _phantom(args) -> int:
 
 
 def _verify(args) -> int:
+    from pathlib import Path
+
     from hrseg import data
+    if not Path(args.dir).is_dir():     # nothing to verify: an error, not a problem list
+        what = "not a folder" if Path(args.dir).exists() else "no such folder"
+        raise ValueError(f"{args.dir}: {what}")
     problems = data.verify_dataset(args.dir)
     for line in problems:
         print(line)
@@ -64,8 +69,13 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from hrseg import train
-    from hrseg.train import inference
-    result = train.evaluate(args.run_dir, step=args.step)
+    from hrseg.train import evaluation, inference
+    try:
+        result = train.evaluate(args.run_dir, step=args.step)
+    except evaluation.NotSaved as e:     # computed, then not written: shown all the same
+        print(f"{args.run_dir} step {e.result['step']}: {inference.summary_line(e.result)}")
+        print(f"hrseg evaluate: error: {e}", file=sys.stderr)
+        return 1
     print(f"{args.run_dir} step {result['step']}: {inference.summary_line(result)}")
     return 0
 
@@ -81,13 +91,9 @@ def _predict(args) -> int:
 def _run(args) -> int:
     from hrseg.workbench import pipeline
     _compile_cache("run")   # the notebooks' kernels inherit it through the environment
-    try:
-        extra = json.loads(args.extra) if args.extra else None
-        pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet,
-                     extra=extra, jobs=args.jobs)
-    except pipeline.PipelineError as e:
-        print(f"hrseg run: {e}", file=sys.stderr)
-        return 1
+    extra = json.loads(args.extra) if args.extra else None
+    pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet,
+                 extra=extra, jobs=args.jobs)     # PipelineError: one line (main)
     table = pipeline.results_table(args.out)
     if table is not None:
         print("\n" + table.read_text().strip() + "\n")
@@ -239,10 +245,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are one line for the user: bad settings or data, a busy or changed run,
     a damaged checkpoint (a ValueError), a full disk."""
     from hrseg import atomic
-    errors: tuple = (ValueError, FileNotFoundError, atomic.DiskFull)
+    errors: tuple = (ValueError, FileNotFoundError, atomic.DiskFull, FileExistsError,
+                     NotADirectoryError, IsADirectoryError, PermissionError)
     if "hrseg.train.rundir" in sys.modules:
         errors += (sys.modules["hrseg.train.rundir"].RunBusy,)
+    if "hrseg.workbench.pipeline" in sys.modules:
+        errors += (sys.modules["hrseg.workbench.pipeline"].PipelineError,)
     return errors
+
+
+def _message(e: BaseException) -> str:
+    """One line: an OSError of a path as ``<path>: <reason>`` (a file where a folder is
+    expected, a folder that cannot be written), anything else as its message."""
+    if isinstance(e, OSError) and e.filename and e.strerror and not str(e).startswith("no "):
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split("\n")[:1]) if str(e) else type(e).__name__
 
 
 def _drop_closed_loop_noise() -> None:
@@ -357,8 +374,9 @@ def _run_command(args) -> int:
             e = atomic.DiskFull(getattr(e, "filename", None) or "?")
         if not isinstance(e, _user_errors()):
             raise
-        print(f"hrseg {args.command}: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, atomic.DiskFull) else 2
+        print(f"hrseg {args.command}: error: {_message(e)}", file=sys.stderr)
+        failed_run = type(e).__name__ == "PipelineError"      # a notebook failed: rc 1
+        return 1 if isinstance(e, atomic.DiskFull) or failed_run else 2
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def loads(text: str, where: str = "<string>"):
         raise ValueError(f"{where}: {len(text)} characters, more than a config may have "
                          f"({MAX_BYTES} bytes)")
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     except yaml.YAMLError as e:

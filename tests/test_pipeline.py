@@ -105,7 +105,7 @@ def test_failure_stops_the_pipeline_naming_notebook_cell_and_error(tmp_path, fak
     assert rc == 1
     assert len(err) == 1, err
     # the injected-parameters cell is In [2], so the failing cell is In [4]
-    assert err[0].startswith("hrseg run: 02_halo_correctness failed in cell In [4], line 2 "
+    assert err[0].startswith("hrseg run: error: 02_halo_correctness failed in cell In [4], line 2 "
                              "(`raise ValueError(f'boom {y}')`): ValueError: boom 2 — see ")
     assert str(out / "02_halo_correctness.ipynb") in err[0]
     assert (out / "ran_01_memory_estimation").read_text() == "1"   # params reached the kernel
@@ -225,7 +225,7 @@ def test_jobs_failure_is_one_line_and_stops_what_follows(tmp_path, fake_notebook
                    "--quiet", "--only", "03", "05"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err
-    assert err[0].startswith("hrseg run: 03_augmentation failed in cell In [4]") and "boom 1" \
+    assert err[0].startswith("hrseg run: error: 03_augmentation failed in cell In [4]") and "boom 1" \
         in err[0], err
     assert not (out / "ran_05_results_table_1").exists()
     with pytest.raises(PipelineError, match="--jobs must be >= 1"):

@@ -185,18 +185,34 @@ def _natural(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+def walk(root: Path, pattern: str) -> list[Path]:
+    """``root.rglob(pattern)``, following symlinked sub-folders (a dataset assembled from
+    links) once each: a link back up the tree is not a loop."""
+    import fnmatch
+    out, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        out += [Path(folder) / f for f in sorted(files) if fnmatch.fnmatch(f, pattern)]
+    return out
+
+
 def detect_layout(root: Path) -> str | None:
     """``"msd"`` (imagesTr/ or dataset.json), ``"lits"`` (volume-N files), else None."""
     if (root / "imagesTr").is_dir() or (root / "dataset.json").is_file():
         return "msd"
-    if any(_visible(p) for p in root.rglob("volume-*.nii*")):
+    if any(_visible(p) for p in walk(root, "volume-*.nii*")):
         return "lits"
     return None
 
 
 def _lits(root: Path) -> tuple[list[Case], list[Path]]:
     images, labels = {}, {}
-    for p in filter(_visible, root.rglob("*.nii*")):
+    for p in filter(_visible, walk(root, "*.nii*")):
         for pattern, table in ((LITS_IMAGE, images), (LITS_LABEL, labels)):
             m = pattern.match(p.name)
             if m:

@@ -192,7 +192,7 @@ def read_manifest(out) -> dict | None:
     try:
         m = json.loads(path.read_text())
         if not isinstance(m, dict):
-            raise ValueError("not a JSON object")
+            raise ValueError("not a JSON object")  # noqa: TRY004
         m.setdefault("files", case_files(int(m["cases"])))   # written before files were listed
         return m
     except (ValueError, KeyError, TypeError) as e:

@@ -52,9 +52,25 @@ def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
     dataset = data.load_dataset(cfg.data)
     result = inference.Evaluator(cfg, graphdef, layout, dataset.val)(state, step_no)
     if distributed.is_main():
-        atomic.write_json(rundir.eval_path(run_dir, step_no),
-                          {"step": step_no, "config": config.to_dict(cfg), "metrics": result})
+        path = rundir.eval_path(run_dir, step_no)
+        try:
+            atomic.write_json(path, {"step": step_no, "config": config.to_dict(cfg),
+                                     "metrics": result})
+        except OSError as e:             # a read-only run folder, a full disk
+            raise NotSaved(result, f"the result could not be saved to {path} "
+                                   f"({e.strerror or e})") from None
     return result
+
+
+class NotSaved(OSError):
+    """The evaluation was computed (``.result``) but could not be written."""
+
+    def __init__(self, result: dict, message: str):
+        super().__init__(message)
+        self.result = result
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def prediction_path(run_dir: str | Path, volume: str | Path) -> Path:

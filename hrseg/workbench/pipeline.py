@@ -14,7 +14,6 @@ notebook stops the pipeline with its cell and error named in one line.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
