@@ -35,7 +35,7 @@ def notebooks_dir() -> Path:
     editable, `pip install -e .`)."""
     if os.environ.get(NOTEBOOKS_ENV):
         return Path(os.environ[NOTEBOOKS_ENV])
-    return Path(__file__).resolve().parent.parent / "notebooks"
+    return Path(__file__).resolve().parents[2] / "notebooks"
 
 
 _NUMBERED = re.compile(r"(\d+)_\w+")
@@ -199,6 +199,8 @@ def run(params_dir: str | Path = "params/default", only: list[str] | None = None
     if jobs < 1:
         raise PipelineError(f"--jobs must be >= 1, got {jobs}")
     runs = discover(params_dir, only)
+    for r in runs:                  # every params file read before anything is written
+        load_params(r.params_file)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
