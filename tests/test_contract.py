@@ -126,7 +126,6 @@ def T(w):     # (command, argv, a fragment of the one error line)
         ("run", ["run", "--params-dir", str(w.params), "--jobs", "0"], "--jobs must be >= 1"),
         ("evaluate", ["evaluate", str(w.w / "missing")], "not a run directory"),
         ("evaluate", ["evaluate", str(w.w / "a_file")], "not a run directory"),
-        ("evaluate", ["evaluate", str(w.headless)], "config"),
         ("predict", ["predict", run, str(v0), "-o", str(w.w / "p")], "-o "),
         ("predict", ["predict", run, str(v0), "-o", str(w.w / "p.img")], ".nii or .nii.gz"),
         ("predict", ["predict", run, str(v0), "-o", str(v0)], "the input volume"),
@@ -237,3 +236,33 @@ def test_a_symlinked_sub_folder_of_a_dataset_is_read(world, tmp_path):
     (tmp_path / "ds" / "more").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "ds")      # no endless walk
     assert [c.id for c in nifti.find_cases(tmp_path / "ds")] == ["0", "1"]
+
+
+def test_a_run_without_config_yaml_is_restored_from_its_checkpoints_or_refused(world, capsys,
+                                                                               monkeypatch):
+    """Issue 31: delete config.yaml, resume with another seed and data.n_val: before, rc 0
+    and a history that recorded no change."""
+    run = world.headless
+    sets = [f"data.root={world.data}", f"data.cache_dir={world.w}/cache",
+            f"train.out_dir={run.parent}", "train.seed=7", "data.n_val=2"]
+    rc = cli.main(["train", "-f", str(SMOKE), "--set", *sets])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and "Traceback" not in err, err
+    assert "restored from the newest checkpoint's record" in lines[0]
+    assert lines[-1].startswith("hrseg train: error: ") and "train.seed: 0 -> 7" in lines[-1]
+    assert (run / rundir.CONFIG).read_text() == (world.run / rundir.CONFIG).read_text()
+    (run / rundir.CONFIG).unlink()
+    assert rundir.read_config(run) == rundir.read_config(world.run)   # evaluate / predict
+    # checkpoints that record no config (written before they did): refused, nothing written
+    from hrseg.train import checkpoint
+    monkeypatch.setattr(checkpoint, "recorded_config", lambda d: None)
+    before = snapshot(run)
+    rc = cli.main(["train", "-f", str(SMOKE), "--set", *sets])
+    err = capsys.readouterr().err
+    [line] = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and line.startswith("hrseg train: error: ") and \
+        "has checkpoints but no config.yaml" in line, err
+    assert cli.main(["evaluate", str(run)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert snapshot(run) == before
