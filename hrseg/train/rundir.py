@@ -77,7 +77,7 @@ def read_config(run: str | Path) -> Config:
 def _recorded(run: str | Path) -> str | None:
     if not any(p.name.isdigit() for p in _listing(checkpoints(run))):
         return None
-    from hrseg.train import checkpoint          # (orbax: only when there are checkpoints)
+    from hrseg.train import checkpoint  # (orbax: only when there are checkpoints)
     return checkpoint.recorded_config(checkpoints(run))
 
 
