@@ -1,4 +1,5 @@
-"""The ``hrseg`` command: phantom, verify, train, evaluate, predict, run, table, memory, view.
+"""The ``hrseg`` command: phantom, verify, train, evaluate, predict, run, table, memory, cache,
+view.
 
 Entry points stay short: each subcommand parses its arguments and calls one public function of
 the module that owns the work. Errors a user can fix print one line and exit 2.
@@ -117,6 +118,24 @@ def _table(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    from hrseg.data import cache
+    entries = cache.scan(args.dir, hash_sources=args.verify)
+    bad = [e for e in entries if e.problem is not None]
+    for e in entries:
+        print(f"{'ok' if e.problem is None else e.problem:<40} {e.size / 2 ** 20:9.2f} MiB  "
+              f"{e.stem}")
+    total = sum(e.size for e in entries) / 2 ** 20
+    if args.prune:
+        gone = cache.prune(entries)
+        print(f"{args.dir}: {len(entries)} entries ({total:.1f} MiB); removed {len(gone)} "
+              f"({sum(e.size for e in gone) / 2 ** 20:.1f} MiB)")
+    else:
+        print(f"{args.dir}: {len(entries)} entries ({total:.1f} MiB), {len(bad)} stale or "
+              f"damaged" + (" (`--prune` removes them)" if bad else ""))
+    return 0
+
+
 def _view(args) -> int:
     import importlib.util
 
@@ -227,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "analytic estimate alone")
     s.set_defaults(func=_memory)
 
+    s = sub.add_parser("cache", help="list (and prune) a data cache folder (data.cache_dir)")
+    s.add_argument("dir", metavar="CACHE_DIR", help="e.g. data/cache")
+    s.add_argument("--prune", action="store_true",
+                   help="remove entries whose source changed or is gone, damaged ones and "
+                        "left-over pieces (only files named like cache entries)")
+    s.add_argument("--verify", action="store_true",
+                   help="also hash every source file (finds a source replaced with its size "
+                        "and mtime kept)")
+    s.set_defaults(func=_cache)
+
     s = sub.add_parser("view", help="open a case (CT, labels, prediction) in napari")
     s.add_argument("path", metavar="CASE_OR_RUN",
                    help="volume-N.nii[.gz], imagesTr/X.nii.gz, a dataset folder, or a run "
@@ -274,72 +303,15 @@ def _drop_closed_loop_noise() -> None:
     sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisablehook(u)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every ``finally`` runs (locks
-    released, checkpoints finished, children stopped)."""
-
-
-INTERRUPTIBLE = ("train", "run", "evaluate", "predict")
-STOP_WAIT_S = 20          # how long stopped children get before SIGKILL
-
-
-def _catch_signals() -> dict:
-    """SIGTERM becomes :class:`Terminated`; once one of SIGINT / SIGTERM has arrived, more of
-    them are ignored so that the clean-up is not cut short. Returns the handlers before."""
-    import signal
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return before
-
-
-def stop_children(wait_s: float = STOP_WAIT_S) -> int:
-    """SIGTERM to every descendant process and its process group (papermill's kernels and
-    ``hrseg run --jobs`` children lead their own sessions, so they do not get the terminal's
-    signal), wait for them, SIGKILL what is left. Returns how many there were."""
-    import os
-    import signal
-    try:
-        import psutil
-    except ImportError:        # (installed with jupyter; without it there are no kernels)
-        return 0
-    try:
-        procs = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return 0
-    own = os.getpgrp()
-
-    def send(sig):
-        for p in procs:
-            try:
-                pgid = os.getpgid(p.pid)
-                if pgid != own:
-                    os.killpg(pgid, sig)
-                p.send_signal(sig)
-            except (OSError, psutil.Error):
-                pass
-    send(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=wait_s)
-    if alive:
-        procs = alive
-        send(signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=5)
-    return len(procs)
+INTERRUPTIBLE = ("train", "run", "evaluate", "predict")   # SIGINT/SIGTERM: one line, rc 130/143
 
 
 def _interrupted(command: str, e: KeyboardInterrupt) -> int:
     import signal
-    sig = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
-    stop_children()
+
+    from hrseg.workbench import interrupt
+    sig = signal.SIGTERM if isinstance(e, interrupt.Terminated) else signal.SIGINT
+    interrupt.stop_children()
     then = {"train": "the same command resumes from the newest checkpoint",
             "run": "the same command runs the notebooks again (finished runs resume)",
             }.get(command, "nothing was written")
@@ -351,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("train", "evaluate", "predict"):
         _drop_closed_loop_noise()
-    before = _catch_signals() if args.command in INTERRUPTIBLE else {}
+    from hrseg.workbench import interrupt
+    before = interrupt.catch_signals() if args.command in INTERRUPTIBLE else {}
     try:
         return _run_command(args)
     except KeyboardInterrupt as e:

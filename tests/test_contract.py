@@ -160,6 +160,8 @@ def T(w):     # (command, argv, a fragment of the one error line)
                      str(w.ours)], "holds a phantom of 2 cases, seed 0, shape 16 16 8"),
         ("phantom", ["phantom", "--cases", "0", "--out", str(w.w / "new")], "--cases"),
         ("phantom", ["phantom", "--out", str(w.w / "a_file")], "not a folder"),
+        ("cache", ["cache", str(w.w / "missing")], "no such cache folder"),
+        ("cache", ["cache", str(w.w / "a_file"), "--prune"], "no such cache folder"),
     ]
 
 

@@ -4,4 +4,5 @@
     pool      runs independent notebooks side by side, each in its own process group
     results   collects evaluated runs into the paper-style Dice table (``hrseg table``)
     verdict   the one sentence computed from that table, read against Hou et al.'s Table 1
+    interrupt SIGINT / SIGTERM: unwind the command, stop its children and their kernels
 """
