@@ -2,7 +2,6 @@
 corrupted array, or a source replaced with its size and mtime kept, is rebuilt with one line
 naming it; `hrseg cache` lists and prunes only its own entries."""
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +34,10 @@ def _one_line(err: str, name: str) -> str:
 
 @pytest.mark.parametrize("damage", ["truncate", "same_size", "sidecar"])
 def test_a_damaged_entry_is_rebuilt_with_one_line(setup, capsys, damage):
-    root, cfg, where = setup
+    _root, cfg, where = setup
     fresh = _arrays(data.load_dataset(cfg))
     capsys.readouterr()
-    target = sorted(where.rglob("*.label.npy" if damage == "same_size" else "*.image.npy"))[0]
+    target = min(where.rglob("*.label.npy" if damage == "same_size" else "*.image.npy"))
     if damage == "sidecar":
         target = target.with_name(target.name.replace(".image.npy", ".json"))
         target.write_text('{"cut')
@@ -101,7 +100,7 @@ def test_hrseg_cache_lists_and_prunes_only_its_own_entries(setup, capsys):
 
 
 def test_an_unwritable_cache_costs_one_line_not_the_run(setup, capsys):
-    root, cfg, where = setup
+    _root, cfg, where = setup
     where.write_text("a file where the cache folder should be")
     ds = data.load_dataset(cfg)
     assert len(ds.train) + len(ds.val) == 2 and ds.train[0].image.shape == (16, 16, 16)

@@ -102,3 +102,39 @@ def test_sigterm_to_run_jobs_2_stops_both_notebooks_and_their_kernels(tmp_path):
     assert line.startswith("hrseg run: stopped by SIGTERM; "), line
     alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [" ".join(p.cmdline()) for p in alive]
+
+
+def test_an_unusable_compilation_cache_costs_one_line_not_the_run(tmp_path, monkeypatch,
+                                                                  capsys):
+    """`.cache/jax` a file, or a working directory that is gone: one line, run without it."""
+    import jax
+
+    from hrseg import cli
+    from hrseg.runtime import compile_cache
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.delenv(compile_cache.ENV_DIR, raising=False)
+        (tmp_path / ".cache").mkdir()
+        (tmp_path / ".cache" / "jax").write_text("a file")
+        monkeypatch.chdir(tmp_path)
+        cli._compile_cache("train")
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith("hrseg train: compilation cache off: ") and \
+            "jax exists and is not a folder; running without it" in line, line
+        assert jax.config.jax_compilation_cache_dir is None
+        gone = tmp_path / "gone"
+        gone.mkdir()
+        monkeypatch.chdir(gone)
+        gone.rmdir()
+        cli._compile_cache("run")
+        [line] = capsys.readouterr().err.splitlines()
+        assert "no usable working directory" in line, line
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "shared").mkdir(mode=0o777)
+        (tmp_path / "shared").chmod(0o777)
+        monkeypatch.setenv(compile_cache.ENV_DIR, str(tmp_path / "shared"))
+        cli._compile_cache("train")
+        assert "writable by others" in capsys.readouterr().err
+        assert compile_cache.ENV_DIR not in os.environ     # the children do not use it either
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

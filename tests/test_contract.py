@@ -119,7 +119,6 @@ def T(w):     # (command, argv, a fragment of the one error line)
         ("train", ["train", "-f", str(w.cfgs / "binary.yaml")], "not a text file"),
         ("train", ["train", "-f", str(w.cfgs / "missing.yaml")], "config file not found"),
         ("train", smoke + [f"train.out_dir={w.w}/a_file"], "a_file"),
-        ("train", smoke + [f"data.cache_dir={w.w}/a_file", "train.name=other"], "a_file"),
         ("run", ["run", "--params-dir", str(w.params), "--only", "01", "--out",
                  str(w.w / "nb_out")], "anchors and aliases"),
         ("run", ["run", "--params-dir", str(w.w / "missing")], "params directory not found"),

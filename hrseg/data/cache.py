@@ -75,7 +75,9 @@ def problem(stem: Path, sources: dict[str, Path] | None = None,
         recorded, arrays = meta["sources"], meta["arrays"]
     except FileNotFoundError:
         return "no sidecar"
-    except (ValueError, KeyError, TypeError, OSError) as e:
+    except KeyError:
+        return "written by an older hrseg (no checksums)"
+    except (ValueError, TypeError, OSError) as e:
         return f"damaged sidecar ({type(e).__name__})"
     for key, path in (sources or {k: Path(v["path"]) for k, v in recorded.items()}).items():
         rec = recorded.get(key, {})

@@ -28,7 +28,7 @@ from hrseg.data import cache, integrity, nifti, resample
 from hrseg.data.integrity import verify_dataset  # noqa: F401  (public: hrseg.data.verify_dataset)
 from hrseg.data.nifti import Case, find_cases, read_nifti  # public here too
 
-CACHE_VERSION = 1            # bump when preprocessing changes: old cache entries are ignored
+CACHE_VERSION = 2    # bump when preprocessing or the entry format changes (2: verified sidecars)
 PAPER_VAL_FRACTION = 32 / 131  # the paper's LiTS split: 99 train / 32 validation
 
 

@@ -24,6 +24,8 @@ from hrseg import atomic
 # A full disk is reported once, as one line (atomic.DiskFull), not as the tracebacks orbax's
 # background threads (and asyncio, for their futures) log.
 def _quiet(record: logging.LogRecord) -> bool:
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        return False        # Ctrl-C / SIGTERM while orbax waits: hrseg.cli says it in one line
     msg = record.getMessage()
     if any(s in msg for s in ("Given directory is read only", "read_only=True",
                               "was found in the checkpoint, but could not be restored")):
