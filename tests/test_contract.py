@@ -78,6 +78,8 @@ def world(dataset, tmp_path_factory):
     params = w / "params"
     params.mkdir()
     (params / "01_memory_estimation.yaml").write_text("x: &a 1\ny: *a\n")
+    (w / "params_ok").mkdir()
+    (w / "params_ok" / "01_memory_estimation.yaml").write_text("{}\n")
     tables = w / "tables"
     for name, text in (("empty_list", "[]"), ("null", "null"),
                        ("truncated", '{"step": 4, "metr')):
@@ -122,6 +124,8 @@ def T(w):     # (command, argv, a fragment of the one error line)
         ("run", ["run", "--params-dir", str(w.params), "--only", "01", "--out",
                  str(w.w / "nb_out")], "anchors and aliases"),
         ("run", ["run", "--params-dir", str(w.w / "missing")], "params directory not found"),
+        ("run", ["run", "--params-dir", str(w.w / "params_ok"), "--only", "01", "--out",
+                 str(w.w / "a_file")], "a_file: File exists"),
         ("run", ["run", "--params-dir", str(w.params), "--jobs", "0"], "--jobs must be >= 1"),
         ("evaluate", ["evaluate", str(w.w / "missing")], "not a run directory"),
         ("evaluate", ["evaluate", str(w.w / "a_file")], "not a run directory"),
@@ -144,6 +148,7 @@ def T(w):     # (command, argv, a fragment of the one error line)
         ("table", ["table", str(w.tables / "null")], "eval_00000004.json: not an eval"),
         ("table", ["table", str(w.tables / "truncated")], "eval_00000004.json: not an eval"),
         ("table", ["table", str(w.w / "missing")], "no run with an evaluation"),
+        ("table", ["table", str(w.w / "runs"), "--out", str(w.w / "a_file")], "a_file: "),
         ("memory", ["memory", "--budget", "1e999GiB", "--compile", "no"], "1e999GiB"),
         ("memory", ["memory", "--budget=-1GiB", "--compile", "no"], "finite size > 0"),
         ("memory", ["memory", "--budget", "16", "--compile", "no"], "give a unit"),
