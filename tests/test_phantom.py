@@ -107,7 +107,7 @@ def test_a_users_files_are_never_replaced_or_deleted(tmp_path):
     before = _snapshot(ours)
     for kwargs in ({"cases": 1, "shape": (0, 0, 0)}, {"cases": 0}, {"cases": 1, "seed": -1},
                    {"cases": 1, "shape": (4096, 4, 4)}):
-        with pytest.raises(ValueError, match="phantom: --"):
+        with pytest.raises(ValueError, match="^--(cases|seed|shape)"):
             phantom.write_dataset(ours, **kwargs)
         assert _snapshot(ours) == before
     (tmp_path / "file").write_text("x")

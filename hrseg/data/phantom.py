@@ -160,16 +160,16 @@ def request(cases, seed, shape) -> dict:
     try:
         cases, seed = int(cases), int(seed)
     except (TypeError, ValueError):
-        raise ValueError(f"phantom: --cases and --seed must be integers, got {cases!r}, "
+        raise ValueError(f"--cases and --seed must be integers, got {cases!r}, "
                          f"{seed!r}") from None
     if not 1 <= cases <= MAX_CASES:
-        raise ValueError(f"phantom: --cases must be in 1..{MAX_CASES}, got {cases}")
+        raise ValueError(f"--cases must be in 1..{MAX_CASES}, got {cases}")
     if seed < 0:
-        raise ValueError(f"phantom: --seed must be >= 0, got {seed}")
+        raise ValueError(f"--seed must be >= 0, got {seed}")
     if shape is not None:
         shape = [int(s) for s in shape]
         if len(shape) != 3 or not all(4 <= s <= MAX_SIZE for s in shape):
-            raise ValueError(f"phantom: --shape must be 3 sizes in 4..{MAX_SIZE} (x y z "
+            raise ValueError(f"--shape must be 3 sizes in 4..{MAX_SIZE} (x y z "
                              f"voxels), got {' '.join(map(str, shape))}")
     return {"generator": VERSION, "seed": seed, "cases": cases, "shape": shape}
 

@@ -103,10 +103,9 @@ def find_runs(root: str | Path = "runs") -> list[Run]:
                                  f"{e}); remove it, or write it again with `hrseg evaluate "
                                  f"{d}`") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("metrics", {}), dict):
-                raise ValueError(f"{p}: not an evaluation record (a JSON "  # noqa: TRY004
-                                 f"{type(rec).__name__}, expected an object with 'step' and "
-                                 f"'metrics'); remove it, or write it again with `hrseg "
-                                 f"evaluate {d}`")
+                raise ValueError(f"{p}: not an evaluation record ({json.dumps(rec)[:40]}; "  # noqa: TRY004
+                                 f"expected an object with 'step' and 'metrics'); remove it, "
+                                 f"or write it again with `hrseg evaluate {d}`")
             if rec.get("metrics"):
                 evals[int(rec.get("step", p.stem.split("_")[1]))] = rec["metrics"]
         if not evals:
