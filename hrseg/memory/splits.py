@@ -24,11 +24,11 @@ def divisors(n: int) -> list[int]:
 def spatial_splits(n: int, shape, levels: int, ndim: int = 3) -> list[tuple[int, int, int]]:
     """Splits ``(sx, sy, sz)`` of ``n`` devices for a shape that pools evenly ``levels`` times:
     the least padding first (an axis that does not split evenly is padded in the step,
-    parallel/uneven.py), then the most cube-like shards (smallest halo surface). An axis never
-    has more devices than pooled blocks (``ceil(size / 2^levels)``): a device holding only
-    padding is no split."""
+    parallel/uneven.py), then the most cube-like shards (smallest halo surface). Padding may
+    at most double an axis: it never has more than twice as many devices as pooled blocks
+    (``2 ceil(size / 2^levels)``), so 65536 devices do not "split" a 64³ volume."""
     out = []
-    blocks = [-(-s // 2 ** levels) for s in shape]
+    blocks = [2 * -(-s // 2 ** levels) for s in shape]
     for sx in divisors(n):
         for sy in divisors(n // sx):
             sz = n // (sx * sy)
@@ -54,8 +54,8 @@ def why_not(n_devices: int, shape, batch: int, levels: int) -> str:
         return any(spatial_splits(n // d, shape, levels, len(shape))
                    for d in divisors(n) if batch % d == 0)
 
-    # the most devices any split can use: one pooled block per device, times the batch
-    most = batch * math.prod(-(-s // mult) for s in shape)
+    # the most devices any split can use (see spatial_splits), times the batch
+    most = batch * math.prod(2 * -(-s // mult) for s in shape)
     below = next((n for n in range(min(n_devices - 1, most), 0, -1) if works(n)), None)
     above = next((n for n in range(n_devices + 1, min(2 * n_devices, most) + 1)
                   if works(n)), None)

@@ -57,8 +57,9 @@ def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
             atomic.write_json(path, {"step": step_no, "config": config.to_dict(cfg),
                                      "metrics": result})
         except OSError as e:             # a read-only run folder, a full disk
-            raise NotSaved(result, f"the result could not be saved to {path} "
-                                   f"({e.strerror or e})") from None
+            why = str(e) if isinstance(e, atomic.DiskFull) else (
+                f"the result could not be saved to {path} ({e.strerror or e})")
+            raise NotSaved(result, why) from None
     return result
 
 
