@@ -72,9 +72,11 @@ def _sleeping_notebook(path: Path) -> None:
     nbformat.write(nb, path)
 
 
-def test_sigterm_to_run_jobs_2_stops_both_notebooks_and_their_kernels(tmp_path):
+@pytest.mark.parametrize("jobs", [2, 1])
+def test_sigterm_to_run_stops_the_notebooks_and_their_kernels(tmp_path, jobs):
     """The issue's case: `hrseg run --jobs 2`, then `kill -TERM <parent>`: before, both
-    children and their kernels (each in its own session) kept running."""
+    children and their kernels (each in its own session) kept running. With --jobs 1 the
+    kernel is this process's own child, in its own session too."""
     nbdir, params = tmp_path / "notebooks", tmp_path / "params"
     nbdir.mkdir()
     params.mkdir()
@@ -83,14 +85,14 @@ def test_sigterm_to_run_jobs_2_stops_both_notebooks_and_their_kernels(tmp_path):
         (params / f"{name}.yaml").write_text("x: 1\n")
     child = subprocess.Popen(
         [sys.executable, "-m", "hrseg.cli", "run", "--params-dir", str(params), "--out",
-         str(tmp_path / "out"), "--jobs", "2", "--quiet"],
+         str(tmp_path / "out"), "--jobs", str(jobs), "--quiet"],
         env=dict(ENV, HRSEG_NOTEBOOKS=str(nbdir)), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     try:
         def kernels():
             procs = psutil.Process(child.pid).children(recursive=True)
             ks = [p for p in procs if "ipykernel" in " ".join(p.cmdline())]
-            return procs if len(ks) == 2 else None
+            return procs if len(ks) == jobs else None
         procs = _wait(kernels, timeout=180)
         time.sleep(1)                                    # the kernels run the sleeping cell
         child.send_signal(signal.SIGTERM)

@@ -4,7 +4,8 @@
 signals unwind the command through its ``finally`` blocks (the run lock released, orbax's
 checkpoint writes finished, ``hrseg run --jobs``' children signalled); :func:`stop_children`
 then stops every process the command started — papermill's kernels lead their own sessions,
-so they never get the terminal's signal — waits for them, and SIGKILLs what is left. hrseg.cli
+so they never get the terminal's signal; they are SIGKILLed at once (:func:`kill_kernels`),
+the rest get SIGTERM — waits for them, and SIGKILLs what is left. hrseg.cli
 prints the one line and exits 128 + the signal's number.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ def catch_signals() -> dict:
     def handler(signum, frame):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        kill_kernels()
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     signal.signal(signal.SIGTERM, handler)
@@ -69,3 +71,26 @@ def stop_children(wait_s: float = STOP_WAIT_S) -> int:
         send(signal.SIGKILL)
         psutil.wait_procs(alive, timeout=5)
     return len(procs)
+
+
+def kill_kernels() -> None:
+    """SIGKILL the notebook kernels among the descendants, before the command unwinds: a
+    kernel whose client goes away first prints tracebacks into the user's terminal, and its
+    cell's work is lost either way (a training notebook resumes from its checkpoint)."""
+    import os
+    import signal
+    try:
+        import psutil
+        kernels = [p for p in psutil.Process().children(recursive=True)
+                   if any("ipykernel" in part for part in p.cmdline())]
+    except Exception:  # noqa: BLE001 (no psutil, a process that just ended: nothing to do)
+        return
+    own = os.getpgrp()
+    for p in kernels:
+        try:
+            pgid = os.getpgid(p.pid)
+            if pgid != own:
+                os.killpg(pgid, signal.SIGKILL)
+            p.kill()
+        except (OSError, psutil.Error):
+            pass
