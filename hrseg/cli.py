@@ -1,4 +1,5 @@
-"""The ``hrseg`` command: phantom, verify, train, evaluate, predict, run, table, memory, view.
+"""The ``hrseg`` command: phantom, verify, train, evaluate, predict, run, table, memory, cache,
+view.
 
 Entry points stay short: each subcommand parses its arguments and calls one public function of
 the module that owns the work. Errors a user can fix print one line and exit 2.
@@ -20,7 +21,12 @@ def _phantom(args) -> int:
 
 
 def _verify(args) -> int:
+    from pathlib import Path
+
     from hrseg import data
+    if not Path(args.dir).is_dir():     # nothing to verify: an error, not a problem list
+        what = "not a folder" if Path(args.dir).exists() else "no such folder"
+        raise ValueError(f"{args.dir}: {what}")
     problems = data.verify_dataset(args.dir)
     for line in problems:
         print(line)
@@ -34,7 +40,7 @@ def _verify(args) -> int:
 def _train(args) -> int:
     from hrseg import config, runtime, train
     cfg = config.load(args.file, args.set)
-    runtime.start(cfg.runtime)
+    runtime.start(cfg.runtime, command="hrseg train")
     try:
         result = train.train(cfg, progress=not args.quiet)
     except FloatingPointError as e:  # NaN/Inf: the message names the step and the checkpoint
@@ -46,9 +52,14 @@ def _train(args) -> int:
 
 def _evaluate(args) -> int:
     from hrseg import runtime, train
-    runtime.start()
-    from hrseg.train import inference
-    result = train.evaluate(args.run_dir, step=args.step)
+    from hrseg.train import evaluation, inference
+    runtime.start(command="hrseg evaluate")
+    try:
+        result = train.evaluate(args.run_dir, step=args.step)
+    except evaluation.NotSaved as e:     # computed, then not written: shown all the same
+        print(f"{args.run_dir} step {e.result['step']}: {inference.summary_line(e.result)}")
+        print(f"hrseg evaluate: error: {e}", file=sys.stderr)
+        return 1
     print(f"{args.run_dir} step {result['step']}: {inference.summary_line(result)}")
     return 0
 
@@ -65,14 +76,10 @@ def _predict(args) -> int:
 def _run(args) -> int:
     from hrseg import runtime
     from hrseg.workbench import pipeline
-    runtime.start()  # the notebooks' kernels inherit its settings through the environment
-    try:
-        extra = json.loads(args.extra) if args.extra else None
-        pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet,
-                     extra=extra, jobs=args.jobs)
-    except pipeline.PipelineError as e:
-        print(f"hrseg run: {e}", file=sys.stderr)
-        return 1
+    runtime.start(command="hrseg run")  # the notebooks' kernels inherit its settings
+    extra = json.loads(args.extra) if args.extra else None
+    pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet,
+                 extra=extra, jobs=args.jobs)     # PipelineError: one line (main)
     table = pipeline.results_table(args.out)
     if table is not None:
         print("\n" + table.read_text().strip() + "\n")
@@ -101,6 +108,24 @@ def _table(args) -> int:
     paths = results.write_table(rows, args.out or f"{args.runs_dir}/results", args.title)
     print(paths["md"].read_text().strip())
     print(f"\nresults table: {paths['md']} (also {paths['csv'].name}, {paths['png'].name})")
+    return 0
+
+
+def _cache(args) -> int:
+    from hrseg.data import cache
+    entries = cache.scan(args.dir, hash_sources=args.verify)
+    bad = [e for e in entries if e.problem is not None]
+    for e in entries:
+        print(f"{'ok' if e.problem is None else e.problem:<40} {e.size / 2 ** 20:9.2f} MiB  "
+              f"{e.stem}")
+    total = sum(e.size for e in entries) / 2 ** 20
+    if args.prune:
+        gone = cache.prune(entries)
+        print(f"{args.dir}: {len(entries)} entries ({total:.1f} MiB); removed {len(gone)} "
+              f"({sum(e.size for e in gone) / 2 ** 20:.1f} MiB)")
+    else:
+        print(f"{args.dir}: {len(entries)} entries ({total:.1f} MiB), {len(bad)} stale or "
+              f"damaged" + (" (`--prune` removes them)" if bad else ""))
     return 0
 
 
@@ -158,6 +183,7 @@ EPILOG = """everyday commands:
 
 # Each subcommand's example, shown under its --help.
 EXAMPLES = {
+    "cache": "hrseg cache data/cache --prune",
     "phantom": "hrseg phantom --cases 4 --shape 128 128 64 --out data/phantom-small",
     "verify": "hrseg verify data/LiTS",
     "train": "hrseg train -f params/train/train_2d_16.yaml --set train.steps=100 train.name=short",
@@ -291,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "256×256×full) beside our estimate of each row, and exit")
     s.set_defaults(func=_memory)
 
+    s = _sub(sub, "cache", "list (and prune) a data cache folder (data.cache_dir)")
+    s.add_argument("dir", metavar="CACHE_DIR", help="e.g. data/cache")
+    s.add_argument("--prune", action="store_true",
+                   help="remove entries whose source changed or is gone, damaged ones and "
+                        "left-over pieces (only files named like cache entries)")
+    s.add_argument("--verify", action="store_true",
+                   help="also hash every source file (finds a source replaced with its size "
+                        "and mtime kept)")
+    s.set_defaults(func=_cache)
+
     s = _sub(sub, "view", "open a case (CT, labels, prediction) in napari")
     s.add_argument("path", metavar="CASE_OR_RUN",
                    help="volume-N.nii[.gz], imagesTr/X.nii.gz, a dataset folder, or a run "
@@ -309,10 +345,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are one line for the user: bad settings or data, a busy or changed run,
     a damaged checkpoint (a ValueError), a full disk."""
     from hrseg import atomic
-    errors: tuple = (ValueError, FileNotFoundError, atomic.DiskFull)
+    errors: tuple = (ValueError, FileNotFoundError, atomic.DiskFull, FileExistsError,
+                     NotADirectoryError, IsADirectoryError, PermissionError)
     if "hrseg.train.rundir" in sys.modules:
         errors += (sys.modules["hrseg.train.rundir"].RunBusy,)
+    if "hrseg.workbench.pipeline" in sys.modules:
+        errors += (sys.modules["hrseg.workbench.pipeline"].PipelineError,)
     return errors
+
+
+def _message(e: BaseException) -> str:
+    """One line: an OSError of a path as ``<path>: <reason>`` (a file where a folder is
+    expected, a folder that cannot be written), anything else as its message."""
+    if isinstance(e, OSError) and e.filename and e.strerror and not str(e).startswith("no "):
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split("\n")[:1]) if str(e) else type(e).__name__
 
 
 def _drop_closed_loop_noise() -> None:
@@ -327,10 +374,42 @@ def _drop_closed_loop_noise() -> None:
     sys.unraisablehook = lambda u: None if noise(u.exc_value) else unraisablehook(u)
 
 
+INTERRUPTIBLE = ("train", "run", "evaluate", "predict")   # SIGINT/SIGTERM: one line, rc 130/143
+
+
+def _interrupted(command: str, e: KeyboardInterrupt) -> int:
+    import signal
+
+    from hrseg.workbench import interrupt
+    sig = signal.SIGTERM if isinstance(e, interrupt.Terminated) else signal.SIGINT
+    interrupt.stop_children()
+    then = {"train": "the same command resumes from the newest checkpoint",
+            "run": "the same command runs the notebooks again (finished runs resume)",
+            }.get(command, "nothing was written")
+    print(f"hrseg {command}: stopped by {signal.Signals(sig).name}; {then}", file=sys.stderr)
+    return 128 + int(sig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("train", "evaluate", "predict"):
         _drop_closed_loop_noise()
+    from hrseg.workbench import interrupt
+    before = interrupt.catch_signals() if args.command in INTERRUPTIBLE else {}
+    try:
+        return _run_command(args)
+    except KeyboardInterrupt as e:
+        if args.command not in INTERRUPTIBLE:
+            raise
+        return _interrupted(args.command, e)
+    finally:
+        import signal
+        for sig, handler in before.items():    # (cli.main called in-process: put them back)
+            signal.signal(sig, handler)
+
+
+def _run_command(args) -> int:
+    """The subcommand; an error the user can fix is one line (and rc 2, 1 for a full disk)."""
     try:
         return int(args.func(args) or 0)
     except Exception as e:
@@ -339,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             e = atomic.DiskFull(getattr(e, "filename", None) or "?")
         if not isinstance(e, _user_errors()):
             raise
-        print(f"hrseg {args.command}: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, atomic.DiskFull) else 2
+        print(f"hrseg {args.command}: error: {_message(e)}", file=sys.stderr)
+        failed_run = type(e).__name__ == "PipelineError"      # a notebook failed: rc 1
+        return 1 if isinstance(e, atomic.DiskFull) or failed_run else 2
 
 
 if __name__ == "__main__":

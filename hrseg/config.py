@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from hrseg import atomic
+from hrseg import atomic, yamlsafe
 from hrseg.schema import (  # noqa: F401  (re-exported: the schema's public names)
     PAPER_SCHEDULE,
     PRESETS,
@@ -65,6 +65,8 @@ def _coerce(tp, value, where: str):
         if tp is float:
             return float(value)
         if tp is str:
+            if value is None or isinstance(value, (dict, list)):
+                raise ValueError(f"not a string: {_short(value)}")
             return str(value)
     except (TypeError, ValueError) as e:
         raise ValueError(f"config key '{where}': {e}") from None
@@ -125,9 +127,9 @@ def parse_overrides(items: list[str] | None) -> dict:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         try:
-            node[parts[-1]] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ValueError(f"--set '{item}': the value is not valid YAML") from None
+            node[parts[-1]] = yamlsafe.loads(value, "value")
+        except ValueError as e:
+            raise ValueError(f"--set '{item[:200]}': {e}") from None
     return out
 
 
@@ -144,10 +146,7 @@ def read_mapping(path: str | Path, what: str = "keys") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    raw = yamlsafe.read(path) or {}      # size, aliases and depth bounded (hrseg.yamlsafe)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: the top level must be a mapping of {what}")  # noqa: TRY004
     return raw
@@ -188,8 +187,34 @@ _RULES = (
 )
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+MAX_NAME = 100
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run folder under ``train.out_dir`` (None: it can)."""
+    if not name.strip():
+        return "empty"
+    if len(name) > MAX_NAME:
+        return f"{len(name)} characters, more than {MAX_NAME}"
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("~"):
+        return "a plain name: no '/', '..' or '~' (it names a folder under train.out_dir)"
+    if any(ord(c) < 32 for c in name):
+        return "a plain name without control characters"
+    return None
+
+
 def validate(cfg: Config) -> Config:
     """Range checks of the values (types were checked when the config was built)."""
+    why = name_problem(cfg.train.name)
+    if why:
+        raise ValueError(f"config key 'train.name' must be {why}, got {_short(cfg.train.name)}"
+                         if why.startswith("a plain") else
+                         f"config key 'train.name' is {why}: give a plain name such as smoke")
     for key, ok, what in _RULES:
         sec, name = key.split(".")
         value = getattr(getattr(cfg, sec), name)
@@ -278,7 +303,7 @@ def parse_bytes(text) -> int:
     unit = s[len(num):]
     try:
         return int(float(num) * _UNITS[unit])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):   # (1e999GiB: inf; nan)
         raise ValueError(f"cannot read '{text}' as a size: use e.g. 16GiB, 24GB, 800MiB") from None
 
 

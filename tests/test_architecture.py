@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "hrseg"
 # Lower layers first; a module may import its own layer and the layers below it.
 LAYERS = (
     {"hrseg.atomic", "hrseg.config", "hrseg.schema", "hrseg.metrics", "hrseg.lesions",
-     "hrseg.runtime"},
+     "hrseg.runtime", "hrseg.yamlsafe"},
     {"hrseg.data", "hrseg.parallel"},
     {"hrseg.nn"},
     {"hrseg.train", "hrseg.memory", "hrseg.viz"},

@@ -28,3 +28,20 @@ def test_enable_points_jax_and_the_environment_at_the_project_folder(tmp_path, m
     finally:
         for k, v in before.items():
             jax.config.update(k, v)
+
+
+def test_check_folder_creates_it_private_and_refuses_unsafe_ones(tmp_path):
+    """Issue 31: the folder holds executables this process runs: 0700, owned by the user."""
+    path = tmp_path / "a" / "jax"
+    assert compile_cache.check_folder(path) is None
+    assert oct(path.stat().st_mode & 0o777) == "0o700"
+    path.chmod(0o777)
+    assert "writable by others (mode 0o777)" in compile_cache.check_folder(path)
+    path.chmod(0o755)
+    assert compile_cache.check_folder(path) is None       # readable by others is fine
+    (tmp_path / "file").write_text("x")
+    assert "exists and is not a folder" in compile_cache.check_folder(tmp_path / "file")
+    assert "cannot create" in compile_cache.check_folder(tmp_path / "file" / "jax")
+    if os.getuid() == 0:                                   # root can own it for another user
+        os.chown(path, 12345, 12345)
+        assert "owned by another user (uid 12345)" in compile_cache.check_folder(path)

@@ -75,13 +75,59 @@ def test_write_dataset_lits_layout_atomic_and_reused(tmp_path):
     np.testing.assert_allclose(img.affine, affine)
     np.testing.assert_array_equal(
         np.asanyarray(nib.load(tmp_path / "segmentation-1.nii.gz").dataobj), label)
-    # Same request again: nothing rewritten. Fewer cases: the extra ones are removed.
+    # Same request again: nothing rewritten. Another request: one error naming both, nothing
+    # deleted.
     mtime = (tmp_path / "volume-0.nii.gz").stat().st_mtime_ns
     phantom.write_dataset(tmp_path, cases=2, seed=3, shape=SMALL)
     assert (tmp_path / "volume-0.nii.gz").stat().st_mtime_ns == mtime
-    phantom.write_dataset(tmp_path, cases=1, seed=3, shape=SMALL)
-    assert not (tmp_path / "volume-1.nii.gz").exists()
-    assert json.loads((tmp_path / "phantom.json").read_text())["cases"] == 1
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(phantom.PhantomMismatch, match="2 cases, seed 3.*asks for 1 cases"):
+        phantom.write_dataset(tmp_path, cases=1, seed=3, shape=SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    m = json.loads((tmp_path / "phantom.json").read_text())
+    assert m["cases"] == 2 and m["complete"] and sorted(m["files"]) == before[1:]
+
+
+def _snapshot(folder):
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_a_users_files_are_never_replaced_or_deleted(tmp_path):
+    user = tmp_path / "lits"
+    user.mkdir()
+    (user / "volume-0.nii.gz").write_bytes(b"real CT")
+    (user / "volume-7.nii.gz").write_bytes(b"another real CT")
+    before = _snapshot(user)
+    with pytest.raises(phantom.PhantomMismatch, match="did not write.*volume-0.nii.gz"):
+        phantom.write_dataset(user, cases=2, seed=0, shape=SMALL)
+    assert _snapshot(user) == before
+    # A refused request deletes nothing: arguments are checked before anything is touched.
+    ours = tmp_path / "ours"
+    phantom.write_dataset(ours, cases=1, seed=0, shape=SMALL)
+    before = _snapshot(ours)
+    for kwargs in ({"cases": 1, "shape": (0, 0, 0)}, {"cases": 0}, {"cases": 1, "seed": -1},
+                   {"cases": 1, "shape": (4096, 4, 4)}):
+        with pytest.raises(ValueError, match="^--(cases|seed|shape)"):
+            phantom.write_dataset(ours, **kwargs)
+        assert _snapshot(ours) == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        phantom.write_dataset(tmp_path / "file", cases=1, shape=SMALL)
+
+
+def test_an_interrupted_write_is_completed_by_the_same_request(tmp_path, monkeypatch):
+    calls = []
+
+    def boom(out, i, seed, shape):
+        calls.append(i)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(phantom, "_write_case", boom)
+    with pytest.raises(KeyboardInterrupt):
+        phantom.write_dataset(tmp_path, cases=1, seed=0, shape=SMALL)
+    monkeypatch.undo()
+    assert not json.loads((tmp_path / "phantom.json").read_text())["complete"]
+    phantom.write_dataset(tmp_path, cases=1, seed=0, shape=SMALL)
+    assert data.verify_dataset(tmp_path) == []
 
 
 def test_read_back_is_canonical_whatever_the_stored_orientation(tmp_path):

@@ -3,6 +3,7 @@
 The tests use a folder of throw-away notebooks (two cells; a real kernel, ~2 s each, for the
 execution tests); the real notebooks run in tests/test_notebooks.py.
 """
+import json
 import os
 
 import nbformat
@@ -104,7 +105,7 @@ def test_failure_stops_the_pipeline_naming_notebook_cell_and_error(tmp_path, fak
     assert rc == 1
     assert len(err) == 1, err
     # the injected-parameters cell is In [2], so the failing cell is In [4]
-    assert err[0].startswith("hrseg run: 02_halo_correctness failed in cell In [4], line 2 "
+    assert err[0].startswith("hrseg run: error: 02_halo_correctness failed in cell In [4], line 2 "
                              "(`raise ValueError(f'boom {y}')`): ValueError: boom 2 — see ")
     assert str(out / "02_halo_correctness.ipynb") in err[0]
     assert (out / "ran_01_memory_estimation").read_text() == "1"   # params reached the kernel
@@ -150,9 +151,12 @@ def test_ensure_phantom_writes_only_into_a_missing_or_empty_folder(tmp_path):
     assert sorted(p.name for p in root.glob("*.nii.gz")) == ["segmentation-0.nii.gz",
                                                               "volume-0.nii.gz"]
     before = {p: p.stat().st_mtime_ns for p in root.iterdir()}
-    # other arguments (e.g. a user's `hrseg phantom --cases 24`): used as is, never rewritten
-    msg = pipeline.ensure_phantom(root, 3, 1, (16, 16, 8), progress=False)
-    assert msg.endswith("using the phantom there (1 cases, seed 0, shape [16, 16, 8])")
+    msg = pipeline.ensure_phantom(root, 1, 0, (16, 16, 8), progress=False)
+    assert msg.endswith("using the phantom there (1 cases, seed 0, shape 16 16 8)")
+    # other arguments (e.g. 16 cases asked of an 8-case folder): an error naming both, never
+    # another dataset silently, never rewritten
+    with pytest.raises(ValueError, match=r"1 cases, seed 0, shape 16 16 8 .*asks for 3 cases"):
+        pipeline.ensure_phantom(root, 3, 1, (16, 16, 8), progress=False)
     assert {p: p.stat().st_mtime_ns for p in root.iterdir()} == before
     lits = tmp_path / "lits"
     lits.mkdir()
@@ -221,7 +225,7 @@ def test_jobs_failure_is_one_line_and_stops_what_follows(tmp_path, fake_notebook
                    "--quiet", "--only", "03", "05"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err
-    assert err[0].startswith("hrseg run: 03_augmentation failed in cell In [4]") and "boom 1" \
+    assert err[0].startswith("hrseg run: error: 03_augmentation failed in cell In [4]") and "boom 1" \
         in err[0], err
     assert not (out / "ran_05_results_table_1").exists()
     with pytest.raises(PipelineError, match="--jobs must be >= 1"):
@@ -239,7 +243,10 @@ def test_concurrent_ensure_phantom_writes_it_once(tmp_path, monkeypatch):
         import time
         time.sleep(0.3)
         root.mkdir(parents=True)
-        (root / phantom.MANIFEST).write_text('{"cases": 2, "seed": 0}')
+        for f in phantom.case_files(2):
+            (root / f).write_bytes(b"")
+        (root / phantom.MANIFEST).write_text(json.dumps(
+            {**phantom.request(2, 0, None), "files": phantom.case_files(2), "complete": True}))
 
     monkeypatch.setattr(phantom, "write_dataset", slow_write)
     with ThreadPoolExecutor(2) as pool:

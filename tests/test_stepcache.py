@@ -144,3 +144,23 @@ def test_the_fingerprint_keeps_what_shapes_the_step_and_drops_the_rest():
     for change in ("train.lr=0.5", "model.base=8", "train.loss=wce", "mesh.spatial=[2,1,1]",
                    "data.resolution=[32,32,32]"):
         assert fp(base) != fp(config.load(None, [change])), change
+
+
+def test_an_entry_copied_over_another_key_is_refused_and_exported_again(net, cache, capsys):
+    """Issue 31: the SHA-256 proves an entry intact, not whose it is; its header's key does."""
+    raw, state, x, y = net
+    plain = _run(jax.jit(raw, donate_argnums=(0,)), state, x, y, n=1)
+    stepcache.wrap(raw, {"net": "tiny"})(_copy(state), x, y)
+    [mine] = cache.glob("*.exported")
+    other_step = stepcache.wrap(lambda s, a, b: raw(s, a * 0.5, b), {"net": "tiny", "lr": 0.3})
+    other_step(_copy(state), x, y)
+    [other] = [p for p in cache.glob("*.exported") if p != mine]
+    mine.write_bytes(other.read_bytes())                  # intact, but another step
+    capsys.readouterr()
+    fresh = stepcache.wrap(raw, {"net": "tiny"})
+    _same(_run(fresh, state, x, y, n=1), plain)           # the right step, not the copied one
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "belongs to another key" in err[0] and mine.name in err[0], err
+    assert list(fresh.sources.values()) == ["exported"]
+    assert stepcache.read_entry(mine)[0]["key"] == mine.stem
+    assert oct(cache.stat().st_mode & 0o777) == "0o700"

@@ -4,7 +4,8 @@
     kits        ``data.preprocess: kits`` (Wang et al.): clip, z-score, KiTS spacing, 256² crop
     resample    the resampling grid (spacing, shape) and trilinear / nearest resampling
     integrity   ``hrseg verify``: every case readable, shapes and affines agree, labels in range
-    dataset     windowing, preprocessing, the on-disk cache, splits, batches (``load_dataset``)
+    dataset     windowing, preprocessing, splits, batches (``load_dataset``)
+    cache       the on-disk cache of preprocessed volumes: verified entries, ``hrseg cache``
     buckets     native-size volumes: bucketed padding (IGNORE) and same-bucket batches
     patches     random training crops with nnU-Net's foreground oversampling (``data.patch``)
     augment     flips and tumour synthesis (Hou et al.'s released code): remove real tumours, paint blurred ones

@@ -8,7 +8,9 @@ cached per resolution, split into train / validation, batched deterministically.
 Preprocessed volumes are cached under ``cache_dir/<resolution>-<resample>/`` as ``.npy``
 files (memory-mapped on load, so a 512³ dataset does not have to fit in RAM). The cache key
 holds the preprocessing settings and each source file's path, size and mtime: a second load
-reads the cache and resamples nothing; editing a file or a setting preprocesses again.
+reads the cache and resamples nothing; editing a file or a setting preprocesses again. Each
+entry's sidecar also records the sources' SHA-256 and the arrays' checksums (hrseg.data.cache):
+a damaged or stale entry is rebuilt with one line.
 """
 from __future__ import annotations
 
@@ -22,13 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hrseg import atomic
 from hrseg.config import DataConfig
-from hrseg.data import integrity, kits, nifti, resample
+from hrseg.data import cache, integrity, kits, nifti, resample
 from hrseg.data.integrity import verify_dataset  # noqa: F401  (public: hrseg.data.verify_dataset)
 from hrseg.data.nifti import Case, find_cases, read_nifti  # public here too
 
-CACHE_VERSION = 1            # bump when preprocessing changes: old cache entries are ignored
+CACHE_VERSION = 2    # bump when preprocessing or the entry format changes (2: verified sidecars)
 PAPER_VAL_FRACTION = 32 / 131  # the paper's LiTS split: 99 train / 32 validation
 
 
@@ -164,11 +165,6 @@ def _cache_stem(case: Case, cfg: DataConfig) -> Path:
     return cache_dir(cfg) / f"{case.id}-{digest}"
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic.open_atomic(path, "wb") as f:
-        np.save(f, array)
-
-
 def preprocess_case(case: Case, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read, check and preprocess one case: ``(image, label uint8, meta)``."""
     import nibabel as nib
@@ -196,19 +192,15 @@ def preprocess_case(case: Case, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray
 
 
 def load_volume(case: Case, cfg: DataConfig) -> Volume:
-    """One case on the network grid, from the cache or preprocessed (and then cached)."""
-    stem = _cache_stem(case, cfg)
-    meta_path, img_path, lab_path = (stem.with_name(stem.name + s)
-                                     for s in (".json", ".image.npy", ".label.npy"))
-    if not all(p.is_file() for p in (meta_path, img_path, lab_path)):
+    """One case on the network grid, from the cache or preprocessed (and then cached); an
+    entry whose source or arrays changed is rebuilt (hrseg.data.cache)."""
+    def build():
         image, label, meta = preprocess_case(case, cfg)
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        _save_npy(img_path, image.astype(np.float32))
-        _save_npy(lab_path, label.astype(np.uint8))
-        atomic.write_json(meta_path, meta, indent=None)  # last: the entry's commit marker
-    meta = json.loads(meta_path.read_text())
-    return Volume(case.id, np.load(img_path, mmap_mode="r"), np.load(lab_path, mmap_mode="r"),
-                  meta)
+        return image.astype(np.float32), label.astype(np.uint8), meta
+
+    image, label, meta = cache.load(_cache_stem(case, cfg),
+                                    {"image": case.image, "label": case.label}, build)
+    return Volume(case.id, image, label, meta)
 
 
 def load_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1,

@@ -8,6 +8,8 @@ of LiTS) and one stored RAS give the same array.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import struct
 import zlib
@@ -40,12 +42,51 @@ def read_errors() -> tuple[type[BaseException], ...]:
             HeaderDataError)
 
 
+MAX_VOXELS_ENV = "HRSEG_MAX_VOXELS"
+MAX_VOXELS = 2 ** 31        # 5x a 512³ volume with 3 classes; $HRSEG_MAX_VOXELS overrides
+GZIP_MAX_RATIO = 1032       # deflate cannot expand a byte into more than this
+
+
+def max_voxels() -> int:
+    try:
+        return int(float(os.environ.get(MAX_VOXELS_ENV) or MAX_VOXELS))
+    except ValueError:
+        raise ValueError(f"${MAX_VOXELS_ENV}={os.environ[MAX_VOXELS_ENV]!r}: not a number "
+                         f"of voxels") from None
+
+
+def check_header(img, path) -> None:
+    """Refuse, before any array is allocated, a header that declares more voxels than
+    :func:`max_voxels` or more data than the file can hold (a 72-byte .nii.gz that says
+    1500³): ValueError naming the file."""
+    path = Path(path)
+    dims = [int(s) for s in img.shape]
+    if any(s < 1 for s in dims):
+        raise ValueError(f"{path}: header declares an empty shape {tuple(dims)}")
+    voxels, limit = math.prod(dims), max_voxels()
+    if voxels > limit:
+        raise ValueError(f"{path}: header declares {'×'.join(map(str, dims))} = {voxels:.3g} "
+                         f"voxels, more than the limit {limit:.3g} (set ${MAX_VOXELS_ENV} "
+                         f"to raise it)")
+    need = voxels * img.get_data_dtype().itemsize
+    size = path.stat().st_size
+    gz = path.name.endswith(".gz")
+    offset = 0 if gz else int(getattr(img.header, "get_data_offset", lambda: 0)() or 0)
+    if (gz and need > size * GZIP_MAX_RATIO + (1 << 16)) or (not gz and need + offset > size
+                                                                and path.suffix == ".nii"):
+        raise ValueError(f"{path}: header declares {'×'.join(map(str, dims))} voxels "
+                         f"({need} bytes) but the file has {size} bytes: truncated or not "
+                         f"what it says")
+
+
 def _load(path):
     import nibabel as nib
     try:
-        return nib.load(str(path))
+        img = nib.load(str(path))
     except read_errors() as e:
         raise ValueError(f"{path}: not a readable NIfTI file ({type(e).__name__}: {e})") from None
+    check_header(img, path)
+    return img
 
 
 def spatial_shape(img) -> tuple[int, ...]:
@@ -96,6 +137,7 @@ def read_nifti(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     img = _load(path)
+    checked_spacing(img.affine, path)
     shape = spatial_shape(img)
     if len(shape) != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}")
@@ -107,7 +149,17 @@ def read_nifti(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if data.dtype.kind == "f" and data.dtype != np.float32:
         data = data.astype(np.float32)
     array, affine = to_canonical(data, img.affine)
-    return array, affine, spacing_of(affine)
+    return array, affine, checked_spacing(affine, path)
+
+
+def checked_spacing(affine, path) -> np.ndarray:
+    """:func:`spacing_of`, or ValueError naming the file when a voxel size is zero or not
+    finite (a damaged affine: nothing can be resampled from it)."""
+    spacing = spacing_of(affine)
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise ValueError(f"{path}: the affine gives voxel sizes "
+                         f"{np.round(spacing, 4).tolist()} mm; every one must be > 0 and finite")
+    return spacing
 
 
 def write_nifti(path, array: np.ndarray, affine, dtype=None) -> Path:
@@ -134,6 +186,22 @@ def _natural(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+def walk(root: Path, pattern: str) -> list[Path]:
+    """``root.rglob(pattern)``, following symlinked sub-folders (a dataset assembled from
+    links) once each: a link back up the tree is not a loop."""
+    import fnmatch
+    out, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        out += [Path(folder) / f for f in sorted(files) if fnmatch.fnmatch(f, pattern)]
+    return out
+
+
 def detect_layout(root: Path) -> str | None:
     """``"msd"`` (imagesTr/ or dataset.json), ``"kits"`` (case_N/ folders with imaging or
     segmentation files), ``"lits"`` (volume-N files), else None."""
@@ -141,14 +209,14 @@ def detect_layout(root: Path) -> str | None:
         return "msd"
     if any(_kits_files(d) != (None, None) for d in _kits_dirs(root)):
         return "kits"
-    if any(_visible(p) for p in root.rglob("volume-*.nii*")):
+    if any(_visible(p) for p in walk(root, "volume-*.nii*")):
         return "lits"
     return None
 
 
 def _lits(root: Path) -> tuple[list[Case], list[Path]]:
     images, labels = {}, {}
-    for p in filter(_visible, root.rglob("*.nii*")):
+    for p in filter(_visible, walk(root, "*.nii*")):
         for pattern, table in ((LITS_IMAGE, images), (LITS_LABEL, labels)):
             m = pattern.match(p.name)
             if m:

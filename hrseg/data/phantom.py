@@ -194,6 +194,89 @@ def _write_case(out: Path, index: int, seed: int, shape, task: str = "lits") -> 
 
 
 MANIFEST = "phantom.json"
+MAX_SIZE = 2048             # voxels per axis a phantom may have (512 is the realistic size)
+MAX_CASES = 10000
+
+
+class PhantomMismatch(ValueError):
+    """A folder holds another phantom than the one asked for, or data that is not ours."""
+
+
+def request(cases, seed, shape) -> dict:
+    """The validated request (everything checked before any file is touched)."""
+    try:
+        cases, seed = int(cases), int(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"--cases and --seed must be integers, got {cases!r}, "
+                         f"{seed!r}") from None
+    if not 1 <= cases <= MAX_CASES:
+        raise ValueError(f"--cases must be in 1..{MAX_CASES}, got {cases}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    if shape is not None:
+        shape = [int(s) for s in shape]
+        if len(shape) != 3 or not all(4 <= s <= MAX_SIZE for s in shape):
+            raise ValueError(f"--shape must be 3 sizes in 4..{MAX_SIZE} (x y z "
+                             f"voxels), got {' '.join(map(str, shape))}")
+    return {"generator": VERSION, "seed": seed, "cases": cases, "shape": shape}
+
+
+def describe(m: dict) -> str:
+    shape = m.get("shape")
+    return (f"{m.get('cases')} cases, seed {m.get('seed')}, shape "
+            f"{' '.join(map(str, shape)) if shape else 'full size'}")
+
+
+def case_files(cases: int) -> list[str]:
+    return [f"{kind}-{i}.nii.gz" for i in range(int(cases)) for kind in ("volume", "segmentation")]
+
+
+def read_manifest(out) -> dict | None:
+    """The ``phantom.json`` of a folder (None if there is none); a damaged one is ValueError."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        m = json.loads(path.read_text())
+        if not isinstance(m, dict):
+            raise ValueError("not a JSON object")  # noqa: TRY004
+        m.setdefault("files", case_files(int(m["cases"])))   # written before files were listed
+        return m
+    except (ValueError, KeyError, TypeError) as e:
+        raise PhantomMismatch(f"{path}: not a phantom manifest ({e}); this folder is left "
+                              f"untouched: choose another --out") from None
+
+
+def check_folder(out, want: dict) -> tuple[bool, list[str]]:
+    """``(up to date, files to write)`` for writing ``want`` into ``out``; PhantomMismatch when
+    the folder holds anything that is not this phantom's own output."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PhantomMismatch(f"{out}: exists and is not a folder")
+    files = case_files(want["cases"])
+    if not out.exists():
+        return False, files
+    old = read_manifest(out)
+    ours = set(old["files"]) if old else set()
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in ours and p.name != MANIFEST
+                     and not p.name.startswith(".tmp-"))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        raise PhantomMismatch(f"{out}: holds files a phantom did not write ({shown}); a "
+                              f"phantom is written only into an empty folder or over its own "
+                              f"earlier output: choose another --out")
+    if old is None:
+        return False, files
+    same = {k: old.get(k) for k in ("seed", "cases", "shape")} == \
+        {k: want[k] for k in ("seed", "cases", "shape")}
+    if not same:
+        raise PhantomMismatch(f"{out}: holds a phantom of {describe(old)} ({MANIFEST}), "
+                              f"this asks for {describe(want)}; use another --out, or the "
+                              f"same arguments")
+    done = old.get("generator") == VERSION and old.get("complete", True)
+    return done and all((out / f).is_file() for f in files), files
 
 
 TUMOURS = "tumours.json"    # {case index: case_tumours(...)}: the ground truth of the lesions
@@ -210,13 +293,17 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
     KiTS19 layout, see case_paths); returns the paths. For the LiTS task ``tumours.json``
     beside them records each case's tumours (:func:`case_tumours`).
 
-    Case N is ``generate_case(case_seed(seed, N), shape)``. Files are written atomically
-    (temporary name, then rename). A folder already holding this exact dataset (same
-    generator version, seed, cases and shape, recorded in ``phantom.json``) is left as it
-    is; cases beyond ``cases`` left by an earlier phantom run there are removed.
+    Case N is ``generate_case(case_seed(seed, N), shape)``. Every argument is checked before
+    anything is touched. Only an empty (or missing) folder, or one holding this phantom's own
+    earlier output (``phantom.json`` records the request and the files written), is written:
+    a folder with any other file, or with a phantom of other cases / seed / shape, is a
+    :class:`PhantomMismatch` naming both, and nothing is deleted. The same request again is
+    left as it is (an interrupted or older-generator one is completed / rewritten: only the
+    files it lists). Files are written atomically (temporary name, then rename).
     ``workers`` threads (default: the CPU count, at most 4) render cases in parallel.
     """
     out = Path(out_dir)
+<<<<<<< HEAD
     cases = int(cases)
     if cases < 1:
         raise ValueError(f"phantom: --cases must be >= 1, got {cases}")
@@ -231,9 +318,16 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
     if old == want and all(p.is_file() for p in expected):
         if task == "lits" and not (out / TUMOURS).is_file():   # written before the file existed
             _write_tumours(out, cases, seed, shape)
+=======
+    want = request(cases, seed, shape)
+    up_to_date, files = check_folder(out, want)
+    expected = [out / f for f in files]
+    if up_to_date:
+>>>>>>> safety
         if progress:
-            print(f"{out}: phantom dataset up to date ({cases} cases, seed {seed})")
+            print(f"{out}: phantom dataset up to date ({describe(want)})")
         return expected
+<<<<<<< HEAD
     if old is not None:   # our own earlier dataset: drop cases this one will not rewrite
         for p in (list(out.glob("volume-*.nii.gz")) + list(out.glob("segmentation-*.nii.gz"))
                   + list(out.glob(f"case_*/{kits_phantom.IMAGE}"))
@@ -241,18 +335,35 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
             if p not in expected:
                 p.unlink()
     manifest.unlink(missing_ok=True)
+=======
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / MANIFEST
+    # listed before they exist: an interrupted write is completed by the same request
+    atomic.write_text(manifest, json.dumps({**want, "files": files, "complete": False},
+                                           indent=1) + "\n")
+    cases, shape = want["cases"], tuple(want["shape"]) if want["shape"] else None
+>>>>>>> safety
     workers = workers or min(4, os.cpu_count() or 1)
     bar = None
     if progress:
         from tqdm.auto import tqdm  # notebook-aware bars in JupyterLab
         bar = tqdm(total=cases, desc=f"phantom -> {out}", unit="case")
     with ThreadPoolExecutor(max(1, min(workers, cases))) as pool:
+<<<<<<< HEAD
         for _ in pool.map(lambda i: _write_case(out, i, seed, shape, task), range(cases)):
+=======
+        for _ in pool.map(lambda i: _write_case(out, i, want["seed"], shape), range(cases)):
+>>>>>>> safety
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
+<<<<<<< HEAD
     if task == "lits":
         _write_tumours(out, cases, seed, shape)
     atomic.write_text(manifest, json.dumps(want, indent=1) + "\n")
+=======
+    atomic.write_text(manifest, json.dumps({**want, "files": files, "complete": True},
+                                           indent=1) + "\n")
+>>>>>>> safety
     return expected

@@ -14,6 +14,7 @@ by the same figure; splits.py lists the meshes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from hrseg.config import ModelConfig
@@ -173,6 +174,23 @@ class Plan:
 MAX_DEVICES = 4096  # how far "nothing fits" looks for a device count that would
 
 
+MAX_PLAN_DEVICES = 65536   # the largest machine a plan is made for (a TPU v5p pod is 8960)
+MAX_SIZE = 8192            # voxels per axis (the paper's volumes are 512)
+
+
+def check_request(budget, n_devices, shape, batch) -> None:
+    """Bounds on what a plan is asked for, so it answers at once (one line naming the flag)."""
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        raise ValueError(f"--budget: must be a finite size > 0, got {budget}")
+    if not 1 <= int(n_devices) <= MAX_PLAN_DEVICES:
+        raise ValueError(f"--devices {n_devices}: must be in 1..{MAX_PLAN_DEVICES}")
+    if len(shape) not in (1, 2, 3) or not all(1 <= int(s) <= MAX_SIZE for s in shape):
+        raise ValueError(f"--resolution {' '.join(map(str, shape))}: give 1 or 3 sizes in "
+                         f"1..{MAX_SIZE}")
+    if not 1 <= int(batch) <= MAX_PLAN_DEVICES:
+        raise ValueError(f"--batch {batch}: must be in 1..{MAX_PLAN_DEVICES}")
+
+
 def plan(budget_bytes_per_device: int, n_devices: int, resolution, batch: int = 1,
          preset: str = "paper", model_cfg: ModelConfig | None = None,
          optimizer: str = "adafactor", in_channels: int = 1, suggest: bool = True,
@@ -186,6 +204,7 @@ def plan(budget_bytes_per_device: int, n_devices: int, resolution, batch: int = 
     gathered (``model.gather_below``, hrseg/memory/levels.py), by the same figure.
     """
     shape = (resolution,) * 3 if isinstance(resolution, int) else tuple(resolution)
+    check_request(budget_bytes_per_device, n_devices, shape, batch)
     if model_cfg is None:
         model_cfg = (unet.preset(preset, shape[0]) if preset == "paper"
                      else unet.preset(preset))

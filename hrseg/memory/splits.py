@@ -17,19 +17,25 @@ def primes(n: int) -> list[int]:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def spatial_splits(n: int, shape, levels: int, ndim: int = 3) -> list[tuple[int, int, int]]:
     """Splits ``(sx, sy, sz)`` of ``n`` devices for a shape that pools evenly ``levels`` times:
     the least padding first (an axis that does not split evenly is padded in the step,
-    parallel/uneven.py), then the most cube-like shards (smallest halo surface)."""
+    parallel/uneven.py), then the most cube-like shards (smallest halo surface). Padding may
+    at most double an axis: it never has more than twice as many devices as pooled blocks
+    (``2 ceil(size / 2^levels)``), so 65536 devices do not "split" a 64³ volume."""
     out = []
+    blocks = [2 * -(-s // 2 ** levels) for s in shape]
     for sx in divisors(n):
         for sy in divisors(n // sx):
             sz = n // (sx * sy)
             split = (sx, sy, sz)
             if ndim == 2 and sz != 1:
+                continue
+            if any(k > b for k, b in zip(split, blocks)):
                 continue
             if all(s % 2 ** levels == 0 for s in shape):
                 local = [uneven.padded_size(s, k, levels) // k for s, k in zip(shape, split)]
@@ -43,11 +49,16 @@ def why_not(n_devices: int, shape, batch: int, levels: int) -> str:
     pooled ``levels`` times, and the nearest device counts that would."""
     mult = 2 ** levels
     text = "×".join(map(str, shape))
-    ok = [n for n in range(1, 2 * n_devices + 1)
-          if any(spatial_splits(n // d, shape, levels, len(shape))
-                 for d in divisors(n) if batch % d == 0)]
-    below = max((n for n in ok if n < n_devices), default=None)
-    above = min((n for n in ok if n > n_devices), default=None)
+
+    def works(n: int) -> bool:
+        return any(spatial_splits(n // d, shape, levels, len(shape))
+                   for d in divisors(n) if batch % d == 0)
+
+    # the most devices any split can use (see spatial_splits), times the batch
+    most = batch * math.prod(2 * -(-s // mult) for s in shape)
+    below = next((n for n in range(min(n_devices - 1, most), 0, -1) if works(n)), None)
+    above = next((n for n in range(n_devices + 1, min(2 * n_devices, most) + 1)
+                  if works(n)), None)
     near = " or ".join(str(n) for n in (below, above) if n)
     blocks = [s // mult for s in shape]
     stuck = [p for p in primes(n_devices) if all(b % p for b in blocks) and batch % p]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,17 +74,37 @@ def resolve(cfg: RuntimeConfig | None = None, environ=None) -> RuntimeConfig:
         raise ValueError(f"${OVERRIDES['host_malloc']}: {e}") from None
 
 
-def start(cfg: RuntimeConfig | None = None, *, root: str | Path | None = None) -> Runtime:
+def start(cfg: RuntimeConfig | None = None, *, root: str | Path | None = None,
+          command: str = "hrseg") -> Runtime:
     """Configure this process (and what its children inherit) from ``cfg`` and the environment;
     returns what is in force. ``root``: the folder a relative ``compile_cache`` is under
-    (default: the working folder). May be called again, e.g. with a run's own section."""
+    (default: the working folder). May be called again, e.g. with a run's own section.
+
+    The compilation cache holds executables this process will run: a folder that is not this
+    user's own, is writable by others, or cannot be made (compile_cache.check_folder) costs
+    one ``<command>: compilation cache off: ...`` line, and the process runs without it."""
     from hrseg.runtime import compile_cache, hostmem
     cfg = resolve(cfg)
     malloc = hostmem.configure(cfg.host_malloc)
-    folder = compile_cache.enable(cfg.compile_cache, root) if cfg.compile_cache else None
+    folder = _compile_cache(cfg.compile_cache, root, command) if cfg.compile_cache else None
     state = Runtime(cfg, malloc, folder, bool(cfg.step_cache and folder is not None))
     _current[:] = [state]
     return state
+
+
+def _compile_cache(folder: str, root, command: str) -> Path | None:
+    from hrseg.runtime import compile_cache
+    try:
+        why = compile_cache.check_folder(compile_cache.cache_dir(folder, root))
+    except OSError as e:            # e.g. the working directory was removed
+        why = f"no usable working directory ({e.strerror or e})"
+    if why is None:
+        return compile_cache.enable(folder, root)
+    os.environ.pop(compile_cache.ENV_DIR, None)      # children must not use it either
+    if "jax" in sys.modules:                          # (jax read the variable at import)
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", None)
+    print(f"{command}: compilation cache off: {why}; running without it", file=sys.stderr)
+    return None
 
 
 def current() -> Runtime | None:

@@ -10,6 +10,7 @@ so papermill's notebook kernels, children of this process, use the cache too.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 ENV_DIR = "JAX_COMPILATION_CACHE_DIR"
@@ -40,3 +41,31 @@ def enable(folder: str | Path = DEFAULT_DIR, root: str | Path | None = None) -> 
     jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                       int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
     return path
+
+
+def check_folder(path: str | Path) -> str | None:
+    """Why the cache folder ``path`` must not be used (None: use it), creating it 0700 when
+    missing. It holds executables this process will run, so it must be a folder owned by this
+    user and writable by nobody else; one that cannot be created or written costs the caller a
+    line (run without the cache), never the run."""
+    path = Path(path)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        return f"{path} exists and is not a folder"
+    except OSError as e:
+        return f"cannot create {path} ({e.strerror or e})"
+    try:
+        st = path.stat()
+    except OSError as e:
+        return f"cannot read {path} ({e.strerror or e})"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder"
+    if st.st_uid != os.getuid():
+        return f"{path} is owned by another user (uid {st.st_uid}), not by you"
+    if st.st_mode & 0o022:
+        return (f"{path} is writable by others (mode {oct(st.st_mode & 0o777)}); "
+                f"`chmod go-w {path}` to use it")
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None

@@ -4,6 +4,7 @@
     loop        the training loop: batches, evaluation, NaN guard, resume (``train``)
     optim       the optimizer and its learning-rate schedule (``make_optimizer``)
     evaluation  a trained run used: ``load_run``, ``evaluate``, ``predict``
+    outpath     where ``predict -o`` may write (never the input, never a non-NIfTI name)
     rundir      the run directory: paths, lock, fixed config, history, metrics.jsonl
     tblog       TensorBoard event files of a run: metrics.jsonl's numbers, validation slices
     checkpoint  orbax checkpoints, newest-intact restore, retention

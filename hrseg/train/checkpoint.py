@@ -24,8 +24,11 @@ from hrseg import atomic
 # A full disk is reported once, as one line (atomic.DiskFull), not as the tracebacks orbax's
 # background threads (and asyncio, for their futures) log.
 def _quiet(record: logging.LogRecord) -> bool:
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        return False        # Ctrl-C / SIGTERM while orbax waits: hrseg.cli says it in one line
     msg = record.getMessage()
-    if any(s in msg for s in ("Given directory is read only", "read_only=True")):
+    if any(s in msg for s in ("Given directory is read only", "read_only=True",
+                              "was found in the checkpoint, but could not be restored")):
         return False
     return not (atomic.is_disk_full(record.exc_info[1] if record.exc_info else None)
                 or "No space left on device" in msg)
@@ -68,11 +71,20 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state) -> None:
+    def save(self, step: int, state, metadata: dict | None = None) -> None:
         """Start saving (returns once the arrays are copied off the devices, so the caller
-        may donate ``state`` to the next step; the write finishes in the background)."""
+        may donate ``state`` to the next step; the write finishes in the background).
+        ``metadata``: JSON-able, kept in the step's own metadata (the run's fixed config)."""
         with _disk_full_names(self.directory):
-            self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+            self._manager.save(int(step), args=ocp.args.StandardSave(state), force=True,
+                               custom_metadata=metadata or {})
+
+    def metadata(self, step: int) -> dict:
+        """The ``metadata`` saved with ``step`` ({} for a checkpoint saved without)."""
+        try:
+            return dict(self._manager.metadata(int(step)).custom_metadata or {})
+        except Exception:  # noqa: BLE001 (orbax raises many kinds for a damaged step)
+            return {}
 
     def restore(self, like, step: int | None = None):
         """The state saved at ``step`` (default: newest), placed like ``like`` (a state or an
@@ -166,3 +178,19 @@ def abstract(tree):
             return x
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
     return jax.tree.map(leaf, tree)
+
+
+def recorded_config(directory: str | Path) -> str | None:
+    """The config YAML saved in the newest checkpoint of ``directory`` that records one, or
+    None (no checkpoint folder, no checkpoints, or checkpoints saved without it)."""
+    if not Path(directory).is_dir():
+        return None
+    ckpts = Checkpoints(directory, read_only=True)
+    try:
+        for s in reversed(ckpts.steps()):
+            text = ckpts.metadata(s).get("config")
+            if isinstance(text, str) and text.strip():
+                return text
+    finally:
+        ckpts.close()
+    return None

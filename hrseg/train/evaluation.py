@@ -14,7 +14,7 @@ import numpy as np
 
 from hrseg import atomic, config, data
 from hrseg.data import nifti
-from hrseg.train import checkpoint, distributed, inference, rundir
+from hrseg.train import checkpoint, distributed, inference, outpath, rundir
 from hrseg.train.loop import _say, build, make_layout
 
 
@@ -55,17 +55,33 @@ def evaluate(run_dir: str | Path, step: int | None = None) -> dict:
     dataset = data.load_dataset(cfg.data)
     result = inference.Evaluator(cfg, graphdef, layout, dataset.val)(state, step_no)
     if distributed.is_main():
-        atomic.write_json(rundir.eval_path(run_dir, step_no),
-                          {"step": step_no, "config": config.to_dict(cfg), "metrics": result})
+        path = rundir.eval_path(run_dir, step_no)
+        try:
+            atomic.write_json(path, {"step": step_no, "config": config.to_dict(cfg),
+                                     "metrics": result})
+        except OSError as e:             # a read-only run folder, a full disk
+            why = str(e) if isinstance(e, atomic.DiskFull) else (
+                f"the result could not be saved to {path} ({e.strerror or e})")
+            raise NotSaved(result, why) from None
     return result
+
+
+class NotSaved(OSError):
+    """The evaluation was computed (``.result``) but could not be written."""
+
+    def __init__(self, result: dict, message: str):
+        super().__init__(message)
+        self.result = result
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def prediction_path(run_dir: str | Path, volume: str | Path) -> Path:
     """``<run>/predictions/prediction-N.nii.gz`` for LiTS ``volume-N``,
     ``prediction_XXXXX.nii.gz`` for KiTS19 ``case_XXXXX/imaging.nii.gz`` (the challenge's
     submission names), else the same name."""
-    name = Path(volume).name
-    stem = name[:-7] if name.endswith(".nii.gz") else Path(name).stem
+    stem = outpath.case_stem(volume)
     if stem.startswith("volume-"):
         stem = "prediction-" + stem[len("volume-"):]
     case = Path(volume).parent.name
@@ -83,6 +99,7 @@ def predict(run_dir: str | Path, volume: str | Path, out: str | Path | None = No
     NaN and -Inf become the HU window's low end (air), +Inf its high end."""
     import nibabel as nib
 
+    out = outpath.prediction_target(volume, out, prediction_path(run_dir, volume))
     hu, _, spacing = data.read_nifti(volume)                  # canonical RAS+
     bad = int(np.size(hu) - np.count_nonzero(np.isfinite(hu)))
     if bad and not clean_nonfinite:
@@ -97,5 +114,4 @@ def predict(run_dir: str | Path, volume: str | Path, out: str | Path | None = No
     meta = {"grid": data.grid_for(hu.shape, spacing, cfg.data).to_dict(),
             "affine": nib.load(str(volume)).affine}             # the file's own orientation
     labels, affine = data.to_original_geometry(labels, meta)
-    out = Path(out) if out else prediction_path(run_dir, volume)
     return nifti.write_nifti(out, labels, affine, dtype=np.uint8)

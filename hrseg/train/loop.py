@@ -124,6 +124,8 @@ def train(cfg: Config, *, progress: bool = True,
     multihost.initialize(cfg.runtime)
     main = distributed.is_main()
     run_dir = rundir.path_of(cfg)
+    if main and not rundir.is_run(run_dir):
+        rundir.restore_config(run_dir)             # checkpoints without config.yaml
     if main and rundir.is_run(run_dir):
         rundir.check_resume(run_dir, cfg)          # before any work: a changed run is refused
     layout = make_layout(cfg)
@@ -232,7 +234,7 @@ def _loop(cfg, run_dir, layout, graphdef, state, optimizer, batches, evaluator, 
             bar.update(1)
             final = n == t.steps
             if final or (t.ckpt_every > 0 and n % t.ckpt_every == 0):
-                ckpts.save(n, state)
+                ckpts.save(n, state, {"config": config.dumps(cfg)})   # survives config.yaml
             if (final and t.eval_every >= 0) or (t.eval_every > 0 and n % t.eval_every == 0):
                 last_eval = evaluate_and_log(n)
             if on_step is not None:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-from hrseg import atomic, config
+from hrseg import atomic, config, yamlsafe
 from hrseg.config import Config
 
 CONFIG, HISTORY, METRICS, RESULT = "config.yaml", "history.jsonl", "metrics.jsonl", "result.json"
@@ -59,10 +60,47 @@ def is_run(path: str | Path) -> bool:
 
 
 def read_config(run: str | Path) -> Config:
+    """The run's fixed config: ``config.yaml``, or — deleted — the one its newest checkpoint
+    recorded (read-only: nothing is written back here; see :func:`restore_config`)."""
     path = Path(run) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
+        text = _recorded(run)
+        if text is None:
+            raise FileNotFoundError(f"{run} is not a run directory (no {CONFIG})")
+        return config.validate(config.from_dict(yamlsafe.loads(text, f"{run}: checkpoint")))
     return config.load(path)
+
+
+def _recorded(run: str | Path) -> str | None:
+    if not any(p.name.isdigit() for p in _listing(checkpoints(run))):
+        return None
+    from hrseg.train import checkpoint  # (orbax: only when there are checkpoints)
+    return checkpoint.recorded_config(checkpoints(run))
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
+
+
+def restore_config(run: str | Path) -> bool:
+    """A run folder with checkpoints but no ``config.yaml`` (deleted): write it back from the
+    newest checkpoint's record, with one line; refuse (ValueError) when the checkpoints record
+    none, since resuming would then fix nothing. True if restored."""
+    run = Path(run)
+    if is_run(run) or not any(p.name.isdigit() for p in _listing(checkpoints(run))):
+        return False
+    text = _recorded(run)
+    if text is None:
+        raise ValueError(f"{run} has checkpoints but no {CONFIG}, and its checkpoints do not "
+                         f"record the config: put {CONFIG} back, or start a new run with "
+                         f"--set train.name=<new name>")
+    atomic.write_text(run / CONFIG, text)
+    print(f"hrseg: {run / CONFIG} was missing: restored from the newest checkpoint's record",
+          file=sys.stderr)
+    return True
 
 
 def flat(cfg: Config) -> dict[str, object]:

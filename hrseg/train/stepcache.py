@@ -11,8 +11,10 @@ fingerprint (the step-relevant parts of the config), the source of the ``hrseg``
 versions of Python, jax, jaxlib, flax and optax, the backend and its devices, ``XLA_FLAGS``,
 (the conv kernel, ``model.conv``, is in the config; "auto" resolves by the backend) and the tree structure, shapes,
 dtypes and shardings of the arguments. Entries live in ``<compilation cache>/hrseg-steps/``
-as ``<key>.exported``: a magic line, a JSON header (payload size and SHA-256, the metric names,
-the number of state leaves) and the serialized artifact, written atomically.
+as ``<key>.exported``: a magic line, a JSON header (its own key, payload size and SHA-256, the
+metric names, the number of state leaves) and the serialized artifact, written atomically. An
+entry is loaded only if the key in its header is the one asked for: one copied over another
+config's key (another learning rate, say) is reported and exported again.
 
 The cache is a shortcut only, never a source of different numbers: the first run exports the
 step and then runs the exported step too, so cold and warm runs execute the same module. It is
@@ -174,6 +176,11 @@ class CachedStep:
         except (ValueError, OSError) as e:
             _say(f"{e}; exporting it again")
             found = None
+        if found is not None and found[0].get("key") != key:
+            # an entry copied over another key: intact, but another step (another lr...)
+            _say(f"{path} belongs to another key ({str(found[0].get('key'))[:12]}…, not "
+                 f"{key[:12]}…); exporting it again")
+            found = None
         if found is not None:
             header, payload = found
             try:
@@ -193,7 +200,8 @@ class CachedStep:
                            f"{(str(e).splitlines() or [''])[0][:200]}")
             return None
         try:
-            write_entry(path, {"metrics": names, "state_leaves": n_state}, payload)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_entry(path, {"key": key, "metrics": names, "state_leaves": n_state}, payload)
         except OSError as e:
             _say(f"cannot write {path} ({e}); the next run exports the step again")
         self.sources[key] = "exported"

@@ -6,4 +6,5 @@
     lesion_table  lesions found and their Dice by size, per resolution (``hrseg table --lesions``)
     verdict   the one sentence computed from that table, read against Hou et al.'s Table 1
     notebook_save  the Jupyter pre-save hook: a JupyterLab save keeps only what the user changed
+    interrupt SIGINT / SIGTERM: unwind the command, stop its children and their kernels
 """

@@ -14,7 +14,6 @@ notebook stops the pipeline with its cell and error named in one line.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -200,6 +199,8 @@ def run(params_dir: str | Path = "params/notebooks/default", only: list[str] | N
     if jobs < 1:
         raise PipelineError(f"--jobs must be >= 1, got {jobs}")
     runs = discover(params_dir, only)
+    for r in runs:                  # every params file read before anything is written
+        load_params(r.params_file)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -247,10 +248,12 @@ def ensure_phantom(root: str | Path, cases: int, seed: int = 0, shape=None,
                    progress: bool = True) -> str:
     """Make sure ``root`` holds a dataset before a notebook reads it; returns what was done.
 
-    Only a missing or empty folder gets a phantom (hrseg.data.phantom.write_dataset). A folder that
-    already holds data — a phantom written with other arguments (e.g. `hrseg phantom --cases
-    24`), LiTS or MSD — is used as it is and never rewritten. Concurrent callers (notebooks
-    run side by side) are serialised by a lock file next to ``root``.
+    A missing or empty folder gets the phantom asked for (hrseg.data.phantom.write_dataset); a
+    folder holding that same phantom is used (completed if an earlier write was interrupted).
+    A folder holding a phantom of other cases, seed or shape is an error naming both (never
+    silently another dataset); a folder of real data (LiTS or MSD, no ``phantom.json``) is used
+    as it is and never written to. Concurrent callers (notebooks run side by side) are
+    serialised by a lock file next to ``root``.
     """
     import fcntl
     root = Path(root)
@@ -264,13 +267,12 @@ def ensure_phantom(root: str | Path, cases: int, seed: int = 0, shape=None,
 
 def _ensure_phantom(root: Path, cases: int, seed: int, shape, progress: bool) -> str:
     from hrseg.data import phantom
-    if root.is_dir() and any(root.iterdir()):
-        manifest = root / phantom.MANIFEST
-        if manifest.is_file():
-            m = json.loads(manifest.read_text())
-            return (f"{root}: using the phantom there ({m.get('cases')} cases, seed "
-                    f"{m.get('seed')}, shape {m.get('shape') or 'full size'})")
+    if root.is_dir() and any(root.iterdir()) and phantom.read_manifest(root) is None:
         return f"{root}: using the dataset there (not a phantom: left untouched)"
+    want = phantom.request(cases, seed, shape)
+    up_to_date, _ = phantom.check_folder(root, want)       # PhantomMismatch names both
+    if up_to_date:
+        return f"{root}: using the phantom there ({phantom.describe(want)})"
     phantom.write_dataset(root, cases=cases, seed=seed,
                           shape=tuple(shape) if shape else None, progress=progress)
     return f"{root}: phantom written, {cases} cases, seed {seed}, shape {shape or 'full size'}"

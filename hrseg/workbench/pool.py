@@ -54,7 +54,7 @@ def _last_line(log: Path) -> str:
         return ""
     for ln in reversed(lines):          # the child's own one-line error, if it printed one
         if ln.startswith("hrseg run: "):
-            return ln[len("hrseg run: "):]
+            return ln[len("hrseg run: "):].removeprefix("error: ")
     return lines[-1] if lines else ""
 
 

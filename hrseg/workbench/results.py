@@ -96,10 +96,16 @@ def find_runs(root: str | Path = "runs") -> list[Run]:
         d = cfg_path.parent
         evals = {}
         for p in sorted(rundir.checkpoints(d).glob("eval_*.json")):
-            try:
+            try:                  # (written atomically: a cut or other record is damage)
                 rec = json.loads(p.read_text())
-            except json.JSONDecodeError:
-                continue   # a run being written right now; its other evaluations still count
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{p}: not an evaluation record (truncated or damaged: "
+                                 f"{e}); remove it, or write it again with `hrseg evaluate "
+                                 f"{d}`") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("metrics", {}), dict):
+                raise ValueError(f"{p}: not an evaluation record ({json.dumps(rec)[:40]}; "  # noqa: TRY004
+                                 f"expected an object with 'step' and 'metrics'); remove it, "
+                                 f"or write it again with `hrseg evaluate {d}`")
             if rec.get("metrics"):
                 evals[int(rec.get("step", p.stem.split("_")[1]))] = rec["metrics"]
         if not evals:
