@@ -322,7 +322,7 @@ def main() -> int:
     ap.add_argument("--no-torch", dest="torch", action="store_false",
                     help="leave PyTorch out even if it imports")
     ap.add_argument("--generic", action="store_true",
-                    help="also run hrseg with XLA's own 3D conv (HRSEG_CPU_CONV=0): before/after")
+                    help="also run hrseg with XLA's own 3D conv (model.conv: xla): before/after")
     ap.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="", help=argparse.SUPPRESS)

@@ -26,7 +26,7 @@
 
 # %% tags=["parameters"]
 data_root = "data/phantom"     # dataset folder; a phantom is written there when it is missing
-phantom = {"cases": 8, "seed": 0, "shape": [256, 256, 128]}  # hrseg.data.phantom.write_dataset args
+phantom = {"cases": 16, "seed": 0, "shape": [256, 256, 128]}  # hrseg.data.phantom.write_dataset args
 cache_dir = "data/cache"       # preprocessed volumes (hrseg.data.dataset)
 resolution = [64, 64, 64]      # network grid the case is shown on
 case = 0                       # index of the case shown

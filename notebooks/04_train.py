@@ -27,7 +27,7 @@
 # %% tags=["parameters"]
 config = "params/train/train_2d_16.yaml"  # the run config (hrseg.config YAML); make run passes its own
 overrides = []                 # hrseg train --set items applied on top of the config
-phantom = {"cases": 8, "seed": 0, "shape": [256, 256, 128]}  # written to data.root if missing
+phantom = {"cases": 16, "seed": 0, "shape": [256, 256, 128]}  # written to data.root if missing
 data_root = ""                 # empty: the data.root of the config
 cache_dir = ""                 # empty: the data.cache_dir of the config
 show_cases = 2                 # validation cases drawn with their predictions
