@@ -11,7 +11,7 @@ from hrseg import cli, config, data
 from hrseg.data import cache, phantom
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
+SMOKE = ROOT / "params" / "train" / "smoke" / "train_smoke.yaml"
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from hrseg import config, train
 from hrseg.train import rundir
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
+SMOKE = ROOT / "params" / "train" / "smoke" / "train_smoke.yaml"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 

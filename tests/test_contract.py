@@ -21,7 +21,7 @@ from hrseg.data import nifti, phantom
 from hrseg.train import evaluation, rundir
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
+SMOKE = ROOT / "params" / "train" / "smoke" / "train_smoke.yaml"
 
 
 def _bomb_nifti(path: Path, shape) -> None:

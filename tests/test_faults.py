@@ -110,8 +110,8 @@ def test_a_second_train_on_a_busy_run_names_the_holder(trained, dataset, tmp_pat
 def test_a_non_finite_state_stops_before_it_is_checkpointed(dataset, tmp_path, monkeypatch):
     real = loop.make_optimizer
 
-    def poisoned(t):   # the third update (count 2) is infinite: loss and gradients stay finite
-        return optax.chain(real(t), optax.scale_by_schedule(
+    def poisoned(*a):   # the third update (count 2) is infinite: loss and gradients stay finite
+        return optax.chain(real(*a), optax.scale_by_schedule(
             lambda count: jnp.where(count == 2, jnp.inf, 1.0)))
 
     monkeypatch.setattr(loop, "make_optimizer", poisoned)

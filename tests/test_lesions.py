@@ -18,7 +18,7 @@ from hrseg.train.inference import LesionScorer
 from hrseg.workbench import lesion_table
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "params" / "smoke" / "train_smoke.yaml"
+SMOKE = ROOT / "params" / "train" / "smoke" / "train_smoke.yaml"
 
 
 # --- components and sizes ------------------------------------------------------------------

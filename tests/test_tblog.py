@@ -128,13 +128,21 @@ def test_a_failed_write_is_one_line_and_the_end_of_the_events(tmp_path, capsys, 
     board = tblog.TensorBoard(tmp_path, 0, enabled=True)
     board.step({"step": 1, "loss": 0.5})
 
-    def full(event):
-        raise OSError(28, "No space left on device")
+    def broken(event):
+        raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(board.writer, "write_event", full)
+    monkeypatch.setattr(board.writer, "write_event", broken)
     board.step({"step": 2, "loss": 0.4})         # fails: one line, the writer is dropped
     board.step({"step": 3, "loss": 0.3})         # nothing more is tried
     board.close()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "hrseg: TensorBoard: events not written" in err[0], err
-    assert "No space left on device" in err[0] and board.writer is None
+    assert "Input/output error" in err[0] and board.writer is None
+    full = tblog.TensorBoard(tmp_path / "full", 0, enabled=True)
+
+    def no_space(event):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(full.writer, "write_event", no_space)
+    full.step({"step": 1, "loss": 0.5})          # the run's own error line reports a full disk
+    assert full.writer is None and capsys.readouterr().err == ""

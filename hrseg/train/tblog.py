@@ -20,12 +20,14 @@ the restored step: TensorBoard drops the older file's points from that step on, 
 ``metrics.jsonl`` does. Only the main process writes (``enabled``); the others do nothing.
 
 Events are written in this thread (tensorboardX's EventsWriter, not its SummaryWriter's
-background thread and exit hook), so a failed write — a full disk, a folder gone — is one
-``hrseg: TensorBoard: ...`` line and the end of the event file, never a traceback or a failed
-run: the events are a view, ``metrics.jsonl`` and the checkpoints are what a run needs.
+background thread and exit hook), so a failed write is the end of the event file, never a
+traceback or a failed run: the events are a view, ``metrics.jsonl`` and the checkpoints are
+what a run needs. It costs one ``hrseg: TensorBoard: ...`` line, except on a full disk, which
+the run reports itself in its one error line when it next writes a checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import math
 import sys
 import time
@@ -92,9 +94,10 @@ class TensorBoard:
     def _guard(self, fn) -> None:
         try:
             fn()
-        except OSError as e:
-            print(f"hrseg: TensorBoard: events not written from here on ({e}); "
-                  f"metrics.jsonl has every number", file=sys.stderr)
+        except OSError as e:   # a full disk is the run's own one line (its checkpoints)
+            if e.errno != errno.ENOSPC:
+                print(f"hrseg: TensorBoard: events not written from here on ({e}); "
+                      f"metrics.jsonl has every number", file=sys.stderr)
             writer, self.writer = self.writer, None
             if writer is not None:
                 try:
