@@ -202,8 +202,10 @@ class PhantomMismatch(ValueError):
     """A folder holds another phantom than the one asked for, or data that is not ours."""
 
 
-def request(cases, seed, shape) -> dict:
+def request(cases, seed, shape, task: str = "lits") -> dict:
     """The validated request (everything checked before any file is touched)."""
+    if task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got '{task}'")
     try:
         cases, seed = int(cases), int(seed)
     except (TypeError, ValueError):
@@ -218,7 +220,8 @@ def request(cases, seed, shape) -> dict:
         if len(shape) != 3 or not all(4 <= s <= MAX_SIZE for s in shape):
             raise ValueError(f"--shape must be 3 sizes in 4..{MAX_SIZE} (x y z "
                              f"voxels), got {' '.join(map(str, shape))}")
-    return {"generator": VERSION, "seed": seed, "cases": cases, "shape": shape}
+    return {"generator": VERSION, "seed": seed, "cases": cases, "shape": shape,
+            **({"task": task} if task != "lits" else {})}
 
 
 def describe(m: dict) -> str:
@@ -227,8 +230,11 @@ def describe(m: dict) -> str:
             f"{' '.join(map(str, shape)) if shape else 'full size'}")
 
 
-def case_files(cases: int) -> list[str]:
-    return [f"{kind}-{i}.nii.gz" for i in range(int(cases)) for kind in ("volume", "segmentation")]
+def case_files(cases: int, task: str = "lits") -> list[str]:
+    """The files a phantom writes, relative to its folder (LiTS: with ``tumours.json``)."""
+    out = Path(".")
+    files = [str(f) for i in range(int(cases)) for f in case_paths(out, i, task)]
+    return files if task == "kits" else files + [TUMOURS]
 
 
 def read_manifest(out) -> dict | None:
@@ -240,7 +246,8 @@ def read_manifest(out) -> dict | None:
         m = json.loads(path.read_text())
         if not isinstance(m, dict):
             raise ValueError("not a JSON object")  # noqa: TRY004
-        m.setdefault("files", case_files(int(m["cases"])))   # written before files were listed
+        m.setdefault("files", case_files(int(m["cases"]), m.get("task", "lits"))
+                     [:2 * int(m["cases"])])   # written before files were listed
         return m
     except (ValueError, KeyError, TypeError) as e:
         raise PhantomMismatch(f"{path}: not a phantom manifest ({e}); this folder is left "
@@ -253,11 +260,11 @@ def check_folder(out, want: dict) -> tuple[bool, list[str]]:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PhantomMismatch(f"{out}: exists and is not a folder")
-    files = case_files(want["cases"])
+    files = case_files(want["cases"], want.get("task", "lits"))
     if not out.exists():
         return False, files
     old = read_manifest(out)
-    ours = set(old["files"]) if old else set()
+    ours = {Path(f).parts[0] for f in old["files"]} if old else set()   # case_XXXXX/ folders
     foreign = sorted(p.name for p in out.iterdir()
                      if p.name not in ours and p.name != MANIFEST
                      and not p.name.startswith(".tmp-"))
@@ -269,8 +276,8 @@ def check_folder(out, want: dict) -> tuple[bool, list[str]]:
                               f"earlier output: choose another --out")
     if old is None:
         return False, files
-    same = {k: old.get(k) for k in ("seed", "cases", "shape")} == \
-        {k: want[k] for k in ("seed", "cases", "shape")}
+    same = {k: old.get(k) for k in ("seed", "cases", "shape", "task")} == \
+        {k: want.get(k) for k in ("seed", "cases", "shape", "task")}
     if not same:
         raise PhantomMismatch(f"{out}: holds a phantom of {describe(old)} ({MANIFEST}), "
                               f"this asks for {describe(want)}; use another --out, or the "
@@ -303,67 +310,33 @@ def write_dataset(out_dir, cases: int, seed: int = 0, shape=None, progress: bool
     ``workers`` threads (default: the CPU count, at most 4) render cases in parallel.
     """
     out = Path(out_dir)
-<<<<<<< HEAD
-    cases = int(cases)
-    if cases < 1:
-        raise ValueError(f"phantom: --cases must be >= 1, got {cases}")
-    if task not in TASKS:
-        raise ValueError(f"phantom: --task must be one of {', '.join(TASKS)}, got '{task}'")
-    out.mkdir(parents=True, exist_ok=True)
-    want = {"generator": VERSION, "seed": int(seed), "cases": cases,
-            "shape": list(shape) if shape else None, **({"task": task} if task != "lits" else {})}
-    manifest = out / MANIFEST
-    expected = [p for i in range(cases) for p in case_paths(out, i, task)]
-    old = json.loads(manifest.read_text()) if manifest.is_file() else None
-    if old == want and all(p.is_file() for p in expected):
-        if task == "lits" and not (out / TUMOURS).is_file():   # written before the file existed
-            _write_tumours(out, cases, seed, shape)
-=======
-    want = request(cases, seed, shape)
+    want = request(cases, seed, shape, task)
     up_to_date, files = check_folder(out, want)
-    expected = [out / f for f in files]
+    expected = [out / f for f in files if f != TUMOURS]
     if up_to_date:
->>>>>>> safety
         if progress:
             print(f"{out}: phantom dataset up to date ({describe(want)})")
         return expected
-<<<<<<< HEAD
-    if old is not None:   # our own earlier dataset: drop cases this one will not rewrite
-        for p in (list(out.glob("volume-*.nii.gz")) + list(out.glob("segmentation-*.nii.gz"))
-                  + list(out.glob(f"case_*/{kits_phantom.IMAGE}"))
-                  + list(out.glob(f"case_*/{kits_phantom.LABEL}"))):
-            if p not in expected:
-                p.unlink()
-    manifest.unlink(missing_ok=True)
-=======
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / MANIFEST
     # listed before they exist: an interrupted write is completed by the same request
     atomic.write_text(manifest, json.dumps({**want, "files": files, "complete": False},
                                            indent=1) + "\n")
     cases, shape = want["cases"], tuple(want["shape"]) if want["shape"] else None
->>>>>>> safety
     workers = workers or min(4, os.cpu_count() or 1)
     bar = None
     if progress:
         from tqdm.auto import tqdm  # notebook-aware bars in JupyterLab
         bar = tqdm(total=cases, desc=f"phantom -> {out}", unit="case")
     with ThreadPoolExecutor(max(1, min(workers, cases))) as pool:
-<<<<<<< HEAD
-        for _ in pool.map(lambda i: _write_case(out, i, seed, shape, task), range(cases)):
-=======
-        for _ in pool.map(lambda i: _write_case(out, i, want["seed"], shape), range(cases)):
->>>>>>> safety
+        for _ in pool.map(lambda i: _write_case(out, i, want["seed"], shape, task),
+                          range(cases)):
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-<<<<<<< HEAD
     if task == "lits":
-        _write_tumours(out, cases, seed, shape)
-    atomic.write_text(manifest, json.dumps(want, indent=1) + "\n")
-=======
+        _write_tumours(out, cases, want["seed"], shape)
     atomic.write_text(manifest, json.dumps({**want, "files": files, "complete": True},
                                            indent=1) + "\n")
->>>>>>> safety
     return expected
