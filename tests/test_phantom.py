@@ -118,7 +118,7 @@ def test_a_users_files_are_never_replaced_or_deleted(tmp_path):
 def test_an_interrupted_write_is_completed_by_the_same_request(tmp_path, monkeypatch):
     calls = []
 
-    def boom(out, i, seed, shape):
+    def boom(out, i, seed, shape, task="lits"):
         calls.append(i)
         raise KeyboardInterrupt
     monkeypatch.setattr(phantom, "_write_case", boom)
