@@ -28,12 +28,12 @@ from hrseg import config
 from hrseg.memory import compiled
 cfg = config.load(sys.argv[1])
 t = time.perf_counter()
-fn, args = compiled.run_step(cfg, %r if cfg.data.resample == "native" else None)
+fn, args = compiled.run_step(cfg, NATIVE if cfg.data.resample == "native" else None)
 ma = fn.lower(*args).compile().memory_analysis()
 print(json.dumps({"compile_s": round(time.perf_counter() - t, 1),
                   "bytes": ma.argument_size_in_bytes + ma.output_size_in_bytes
                            - ma.alias_size_in_bytes + ma.temp_size_in_bytes}))
-""" % (NATIVE,)
+""".replace("NATIVE", repr(NATIVE))
 
 
 def figures(path: Path) -> dict:

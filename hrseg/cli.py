@@ -1,177 +1,18 @@
 """The ``hrseg`` command: phantom, verify, train, evaluate, predict, run, table, memory, cache,
 view.
 
-Entry points stay short: each subcommand parses its arguments and calls one public function of
-the module that owns the work. Errors a user can fix print one line and exit 2.
+This module parses the arguments (each subcommand's help with its defaults and an example) and
+turns what a handler raises into one ``hrseg <cmd>: error:`` line (exit 2; 1 for a full disk or
+a failed notebook) or, for SIGINT/SIGTERM, one line and exit 130/143. The handlers are in
+hrseg/commands.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 
-
-def _phantom(args) -> int:
-    from hrseg.data import phantom
-    phantom.write_dataset(args.out, cases=args.cases, seed=args.seed,
-                          shape=tuple(args.shape) if args.shape else None, progress=True,
-                          task=args.task)
-    return 0
-
-
-def _verify(args) -> int:
-    from pathlib import Path
-
-    from hrseg import data
-    if not Path(args.dir).is_dir():     # nothing to verify: an error, not a problem list
-        what = "not a folder" if Path(args.dir).exists() else "no such folder"
-        raise ValueError(f"{args.dir}: {what}")
-    problems = data.verify_dataset(args.dir)
-    for line in problems:
-        print(line)
-    if problems:
-        print(f"{len(problems)} problem(s) in {args.dir}", file=sys.stderr)
-        return 1
-    print(f"{args.dir}: OK")
-    return 0
-
-
-def _train(args) -> int:
-    from hrseg import config, runtime, train
-    cfg = config.load(args.file, args.set)
-    runtime.start(cfg.runtime, command="hrseg train")
-    try:
-        result = train.train(cfg, progress=not args.quiet)
-    except FloatingPointError as e:  # NaN/Inf: the message names the step and the checkpoint
-        print(f"hrseg train: {e}", file=sys.stderr)
-        return 1
-    print(f"run {result.run_dir}: {result.steps} steps; {train.describe(result)}")
-    return 0
-
-
-def _evaluate(args) -> int:
-    from hrseg import runtime, train
-    from hrseg.train import evaluation, inference
-    runtime.start(command="hrseg evaluate")
-    try:
-        result = train.evaluate(args.run_dir, step=args.step)
-    except evaluation.NotSaved as e:     # computed, then not written: shown all the same
-        print(f"{args.run_dir} step {e.result['step']}: {inference.summary_line(e.result)}")
-        print(f"hrseg evaluate: error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.run_dir} step {result['step']}: {inference.summary_line(result)}")
-    return 0
-
-
-def _predict(args) -> int:
-    from hrseg import runtime, train
-    runtime.start()
-    out = train.predict(args.run_dir, args.volume, args.out,
-                        clean_nonfinite=args.clean_nonfinite)
-    print(f"prediction written to {out}")
-    return 0
-
-
-def _run(args) -> int:
-    from hrseg import runtime
-    from hrseg.workbench import pipeline
-    runtime.start(command="hrseg run")  # the notebooks' kernels inherit its settings
-    extra = json.loads(args.extra) if args.extra else None
-    pipeline.run(args.params_dir, only=args.only, out=args.out, progress=not args.quiet,
-                 extra=extra, jobs=args.jobs)     # PipelineError: one line (main)
-    table = pipeline.results_table(args.out)
-    if table is not None:
-        print("\n" + table.read_text().strip() + "\n")
-        print(f"results table: {table} (also {table.with_suffix('.csv').name}, "
-              f"{table.with_suffix('.png').name}; figures in {table.parent}/)")
-    else:
-        print(f"executed notebooks in {args.out}/ (no results table: run 05_results_table)")
-    return 0
-
-
-def _table(args) -> int:
-    from pathlib import Path
-
-    from hrseg.workbench import results
-    if not Path(args.runs_dir).is_dir():
-        print(f"hrseg table: error: no such folder: {args.runs_dir}", file=sys.stderr)
-        return 2
-    if args.lesions:
-        from hrseg.workbench import lesion_table
-        return lesion_table.main(args.runs_dir, last=args.last, rule=args.rule, out=args.out)
-    rows = results.collect(args.runs_dir, last=args.last)
-    if not rows:
-        print(f"hrseg table: error: no run with an evaluation under {args.runs_dir} "
-              "(run directories with config.yaml and checkpoints/eval_*.json)", file=sys.stderr)
-        return 2
-    paths = results.write_table(rows, args.out or f"{args.runs_dir}/results", args.title)
-    print(paths["md"].read_text().strip())
-    print(f"\nresults table: {paths['md']} (also {paths['csv'].name}, {paths['png'].name})")
-    return 0
-
-
-def _cache(args) -> int:
-    from hrseg.data import cache
-    entries = cache.scan(args.dir, hash_sources=args.verify)
-    bad = [e for e in entries if e.problem is not None]
-    for e in entries:
-        print(f"{'ok' if e.problem is None else e.problem:<40} {e.size / 2 ** 20:9.2f} MiB  "
-              f"{e.stem}")
-    total = sum(e.size for e in entries) / 2 ** 20
-    if args.prune:
-        gone = cache.prune(entries)
-        print(f"{args.dir}: {len(entries)} entries ({total:.1f} MiB); removed {len(gone)} "
-              f"({sum(e.size for e in gone) / 2 ** 20:.1f} MiB)")
-    else:
-        print(f"{args.dir}: {len(entries)} entries ({total:.1f} MiB), {len(bad)} stale or "
-              f"damaged" + (" (`--prune` removes them)" if bad else ""))
-    return 0
-
-
-def _view(args) -> int:
-    import importlib.util
-
-    from hrseg.viz.napari import _view as napari_view
-    from hrseg.viz.napari._case import find_case
-    find_case(args.path, args.case, args.data)      # a wrong path fails here, before Qt starts
-    if importlib.util.find_spec("napari") is None:
-        print("hrseg view: error: napari is not installed: pip install -e '.[viewer]'",
-              file=sys.stderr)
-        return 2
-    if not napari_view.has_display():
-        print("hrseg view: error: no display (DISPLAY is not set): run it on a desktop, or "
-              "headless as `xvfb-run -a hrseg view ... --screenshot out.png`", file=sys.stderr)
-        return 2
-    return napari_view.view(args.path, case=args.case, data=args.data,
-                            screenshot=args.screenshot, widget=not args.no_widget)
-
-
-def _memory(args) -> int:
-    import re
-
-    from hrseg import config, memory, runtime
-    runtime.start()
-    if args.wang:
-        print("Wang et al.'s Table 1 beside hrseg's analytic estimate (wang_baseline rows, "
-              "batch 1, Adam, one device)")
-        print(memory.format_comparison(memory.paper_comparison()))
-        return 0
-    if re.fullmatch(r"\s*[0-9.eE+-]+\s*", str(args.budget)):
-        raise ValueError(f"--budget {args.budget}: give a unit, e.g. {args.budget}GiB or "
-                         f"{args.budget}GB (a bare number would be bytes)")
-    budget = config.parse_bytes(args.budget)
-    res = args.resolution[0] if len(args.resolution) == 1 else tuple(args.resolution)
-    if args.compile == "auto":  # (with "here" the user asked for it; errors stay one line)
-        print("hrseg memory: confirming the pick by compiling the training step on abstract "
-              "inputs (seconds for small models, minutes at 512³; --compile no skips it)",
-              file=sys.stderr, flush=True)
-    plan = memory.plan(budget, args.devices, res, batch=args.batch, preset=args.preset,
-                       optimizer=args.optimizer,
-                       compile=None if args.compile == "no" else args.compile)
-    print(plan.explain())
-    return 0 if plan.mesh is not None else 1
-
+from hrseg import commands
 
 DESCRIPTION = ("hrseg: train 3D CT segmentation networks at full resolution, the volume split "
                "over devices (halo exchange), and run the study notebooks.")
@@ -237,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "80-200 slices, varying by case)")
     s.add_argument("--task", choices=["lits", "kits"], default="lits",
                    help="lits: liver/tumour, LiTS layout; kits: kidney/tumour, KiTS19 layout")
-    s.set_defaults(func=_phantom)
+    s.set_defaults(func=commands.HANDLERS["phantom"])
 
     s = _sub(sub, "verify", "check a LiTS/MSD/KiTS dataset before training",
              "Check a LiTS/MSD/KiTS19 dataset before training: every volume has its label file, "
@@ -246,20 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir", metavar="DIR",
                    help="dataset folder: LiTS (volume-N.nii / segmentation-N.nii), MSD "
                         "(imagesTr/, labelsTr/) or KiTS19 (case_XXXXX/imaging.nii.gz)")
-    s.set_defaults(func=_verify)
+    s.set_defaults(func=commands.HANDLERS["verify"])
 
     s = _sub(sub, "train", "train (or resume) a run from a YAML config")
     s.add_argument("-f", "--file", help="run config, e.g. params/train/train_64.yaml")
     s.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set train.steps=10 mesh.spatial=[2,2,2]")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=_train)
+    s.set_defaults(func=commands.HANDLERS["train"])
 
     s = _sub(sub, "evaluate", "Dice of a run's checkpoint on its validation cases")
     s.add_argument("run_dir", metavar="RUN_DIR",
                    help="a run directory of `hrseg train` (<train.out_dir>/<train.name>)")
     s.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
-    s.set_defaults(func=_evaluate)
+    s.set_defaults(func=commands.HANDLERS["evaluate"])
 
     s = _sub(sub, "predict", "segment a CT volume (NIfTI) with a trained run")
     s.add_argument("run_dir", metavar="RUN_DIR",
@@ -269,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "prediction-N for LiTS volume-N)")
     s.add_argument("--clean-nonfinite", action="store_true",
                    help="set NaN/Inf voxels to the HU window's ends instead of refusing")
-    s.set_defaults(func=_predict)
+    s.set_defaults(func=commands.HANDLERS["predict"])
 
     s = _sub(sub, "run", "execute the notebooks in order with papermill (the study)")
     s.add_argument("--params-dir", default="params/notebooks/default",
@@ -282,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="notebooks executed at the same time, each in its own process "
                         "(default 1; the results table waits for the others)")
     s.add_argument("--extra", help=argparse.SUPPRESS)  # JSON parameters for --jobs' children
-    s.set_defaults(func=_run)
+    s.set_defaults(func=commands.HANDLERS["run"])
 
     s = _sub(sub, "table", "paper-style Dice table of the runs in a folder")
     s.add_argument("runs_dir", metavar="RUNS_DIR", help="folder of run directories, e.g. runs")
@@ -295,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rule", choices=["overlap", "dice"], default="overlap",
                    help="--lesions: a lesion is detected on any overlap (LiTS, default) or "
                         "when its Dice is >= 0.5")
-    s.set_defaults(func=_table)
+    s.set_defaults(func=commands.HANDLERS["table"])
 
     s = _sub(sub, "memory", "plan a mesh + memory techniques for a per-device budget")
     s.add_argument("--resolution", type=int, nargs="+", default=[512],
@@ -315,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--wang", action="store_true",
                    help="print Wang et al.'s Table 1 (parameters, GB at 96³, 256×256×152, "
                         "256×256×full) beside our estimate of each row, and exit")
-    s.set_defaults(func=_memory)
+    s.set_defaults(func=commands.HANDLERS["memory"])
 
     s = _sub(sub, "cache", "list (and prune) a data cache folder (data.cache_dir)")
     s.add_argument("dir", metavar="CACHE_DIR", help="e.g. data/cache")
@@ -325,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true",
                    help="also hash every source file (finds a source replaced with its size "
                         "and mtime kept)")
-    s.set_defaults(func=_cache)
+    s.set_defaults(func=commands.HANDLERS["cache"])
 
     s = _sub(sub, "view", "open a case (CT, labels, prediction) in napari")
     s.add_argument("path", metavar="CASE_OR_RUN",
@@ -337,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--screenshot", metavar="PNG",
                    help="save the rendered canvas to PNG and exit instead of opening the GUI")
     s.add_argument("--no-widget", action="store_true", help="without the synthesis dock widget")
-    s.set_defaults(func=_view)
+    s.set_defaults(func=commands.HANDLERS["view"])
     return p
 
 

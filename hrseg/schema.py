@@ -25,7 +25,7 @@ def role(default, *, resume: bool = False, step: bool = True, recipe: bool = Tru
 
 
 # the roles of keys that do nothing but run the process, log or name the run
-_RUN = dict(resume=True, step=False, recipe=False)
+_RUN = {"resume": True, "step": False, "recipe": False}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ LAYERS = (
     {"hrseg.train", "hrseg.memory", "hrseg.viz"},
     {"hrseg.workbench.pool"},
     {"hrseg.workbench.verdict"},
-    {"hrseg.workbench.results", "hrseg.workbench.pipeline", "hrseg.workbench", "hrseg.cli"},
+    {"hrseg.workbench.results", "hrseg.workbench.pipeline", "hrseg.workbench", "hrseg.commands", "hrseg.cli"},
 )
 
 

@@ -32,7 +32,7 @@ def test_every_relative_link_resolves(page):
 def _commands() -> set[str]:
     found = set()
     for page in PAGES:
-        for code in re.findall(r"```.*?```|`[^`]+`", page.read_text(), flags=re.S):
+        for code in re.findall(r"```.*?```|`[^`]+`", page.read_text(), flags=re.DOTALL):
             found |= {c for c in COMMAND.findall(code) if c not in PROSE}
     return found
 

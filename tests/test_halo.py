@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from hrseg.parallel import cpuconv, halo
+from hrseg.parallel import halo
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 

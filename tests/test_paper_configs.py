@@ -22,12 +22,12 @@ from hrseg.memory import compiled
 out = {}
 for path in sys.argv[1:]:
     cfg = config.load(path)
-    shape = %r if cfg.data.resample == "native" else None
+    shape = NATIVE if cfg.data.resample == "native" else None
     fn, args = compiled.run_step(cfg, shape)
     text = fn.lower(*args).as_text()
     out[path] = {"chars": len(text), "ppermute": text.count("collective_permute")}
 print(json.dumps(out))
-""" % (NATIVE,)
+""".replace("NATIVE", repr(NATIVE))
 
 
 def test_the_papers_settings_are_all_there():

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 
 from hrseg import config, memory
-from hrseg.workbench import pipeline
 from hrseg.nn import unet
 from hrseg.parallel import partition
 from hrseg.train.loop import batch_shape
+from hrseg.workbench import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "params").rglob("*.yaml"))

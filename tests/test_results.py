@@ -7,8 +7,8 @@ import math
 import pytest
 
 from hrseg import config
-from hrseg.workbench import results, verdict
 from hrseg.nn import unet
+from hrseg.workbench import results, verdict
 
 
 def make_run(root, name, resolution, evals, seed=0, dims=3, step_times=()):

@@ -83,7 +83,7 @@ def start(cfg: RuntimeConfig | None = None, *, root: str | Path | None = None,
     The compilation cache holds executables this process will run: a folder that is not this
     user's own, is writable by others, or cannot be made (compile_cache.check_folder) costs
     one ``<command>: compilation cache off: ...`` line, and the process runs without it."""
-    from hrseg.runtime import compile_cache, hostmem
+    from hrseg.runtime import hostmem
     cfg = resolve(cfg)
     malloc = hostmem.configure(cfg.host_malloc)
     folder = _compile_cache(cfg.compile_cache, root, command) if cfg.compile_cache else None

@@ -25,15 +25,23 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hrseg import atomic, config, data
-from hrseg.config import Config, TrainConfig
+from hrseg import atomic, config
+from hrseg.config import Config
 from hrseg.metrics import region_dice, shown
 from hrseg.nn import losses, precision, unet
 from hrseg.parallel import partition
 from hrseg.runtime import multihost
-from hrseg.train import checkpoint, distributed, inference, rundir, step, stepcache, tblog
-from hrseg.train.optim import epoch_steps, learning_rate, make_optimizer, make_schedule
+from hrseg.train import (
+    checkpoint,
+    distributed,
+    inference,
+    rundir,
+    step,
+    stepcache,
+    tblog,
+)
 from hrseg.train.batches import Batches, batch_shape, check_batch_shape  # noqa: F401  (loop API)
+from hrseg.train.optim import epoch_steps, learning_rate, make_optimizer, make_schedule
 
 
 @dataclasses.dataclass
