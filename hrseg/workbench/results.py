@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,8 +264,9 @@ def table_figure(rows: Sequence[dict], title: str | None = None):
     fig = Figure(figsize=(1.55 * len(cols), 0.45 * (len(cells) + 1) + 0.6))
     ax = fig.add_subplot()
     ax.set_axis_off()
-    t = ax.table(cellText=cells, colLabels=[c.replace(" Dice ", "\nDice ") for c in cols],
-                 loc="center", cellLoc="center")
+    labels = [c.replace(" Dice ", "\nDice ") if " Dice " in c else textwrap.fill(c, 16)
+              for c in cols]                   # headers wrapped to fit their columns
+    t = ax.table(cellText=cells, colLabels=labels, loc="center", cellLoc="center")
     t.auto_set_font_size(False)
     t.set_fontsize(9)
     t.scale(1.0, 1.9)
@@ -272,6 +274,7 @@ def table_figure(rows: Sequence[dict], title: str | None = None):
         if r == 0:
             cell.set_facecolor("#e8e8e8")
             cell.set_text_props(weight="bold")
+            cell.set_height(cell.get_height() * 1.5)     # room for a two-line header
     if title:
         ax.set_title(title, fontsize=11)
     return fig
