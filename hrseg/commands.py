@@ -62,7 +62,7 @@ def _evaluate(args) -> int:
 
 def _predict(args) -> int:
     from hrseg import runtime, train
-    runtime.start()
+    runtime.start(command="hrseg predict")
     out = train.predict(args.run_dir, args.volume, args.out,
                         clean_nonfinite=args.clean_nonfinite)
     print(f"prediction written to {out}")
@@ -147,7 +147,7 @@ def _memory(args) -> int:
     import re
 
     from hrseg import config, memory, runtime
-    runtime.start()
+    runtime.start(command="hrseg memory")
     if args.wang:
         print("Wang et al.'s Table 1 beside hrseg's analytic estimate (wang_baseline rows, "
               "batch 1, Adam, one device)")

@@ -240,7 +240,7 @@ def notebook_setup(devices: int | None = None, fake_devices: bool = False) -> Pa
     if devices:
         from hrseg.runtime import devices as hrseg_devices
         print(hrseg_devices.setup(devices, force_fake=fake_devices).reason)
-    runtime.start()
+    runtime.start(command="hrseg notebook")
     return Path.cwd()
 
 
