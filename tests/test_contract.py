@@ -147,7 +147,7 @@ def T(w):     # (command, argv, a fragment of the one error line)
         ("table", ["table", str(w.tables / "empty_list")], "eval_00000004.json: not an eval"),
         ("table", ["table", str(w.tables / "null")], "eval_00000004.json: not an eval"),
         ("table", ["table", str(w.tables / "truncated")], "eval_00000004.json: not an eval"),
-        ("table", ["table", str(w.w / "missing")], "no run with an evaluation"),
+        ("table", ["table", str(w.w / "missing")], "no such folder"),
         ("table", ["table", str(w.w / "runs"), "--out", str(w.w / "a_file")], "a_file: "),
         ("memory", ["memory", "--budget", "1e999GiB", "--compile", "no"], "1e999GiB"),
         ("memory", ["memory", "--budget=-1GiB", "--compile", "no"], "finite size > 0"),

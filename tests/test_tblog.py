@@ -138,6 +138,7 @@ def test_a_failed_write_is_one_line_and_the_end_of_the_events(tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "hrseg: TensorBoard: events not written" in err[0], err
     assert "Input/output error" in err[0] and board.writer is None
+    (tmp_path / "full").mkdir()
     full = tblog.TensorBoard(tmp_path / "full", 0, enabled=True)
 
     def no_space(event):
