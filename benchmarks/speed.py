@@ -2,7 +2,8 @@
 
     python benchmarks/speed.py --json                        # 64³, 6 rounds (minutes)
     python benchmarks/speed.py --json --size 16 --rounds 1 --no-torch     # a smoke run
-    python benchmarks/speed.py --json --torch-path /work/tools/extra-torch --generic
+    python benchmarks/speed.py --json --make-torch-venv .cache/torch-venv --rounds 4 \
+        --out benchmarks/results/speed_$(date +%F).json
 
 Network: ``unet.preset("mtf")`` (3³ convs without bias, BatchNorm, LeakyReLU 0.1, max-pool,
 k2s2 transposed conv, 1³ head), one ``1×S³×1`` volume, 3 classes, fp32, mean cross-entropy,
@@ -14,15 +15,25 @@ cancels most of the load drift). ``first_step_s``: the first training step (trac
 + run) in a process whose persistent compilation cache is empty (cold) and in a second
 process that finds it filled (warm); ``*_overhead_s`` subtracts the median step.
 
-PyTorch (never a dependency) runs when ``torch`` imports in ``--torch-python`` (default: this
-interpreter, plus ``--torch-path``); ``--threads`` sets its intra-op threads (XLA uses every core it sees).
+PyTorch (never a dependency) runs from a venv the benchmark creates with ``--make-torch-venv``
+(``pip install torch==2.13.0+cpu``, benchmarks/torch_baseline.py) or wherever ``torch`` imports
+in ``--torch-python``; ``--threads`` sets its intra-op threads (default: PyTorch's own).
+Every worker — hrseg, stock Flax (its step jitted with buffer donation, as hrseg's), PyTorch —
+runs under the same glibc allocator settings: ``--malloc tuned`` (hostmem.py's), ``default``
+(glibc's) or ``both`` (the default: one run each, under ``by_malloc``). The JSON records each
+worker's environment, versions and PyTorch's build (``torch.__config__.show()``), and warns when
+PyTorch's step is over 1.5× the one in the newest committed ``benchmarks/results/speed_*.json``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import functools
+import glob
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +41,10 @@ import tempfile
 import time
 
 from hrseg.runtime import hostmem
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_baseline
+from torch_baseline import TORCH_PIN
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FRAMEWORKS = ("hrseg", "flax", "torch", "hrseg_xla")
@@ -87,7 +102,7 @@ def _jax_worker(name: str, size: int, preset: str):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return ce, nnx.state(model, nnx.Not(nnx.Param))
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))   # as hrseg's step: donated
     def train(params, rest, opt_state):
         (l, rest), g = jax.value_and_grad(loss, has_aux=True)(params, rest)
         updates, opt_state = opt.update(g, opt_state, params)
@@ -108,69 +123,13 @@ def _jax_worker(name: str, size: int, preset: str):
     return step, infer
 
 
-def _torch_worker(size: int, threads: int, arch: str):
-    import numpy as np
-    import torch
-    from torch import nn
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    levels, base, convs, classes = map(int, arch.split(","))  # of the hrseg preset
-
-    def block(a, b):
-        mods = []
-        for i in range(convs):
-            mods += [nn.Conv3d(a if i == 0 else b, b, 3, padding=1, bias=False),
-                     nn.BatchNorm3d(b, eps=1e-6, momentum=0.1), nn.LeakyReLU(0.1)]
-        return nn.Sequential(*mods)
-
-    class UNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            f = [base * 2 ** i for i in range(levels)]
-            self.down = nn.ModuleList([block(1 if i == 0 else f[i - 1], f[i])
-                                       for i in range(levels)])
-            self.ups = nn.ModuleList([nn.ConvTranspose3d(f[i + 1], f[i], 2, 2, bias=False)
-                                      for i in range(levels - 1)])
-            self.up = nn.ModuleList([block(2 * f[i], f[i]) for i in range(levels - 1)])
-            self.head = nn.Conv3d(f[0], classes, 1, bias=False)
-
-        def forward(self, x):  # (B, C, X, Y, Z)
-            skips = []
-            for i, blk in enumerate(self.down):
-                x = blk(x)
-                if i < levels - 1:
-                    skips.append(x)
-                    x = nn.functional.max_pool3d(x, 2)
-            for i in reversed(range(levels - 1)):
-                x = self.up[i](torch.cat([self.ups[i](x), skips[i]], 1))
-            return self.head(x)
-
-    model = UNet()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.standard_normal((1, 1, size, size, size)).astype(np.float32))
-    y = torch.from_numpy(rng.integers(0, classes, (1, size, size, size)).astype(np.int64))
-
-    def step():
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        float(loss.detach())
-
-    def infer():
-        model.eval()
-        with torch.no_grad():
-            model(x).argmax(1)
-    return step, infer
-
-
 def worker(args) -> int:
     """Build, time the first step, then answer "step"/"infer"/"quit" lines on stdin."""
     t0 = time.perf_counter()
     if args.worker == "torch":
-        step, infer = _torch_worker(args.size, args.threads, args.arch)
+        step, infer = torch_baseline.worker(args.size, args.threads, args.arch,
+                                            args.torch_channels_last)
+        about = torch_baseline.info()
     else:
         if args.worker.startswith("hrseg"):   # as the `hrseg` command starts its process
             from hrseg import runtime
@@ -181,6 +140,9 @@ def worker(args) -> int:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
         step, infer = _jax_worker(args.worker, args.size, args.preset)
+        import jax
+        about = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
+    about["environment"] = torch_baseline.environment(os.environ)
     setup = time.perf_counter() - t0
     t = time.perf_counter()
     step()
@@ -188,8 +150,8 @@ def worker(args) -> int:
     t = time.perf_counter()
     infer()
     first_infer = time.perf_counter() - t
-    print(json.dumps({"setup_s": setup, "first_step_s": first, "first_infer_s": first_infer}),
-          flush=True)
+    print(json.dumps({"setup_s": setup, "first_step_s": first, "first_infer_s": first_infer,
+                      "info": about}), flush=True)
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "quit":
@@ -202,18 +164,16 @@ def worker(args) -> int:
 
 # ---------------------------------------------------------------- the driver
 class Worker:
-    def __init__(self, name: str, args, cache_dir: str | None = None):
+    def __init__(self, name: str, args, malloc: str, cache_dir: str | None = None):
         py = args.torch_python if name == "torch" else sys.executable
         cmd = [py, os.path.abspath(__file__), "--worker", name, "--size", str(args.size),
                "--threads", str(args.threads), "--preset", args.preset, "--arch", args.arch]
         if cache_dir:
             cmd += ["--cache-dir", cache_dir]
-        env = dict(os.environ)
+        if args.torch_channels_last:
+            cmd += ["--torch-channels-last"]
+        env = malloc_env(os.environ, malloc)   # one allocator setting for every worker
         env.setdefault("JAX_PLATFORMS", "cpu")
-        if not name.startswith("hrseg"):  # stock Flax and PyTorch as users run them: glibc's default malloc (hostmem.py)
-            env["HRSEG_HOST_MALLOC"] = "0"
-            for k in hostmem.CHILD_ENV:
-                env.pop(k, None)
         extra = [args.torch_path] if name == "torch" and args.torch_path else []
         env["PYTHONPATH"] = os.pathsep.join(
             [os.path.dirname(HERE)] + extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -242,6 +202,20 @@ class Worker:
         self.proc.wait()
 
 
+def malloc_env(base, malloc: str) -> dict:
+    """``base`` with glibc's allocator set alike for every framework: ``tuned`` = hostmem.py's
+    settings (one arena, no mmap, no trim: what `hrseg` runs with), ``default`` = glibc's own."""
+    env = dict(base)
+    for k in hostmem.CHILD_ENV:
+        env.pop(k, None)
+    if malloc == "tuned":
+        env.update(hostmem.CHILD_ENV)
+        env["HRSEG_HOST_MALLOC"] = "on"
+    else:
+        env["HRSEG_HOST_MALLOC"] = "off"
+    return env
+
+
 def torch_available(python: str, path: str | None) -> bool:
     env = dict(os.environ)
     if path:
@@ -250,14 +224,15 @@ def torch_available(python: str, path: str | None) -> bool:
                           env=env).returncode == 0
 
 
-def measure(args) -> dict:
+def measure(args, malloc: str = "tuned") -> dict:
     names = (["hrseg", "flax"] + (["torch"] if args.torch else [])
              + (["hrseg_xla"] if args.generic else []))
     voxels = args.size ** 3
     with tempfile.TemporaryDirectory() as cache:
         workers = {}
         for n in names:  # started one after another: compiles do not overlap
-            workers[n] = Worker(n, args, cache_dir=os.path.join(cache, n) if n != "torch" else None)
+            workers[n] = Worker(n, args, malloc,
+                                cache_dir=os.path.join(cache, n) if n != "torch" else None)
         times = {n: {"step": [], "infer": []} for n in names}
         try:
             for _ in range(args.rounds):
@@ -269,10 +244,13 @@ def measure(args) -> dict:
                 w.close()
         warm = {}
         for n in ("hrseg", "flax"):  # a second process on the filled cache
-            w = Worker(n, args, cache_dir=os.path.join(cache, n))
+            w = Worker(n, args, malloc, cache_dir=os.path.join(cache, n))
             warm[n] = w.first
             w.close()
-    out = {"preset": args.preset, "size": args.size, "rounds": args.rounds, "frameworks": names, "threads_torch": args.threads}
+    out = {"preset": args.preset, "size": args.size, "rounds": args.rounds, "malloc": malloc,
+           "frameworks": names, "threads_torch": args.threads,
+           "torch_channels_last": args.torch_channels_last,
+           "workers": {n: workers[n].first["info"] for n in names}}
     for n in names:
         med = {k: statistics.median(v) for k, v in times[n].items()}
         out[n] = {"step_s": med["step"], "infer_s": med["infer"],
@@ -306,6 +284,24 @@ def measure(args) -> dict:
     return {**{k: round(v, 4) for k, v in summary.items()}, **out}
 
 
+RESULTS = os.path.join(HERE, "results")
+SLOWER = 1.5   # a PyTorch step this much slower than the last recorded one: a broken baseline
+
+
+def recorded_torch_step(size: int, preset: str) -> tuple[float, str] | None:
+    """The PyTorch step (median) of the newest committed speed JSON at this size and preset."""
+    for path in sorted(glob.glob(os.path.join(RESULTS, "speed_*.json")), reverse=True):
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            run = d["by_malloc"]["tuned"]
+            if (run["size"], run["preset"]) == (size, preset) and "torch" in run:
+                return run["torch"]["step_s"], path
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object (the default)")
@@ -314,7 +310,16 @@ def main() -> int:
     ap.add_argument("--preset", default="mtf", help="hrseg.nn.unet preset (plain blocks, "
                                                     "batch norm: mtf or tiny)")
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
-    ap.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+    ap.add_argument("--malloc", choices=("tuned", "default", "both"), default="both",
+                    help="glibc allocator settings, the same for every framework's worker: "
+                         "tuned (hostmem.py's), default (glibc's), or both one after the other")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="PyTorch intra-op threads (0: PyTorch's own default, one per core)")
+    ap.add_argument("--torch-channels-last", action="store_true",
+                    help="PyTorch with the channels_last_3d memory format")
+    ap.add_argument("--make-torch-venv", metavar="DIR",
+                    help=f"create DIR as a venv with `pip install {TORCH_PIN}` (kept if it "
+                         "has torch) and run PyTorch from it")
     ap.add_argument("--torch-python", default=sys.executable,
                     help="interpreter whose `import torch` works (default: this one)")
     ap.add_argument("--torch-path", help="a folder with torch installed in it (pip --target), "
@@ -323,6 +328,8 @@ def main() -> int:
                     help="leave PyTorch out even if it imports")
     ap.add_argument("--generic", action="store_true",
                     help="also run hrseg with XLA's own 3D conv (model.conv: xla): before/after")
+    ap.add_argument("--out", help="also write the JSON to this file (e.g. "
+                                  "benchmarks/results/speed_<date>.json)")
     ap.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="", help=argparse.SUPPRESS)
@@ -339,8 +346,34 @@ def main() -> int:
         ap.error(f"--size must be a positive multiple of {m} and --rounds >= 1, "
                  f"got {args.size}, {args.rounds}")
     args.arch = f"{cfg.levels},{cfg.base},{cfg.convs_per_block},{cfg.classes}"
+    if args.make_torch_venv and args.torch:
+        args.torch_python = str(torch_baseline.make_venv(args.make_torch_venv))
     args.torch = args.torch and torch_available(args.torch_python, args.torch_path)
-    print(json.dumps(measure(args), indent=1))
+    import jax
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": {"node": platform.node(), "cpus": os.cpu_count(),
+                       "processor": platform.processor(), "python": platform.python_version()},
+           "command": " ".join(["python", *sys.argv]), "jax": jax.__version__,
+           "torch_python": args.torch_python if args.torch else None, "by_malloc": {}}
+    for malloc in (("tuned", "default") if args.malloc == "both" else (args.malloc,)):
+        out["by_malloc"][malloc] = measure(args, malloc)
+    first = next(iter(out["by_malloc"].values()))
+    out.update({k: v for k, v in first.items() if not isinstance(v, dict)})
+    rec = recorded_torch_step(args.size, args.preset) if args.torch else None
+    if rec and "torch" in out["by_malloc"].get("tuned", {}):
+        now = out["by_malloc"]["tuned"]["torch"]["step_s"]
+        out["torch_step_vs_recorded"] = {"recorded_s": rec[0], "file": os.path.relpath(rec[1]),
+                                         "now_s": now, "ratio": now / rec[0]}
+        if now > SLOWER * rec[0]:
+            print(f"speed.py: warning: PyTorch's step {now:.2f} s is {now / rec[0]:.1f}x the "
+                  f"{rec[0]:.2f} s recorded in {os.path.relpath(rec[1])}: check the baseline's "
+                  f"install and environment", file=sys.stderr)
+    text = json.dumps(out, indent=1)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
     return 0
 
 

@@ -90,3 +90,33 @@ def test_train_128_is_the_64_recipe_at_twice_the_resolution_on_a_2x2x2_mesh():
     assert dataclasses.replace(b.data, resolution=a.data.resolution) == a.data
     assert b.augment == a.augment
     assert dataclasses.replace(b.train, name=a.train.name, resume=a.train.resume) == a.train
+
+
+def test_the_study_is_one_recipe_from_the_paper_config_at_every_resolution():
+    """Issue 32: params/study/ is hou_64.yaml's recipe sized for the CPU, the same at 32³, 64³,
+    128³ and in 2D; the U-Net follows the paper's schedule (a level in front per doubling, half
+    the filters); the ablation differs only in the synthesis."""
+    import dataclasses
+    study = ROOT / "params" / "study"
+    paper = config.load(ROOT / "params/paper/hou_64.yaml")
+    c32, c64, c128, c2d, ns = (config.load(study / f"study_{n}.yaml")
+                               for n in ("32", "64", "128", "2d", "64_nosynth"))
+    for c in (c32, c64, c128, c2d, ns):
+        for key in ("optimizer", "lr_decay", "grad_clip", "empty_dice", "schedule"):
+            assert getattr(c.train, key) == getattr(paper.train, key), key
+        assert c.data.n_val == paper.data.n_val and c.train.steps >= 600
+        assert c.train.lr_decay_every < c.train.steps        # decayed within the run
+        assert (c.train.steps - c.train.eval_every, c.train.keep_ckpts) == (500, 2)
+    same = {"name": "x", "out_dir": "x"}
+    for c, levels, base in ((c32, 3, 8), (c128, 5, 2)):
+        assert (c.model.levels, c.model.base) == (levels, base)
+        assert dataclasses.replace(c.data, resolution=c64.data.resolution) == c64.data
+        assert dataclasses.replace(c.model, levels=4, base=4) == c64.model
+        assert dataclasses.replace(c.train, **same) == dataclasses.replace(c64.train, **same)
+        assert c.augment == c64.augment and c.mesh == c64.mesh
+    assert c64.augment.tumour_synthesis_p == paper.augment.tumour_synthesis_p > 0
+    assert dataclasses.replace(ns.augment, tumour_synthesis_p=0.5) == c64.augment
+    assert ns.augment.tumour_synthesis_p == 0 and ns.train.out_dir != c64.train.out_dir
+    assert dataclasses.replace(ns.train, **same) == dataclasses.replace(c64.train, **same)
+    assert c2d.model.dims == 2 and c2d.data.slices_2d == 5
+    assert dataclasses.replace(c2d.train, batch=1, **same) == dataclasses.replace(c64.train, **same)

@@ -186,8 +186,14 @@ def test_summary_reads_the_trend_on_dice_per_case_as_table_1_does():
     assert s.startswith("Tumour Dice per case rises with the input resolution, as in Hou et "
                         "al.'s Table 1: 0.100 (16³) → 0.300 (32³) → 0.500 (64³)"), s
     assert "tumour Dice global beside it 0.500 → 0.700 → 0.600" in s
-    assert "0.5364 → 0.6494 → 0.5783 → 0.7180, not steadily" in s and "2D" not in s
-    assert s.endswith("liver Dice global 0.880 at 64³.")
+    assert "0.5364 → 0.6494 → 0.5783 → 0.7180, not steadily" in s
+    assert "(64² 2D)" not in s      # the 2D row is not a point of the 3D trend
+    assert "liver Dice global 0.880 at 64³. In 3D at 64³ tumour Dice per case is 0.500, in 2D " \
+        "at 64² 2D 0.050: 3D beats 2D (in Hou et al.'s Table 1, 3D beats 2D 512² × 5 " \
+        "(0.4072) at 256³, 512³ only)." in s, s
+    flat = results.summary([_row("32³", 0.3), _row("64³", 0.2), _row("64² 2D", 0.25)])
+    assert "In 3D at 64³ tumour Dice per case is 0.200, in 2D at 64² 2D 0.250: 2D beats 3D" in flat
+    assert "2D" not in results.summary([_row("32³", 0.3), _row("64³", 0.5)])
     assert "does not rise steadily with the input resolution, against Hou" in results.summary(
         [_row("16³", 0.1), _row("32³", 0.3), _row("64³", 0.2)])
     assert "falls with" in results.summary([_row("32³", 0.3), _row("64³", 0.2)])
@@ -203,6 +209,7 @@ def test_table_1_values_stand_beside_the_rows_they_match():
     assert verdict.table1("512² × 5, 2D") == (0.4072, 0.6432)
     assert verdict.table1("64³ (train_64_s0)") == (0.2513, 0.5364)
     assert verdict.table1("32³") is None
+    assert verdict.table1("64² 2D (train_2d_s0)") == (0.4072, 0.6432)   # Table 1's one 2D row
     assert "256³ 0.4359 / 0.5783" in verdict.table1_line()
 
 

@@ -14,11 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_speed_benchmark_json_at_toy_size():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--json",
-                           "--preset", "tiny", "--size", "8", "--rounds", "2", "--no-torch"],
+                           "--preset", "tiny", "--size", "8", "--rounds", "2", "--no-torch",
+                           "--malloc", "default"],
                           capture_output=True, text=True, env=env, check=False, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["frameworks"] == ["hrseg", "flax"] and "hrseg_over_torch" not in out
+    assert list(out["by_malloc"]) == ["default"] and out["malloc"] == "default"
+    assert out["date"] and out["machine"]["cpus"] >= 1 and "speed.py" in out["command"]
+    for n in ("hrseg", "flax"):   # every worker under glibc's own allocator, as recorded
+        env = out["by_malloc"]["default"]["workers"][n]["environment"]
+        assert env["HRSEG_HOST_MALLOC"] == "off" and "MALLOC_ARENA_MAX" not in env, env
+    out = {**out, **out["by_malloc"]["default"]}
     for n in ("hrseg", "flax"):
         r = out[n]
         assert len(r["steps"]) == len(r["infers"]) == 2
@@ -36,3 +43,15 @@ def test_speed_benchmark_refuses_bad_size():
                           capture_output=True, text=True, check=False,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)))
     assert proc.returncode == 2 and "multiple of 8" in proc.stderr
+
+
+def test_every_worker_gets_the_same_allocator_settings():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed
+    from hrseg.runtime import hostmem
+    base = {"PATH": "/bin", "MALLOC_ARENA_MAX": "4"}
+    tuned, default = speed.malloc_env(base, "tuned"), speed.malloc_env(base, "default")
+    assert {k: tuned[k] for k in hostmem.CHILD_ENV} == hostmem.CHILD_ENV
+    assert tuned["HRSEG_HOST_MALLOC"] == "on" and default["HRSEG_HOST_MALLOC"] == "off"
+    assert not set(hostmem.CHILD_ENV) & set(default) and default["PATH"] == "/bin"
+    assert base == {"PATH": "/bin", "MALLOC_ARENA_MAX": "4"}       # the caller's env untouched

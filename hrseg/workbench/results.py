@@ -221,7 +221,8 @@ def table(rows: Sequence[dict], digits: int = 3) -> list[dict]:
                              format_mean_std(r[m], r[f"{m}_std"], r[f"{m}_n"], digits))
         paper = table1(r["resolution"])
         d["Table 1 tumour (per case / global)"] = "–" if paper is None else \
-            f"{paper[0]:.4f} / {paper[1]:.4f}"
+            f"{paper[0]:.4f} / {paper[1]:.4f}" + (" (512² × 5)" if "2D" in r["resolution"]
+                                                  else "")
         d["Runs × ckpts"] = f"{len(r['runs'])} × {r['n'] // max(len(r['runs']), 1)}" \
             if r["n"] % max(len(r["runs"]), 1) == 0 else str(r["n"])
         mem = r.get("memory_bytes", math.nan)

@@ -6,7 +6,8 @@ the metric that rises steadily in Hou et al.'s Table 1 (3D 0.2513 → 0.3589 →
 at 64³ → 512³), where Dice global does not (0.5364 → 0.6494 → 0.5783 → 0.7180: a few scans with
 very large tumours dominate it) — with Dice global reported beside it, liver Dice global at the
 highest resolution, and — where the table holds a patch-trained row and a whole-volume row at
-the same resolution — which of the two wins (Wang et al.'s Fig. 4b). Rows whose validation
+the same resolution — which of the two wins (Wang et al.'s Fig. 4b); where it holds 3D and 2D
+rows, whether 3D at its highest resolution beats 2D. Rows whose validation
 cases hold no tumour have no tumour figure. :data:`TABLE1` holds the paper's values
 (docs/papers.md).
 """
@@ -28,10 +29,18 @@ TABLE1 = {"64³": (0.2513, 0.5364), "128³": (0.3589, 0.6494), "256³": (0.4359,
           "512³": (0.4547, 0.7180), "512² × 5, 2D": (0.4072, 0.6432)}
 
 
+TABLE1_2D = "512² × 5, 2D"   # Table 1's one 2D row: beside every 2D row of ours
+
+
 def table1(label: str) -> tuple[float, float] | None:
-    """Table 1's (Dice per case, Dice global) for a row label (``"128³"``, ``"128³ (run)"``),
-    or None where the paper has no such row."""
-    return TABLE1.get(label.split(" (")[0])
+    """Table 1's (Dice per case, Dice global) for a row label (``"128³"``, ``"128³ (run)"``;
+    any 2D row, ``"64² 2D"``, gets Table 1's 2D row), or None where the paper has no such row."""
+    key = label.split(" (")[0]
+    return TABLE1.get(TABLE1_2D if _is_2d(key) else key)
+
+
+def _is_2d(label: str) -> bool:
+    return "2D" in label.split(" (")[0]
 
 
 def table1_line() -> str:
@@ -115,6 +124,24 @@ def _resolution_sentence(rows3: Sequence[dict], metric: str) -> str:
     return f"{what} {verdict}: {values}{tail}."
 
 
+def _dims_sentence(rows3: Sequence[dict], rows2: Sequence[dict], metric: str) -> str:
+    """The highest-resolution 3D row against the best-resolved 2D row (issue 32: does 3D at
+    128³ beat 2D at 64² × 5?), with what Table 1 shows for the same question."""
+    a, b = rows3[-1], rows2[-1]
+    if not (has_tumour(a) and has_tumour(b)) or math.isnan(a[metric]) or math.isnan(b[metric]):
+        return ""
+    verdict = ("3D beats 2D" if a[metric] > b[metric] else
+               "2D beats 3D" if b[metric] > a[metric] else "a tie")
+    what = HEADERS[metric][0].lower() + HEADERS[metric][1:]
+    p2 = TABLE1[TABLE1_2D][0 if metric == "tumour_dice_per_case" else 1]
+    beat = [k for k, v in TABLE1.items() if k != TABLE1_2D
+            and v[0 if metric == "tumour_dice_per_case" else 1] > p2]
+    paper = (f"in Hou et al.'s Table 1, 3D beats 2D 512² × 5 ({p2:.4f}) at "
+             f"{', '.join(beat)} only" if beat else "in Table 1 2D beats every 3D row")
+    return (f"In 3D at {a['resolution']} {what} is {a[metric]:.3f}, in 2D at "
+            f"{b['resolution']} {b[metric]:.3f}: {verdict} ({paper}).")
+
+
 def summary(rows: Sequence[dict], metric: str = "tumour_dice_per_case") -> str:
     """What the table shows: the resolution trend of ``metric`` (default Dice per case, Table
     1's steady metric) over the 3D whole-volume rows (the 2D rows when there are no 3D ones),
@@ -123,7 +150,11 @@ def summary(rows: Sequence[dict], metric: str = "tumour_dice_per_case") -> str:
     if not rows:
         return "No training run with an evaluation: nothing to compare."
     whole = [r for r in rows if _patch_of(r["resolution"]) is None]
-    rows3 = [r for r in whole if "2D" not in r["resolution"].split(" (")[0]] or whole
+    only3 = [r for r in whole if not _is_2d(r["resolution"])]
+    rows3 = only3 or whole
     parts = [_resolution_sentence(rows3, metric)] if rows3 else []
+    rows2 = [r for r in whole if _is_2d(r["resolution"])]
+    if only3 and rows2:
+        parts.append(_dims_sentence(only3, rows2, metric))
     parts += _patch_sentences(rows, metric)
     return " ".join(p for p in parts if p)
