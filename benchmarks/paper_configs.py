@@ -6,7 +6,7 @@
 Each config is compiled in a child process with as many fake CPU devices as its mesh needs
 (the real step of memory.compiled.run_step: model, precision, loss, optimizer and schedule,
 batch, mesh; nothing allocated). Per config: the compile's wall seconds and XLA's per-device
-bytes (argument + output − alias + temp; XLA:CPU, XLA's conv). tests/test_paper_configs.py
+bytes (argument + output − alias + temp; XLA:CPU, XLA's conv). tests/multidevice/test_paper_configs.py
 traces and lowers the same steps; the compile itself takes minutes each, so it lives here.
 """
 from __future__ import annotations

@@ -53,8 +53,8 @@ def compare(a: Path, b: Path) -> dict:
                     if _flat(ca).get(k) != _flat(cb).get(k))
     if differ:
         raise SystemExit(f"partition_equivalence: error: the runs differ in {', '.join(differ)}")
-    la = {r["step"]: r for r in rundir.read_metrics(a / "metrics.jsonl")}
-    lb = {r["step"]: r for r in rundir.read_metrics(b / "metrics.jsonl")}
+    la = {r["step"]: r for r in rundir.read_metrics(a / "metrics.jsonl") if "loss" in r}
+    lb = {r["step"]: r for r in rundir.read_metrics(b / "metrics.jsonl") if "loss" in r}
     steps = sorted(set(la) & set(lb))
     if not steps:
         raise SystemExit("partition_equivalence: error: no training step in both runs")

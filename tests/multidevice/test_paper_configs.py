@@ -2,7 +2,8 @@
 precision, loss, optimizer and schedule, batch, mesh — is traced and lowered on abstract inputs
 (memory.compiled.run_step; nothing allocated), on as many fake CPU devices as its mesh needs,
 in one child process. The XLA compile of these paper-scale steps takes minutes each on this
-machine (hou_64: 185 s), so it is left to `benchmarks/paper_configs.py`."""
+machine (hou_64: 185 s), so it is left to `benchmarks/paper_configs.py`. (In the multi-device
+suite only to balance `make test`'s two processes: the child has its own fake devices.)"""
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from hrseg import config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = sorted((ROOT / "params" / "paper").glob("*.yaml"))
 NATIVE = (256, 256, 256)   # resample: native — the largest bucket of KiTS19's 45-234 slices
 
