@@ -9,10 +9,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import partition_equivalence as pe  # noqa: E402
+import partition_equivalence as pe
 
-DICE = dict(tumour_dice_per_case=0.3, tumour_dice_global=0.5, liver_dice_per_case=0.9,
-            liver_dice_global=0.9)
+DICE = {"tumour_dice_per_case": 0.3, "tumour_dice_global": 0.5, "liver_dice_per_case": 0.9,
+        "liver_dice_global": 0.9}
 
 
 def _run(path: Path, spatial, losses, evals, lr=0.01) -> Path:

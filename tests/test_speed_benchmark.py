@@ -48,6 +48,7 @@ def test_speed_benchmark_refuses_bad_size():
 def test_every_worker_gets_the_same_allocator_settings():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import speed
+
     from hrseg.runtime import hostmem
     base = {"PATH": "/bin", "MALLOC_ARENA_MAX": "4"}
     tuned, default = speed.malloc_env(base, "tuned"), speed.malloc_env(base, "default")
