@@ -69,8 +69,8 @@ def compare(a: Path, b: Path) -> dict:
                       "partitioned": {k: mb[k] for k in DICE},
                       "max_abs_dice_diff": max(abs(ma[k] - mb[k]) for k in DICE)})
 
-    def mean_step(log):   # the first step compiles
-        t = [r["step_time_s"] for s, r in sorted(log.items()) if s > 1]
+    def mean_step(log):   # over the steps both ran; the first step compiles
+        t = [log[s]["step_time_s"] for s in steps if s > 1]
         return sum(t) / len(t) if t else None
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -38,7 +38,7 @@ def test_reports_the_loss_and_dice_differences(tmp_path):
     assert r["loss_max_rel_diff"] == pytest.approx(0.2)
     [e] = r["evaluations"]
     assert e["step"] == 2 and e["max_abs_dice_diff"] == pytest.approx(0.02)
-    assert r["step_time_s"] == {"one_device": 2.5, "partitioned": 2.5}   # step 1 compiles
+    assert r["step_time_s"] == {"one_device": 2.5, "partitioned": 2.5}   # steps 2-3 of both
 
 
 def test_refuses_runs_of_different_recipes(tmp_path):

@@ -189,10 +189,10 @@ def test_summary_reads_the_trend_on_dice_per_case_as_table_1_does():
     assert "0.5364 → 0.6494 → 0.5783 → 0.7180, not steadily" in s
     assert "(64² 2D)" not in s      # the 2D row is not a point of the 3D trend
     assert "liver Dice global 0.880 at 64³. In 3D at 64³ tumour Dice per case is 0.500, in 2D " \
-        "at 64² 2D 0.050: 3D beats 2D (in Hou et al.'s Table 1, 3D beats 2D 512² × 5 " \
+        "at 64² 0.050: 3D beats 2D (in Hou et al.'s Table 1, 3D beats 2D 512² × 5 " \
         "(0.4072) at 256³, 512³ only)." in s, s
     flat = results.summary([_row("32³", 0.3), _row("64³", 0.2), _row("64² 2D", 0.25)])
-    assert "In 3D at 64³ tumour Dice per case is 0.200, in 2D at 64² 2D 0.250: 2D beats 3D" in flat
+    assert "In 3D at 64³ tumour Dice per case is 0.200, in 2D at 64² 0.250: 2D beats 3D" in flat
     assert "2D" not in results.summary([_row("32³", 0.3), _row("64³", 0.5)])
     assert "does not rise steadily with the input resolution, against Hou" in results.summary(
         [_row("16³", 0.1), _row("32³", 0.3), _row("64³", 0.2)])

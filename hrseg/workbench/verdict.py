@@ -139,7 +139,7 @@ def _dims_sentence(rows3: Sequence[dict], rows2: Sequence[dict], metric: str) ->
     paper = (f"in Hou et al.'s Table 1, 3D beats 2D 512² × 5 ({p2:.4f}) at "
              f"{', '.join(beat)} only" if beat else "in Table 1 2D beats every 3D row")
     return (f"In 3D at {a['resolution']} {what} is {a[metric]:.3f}, in 2D at "
-            f"{b['resolution']} {b[metric]:.3f}: {verdict} ({paper}).")
+            f"{b['resolution'].removesuffix(' 2D')} {b[metric]:.3f}: {verdict} ({paper}).")
 
 
 def summary(rows: Sequence[dict], metric: str = "tumour_dice_per_case") -> str:
