@@ -4,8 +4,8 @@
         runs/study_p8/study_128_s0_p8 --json
 
 Issue 32 §1: one 128³ seed repeated on a 2×2×2 halo mesh must give the same Dice as the
-single-device run. Both runs share their recipe and seed (only ``mesh``/``train.name``/
-``train.out_dir`` differ, checked here); the partitioned step sums its losses and gradients in
+single-device run. Both runs share their recipe and seed (only the keys hrseg/schema.py tags
+``recipe=False`` — name, output folder, mesh, kernel, runtime — may differ; checked here); the partitioned step sums its losses and gradients in
 another order, so the two runs agree to fp32 round-off at first and drift apart slowly, as any
 two reductions of a non-convex training do. Reported: the per-step training loss of both
 (largest absolute and relative difference over the steps both ran, and at the last one), the
@@ -23,20 +23,6 @@ from pathlib import Path
 
 DICE = ("tumour_dice_per_case", "tumour_dice_global", "liver_dice_per_case",
         "liver_dice_global")
-NOT_RECIPE = {"mesh", "train.name", "train.out_dir", "train.steps", "runtime"}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key not in NOT_RECIPE:
-            out.update(_flat(v, key + "."))
-        elif key not in NOT_RECIPE:
-            out[key] = v
-    return out
-
-
 def _evals(run: Path) -> dict[int, dict]:
     from hrseg.train import rundir
     return {int(p.stem.split("_")[1]): json.loads(p.read_text())
@@ -44,13 +30,16 @@ def _evals(run: Path) -> dict[int, dict]:
 
 
 def compare(a: Path, b: Path) -> dict:
-    import yaml
-
+    from hrseg import config
     from hrseg.train import rundir
-    ca = yaml.safe_load((a / rundir.CONFIG).read_text())
-    cb = yaml.safe_load((b / rundir.CONFIG).read_text())
-    differ = sorted(k for k in set(_flat(ca)) | set(_flat(cb))
-                    if _flat(ca).get(k) != _flat(cb).get(k))
+    ca, cb = (config.to_dict(config.load(r / rundir.CONFIG)) for r in (a, b))
+    # the same experiment and seed: every key but those schema.py tags recipe=False (name,
+    # output folder, mesh, kernel, runtime ...), and train.seed; train.steps may differ (a
+    # repeat of the first N steps: the step decay does not depend on it)
+    free = (set(config.keys(recipe=False)) - {"train.seed"}) | {"train.steps"}
+    flat = [{f"{sec}.{k}": v for sec, d in c.items() if isinstance(d, dict)
+             for k, v in d.items() if f"{sec}.{k}" not in free} for c in (ca, cb)]
+    differ = sorted(k for k in set(flat[0]) | set(flat[1]) if flat[0].get(k) != flat[1].get(k))
     if differ:
         raise SystemExit(f"partition_equivalence: error: the runs differ in {', '.join(differ)}")
     la = {r["step"]: r for r in rundir.read_metrics(a / "metrics.jsonl") if "loss" in r}

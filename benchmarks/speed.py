@@ -142,7 +142,7 @@ def worker(args) -> int:
         step, infer = _jax_worker(args.worker, args.size, args.preset)
         import jax
         about = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
-    about["environment"] = torch_baseline.environment(os.environ)
+    about["environment"] = environment(os.environ)
     setup = time.perf_counter() - t0
     t = time.perf_counter()
     step()
@@ -216,12 +216,12 @@ def malloc_env(base, malloc: str) -> dict:
     return env
 
 
-def torch_available(python: str, path: str | None) -> bool:
-    env = dict(os.environ)
-    if path:
-        env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
-    return subprocess.run([python, "-c", "import torch"], capture_output=True, check=False,
-                          env=env).returncode == 0
+def environment(env) -> dict:
+    """The variables of a worker's environment that change its speed, as recorded."""
+    keys = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
+            "HRSEG_HOST_MALLOC", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS",
+            "JAX_PLATFORMS", "LD_PRELOAD")
+    return {k: env[k] for k in keys if k in env} | {"cpus": len(os.sched_getaffinity(0))}
 
 
 def measure(args, malloc: str = "tuned") -> dict:
@@ -348,7 +348,7 @@ def main() -> int:
     args.arch = f"{cfg.levels},{cfg.base},{cfg.convs_per_block},{cfg.classes}"
     if args.make_torch_venv and args.torch:
         args.torch_python = str(torch_baseline.make_venv(args.make_torch_venv))
-    args.torch = args.torch and torch_available(args.torch_python, args.torch_path)
+    args.torch = args.torch and torch_baseline.has_torch(args.torch_python, args.torch_path)
     import jax
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": {"node": platform.node(), "cpus": os.cpu_count(),

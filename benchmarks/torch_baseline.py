@@ -21,9 +21,13 @@ def venv_python(folder: str | Path) -> Path:
     return Path(folder) / "bin" / "python"
 
 
-def has_torch(python: str | Path) -> bool:
+def has_torch(python: str | Path, path: str | None = None) -> bool:
+    """Whether ``import torch`` works in ``python`` (with ``path`` in front of its path)."""
+    env = dict(os.environ)
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join([path, env.get("PYTHONPATH", "")])
     return subprocess.run([str(python), "-c", "import torch"], capture_output=True,
-                          check=False).returncode == 0
+                          check=False, env=env).returncode == 0
 
 
 def make_venv(folder: str | Path, pin: str = TORCH_PIN) -> Path:
@@ -107,11 +111,3 @@ def worker(size: int, threads: int, arch: str, channels_last: bool = False):
         with torch.no_grad():
             model(x).argmax(1)
     return step, infer
-
-
-def environment(env: dict) -> dict:
-    """The variables of a worker's environment that change its speed, as recorded."""
-    keys = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
-            "HRSEG_HOST_MALLOC", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS",
-            "JAX_PLATFORMS", "LD_PRELOAD")
-    return {k: env[k] for k in keys if k in env} | {"cpus": len(os.sched_getaffinity(0))}
