@@ -17,23 +17,27 @@ process that finds it filled (warm); ``*_overhead_s`` subtracts the median step.
 
 PyTorch (never a dependency) runs from a venv the benchmark creates with ``--make-torch-venv``
 (``pip install torch==2.13.0+cpu``, benchmarks/torch_baseline.py) or wherever ``torch`` imports
-in ``--torch-python``; ``--threads`` sets its intra-op threads (default: PyTorch's own).
-Every worker — hrseg, stock Flax (its step jitted with buffer donation, as hrseg's), PyTorch —
-runs under the same glibc allocator settings: ``--malloc tuned`` (hostmem.py's), ``default``
-(glibc's) or ``both`` (the default: one run each, under ``by_malloc``). The JSON records each
-worker's environment, versions and PyTorch's build (``torch.__config__.show()``), and warns when
-PyTorch's step is over 1.5× the one in the newest committed ``benchmarks/results/speed_*.json``.
+in ``--torch-python``; ``--threads`` sets its intra-op threads (default: PyTorch's own). It runs
+in both memory formats its CPU docs offer (``torch``: contiguous NCDHW, ``torch_cl``:
+``channels_last_3d``; ``--torch-format``), each its own worker, and hrseg is compared with the
+faster (``torch_best``). Every worker — hrseg, stock Flax (its step jitted with buffer donation,
+as hrseg's), PyTorch — runs under the same glibc allocator settings: ``--malloc tuned``
+(hostmem.py's), ``default`` (glibc's) or ``both`` (the default: one run each, under
+``by_malloc``). ``peak_rss_bytes``: each worker's peak resident memory over the timed rounds
+(``VmHWM``, restarted after the first step, so the compiler's peak is not in it;
+``first_peak_rss_bytes`` is the peak up to then). The JSON records the date, machine (CPU model
+and vector ISA), command, each worker's environment, versions and PyTorch's build
+(``torch.__config__.show()``), and warns when PyTorch's step is over 1.5× the one in the newest
+committed ``benchmarks/results/speed_*.json``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import glob
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,11 +47,16 @@ import time
 from hrseg.runtime import hostmem
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import record
 import torch_baseline
 from torch_baseline import TORCH_PIN
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FRAMEWORKS = ("hrseg", "flax", "torch", "hrseg_xla")
+FRAMEWORKS = ("hrseg", "flax", "torch", "torch_cl", "hrseg_xla")
+# PyTorch's memory formats: torch = contiguous (NCDHW), torch_cl = channels_last_3d (NDHWC)
+TORCH_FORMATS = {"contiguous": ("torch",), "channels_last": ("torch_cl",),
+                 "both": ("torch", "torch_cl")}
+TORCH_NAMES = {"torch": "torch_contiguous", "torch_cl": "torch_channels_last"}
 
 
 # ---------------------------------------------------------------- workers (one per process)
@@ -123,12 +132,35 @@ def _jax_worker(name: str, size: int, preset: str):
     return step, infer
 
 
+def rss() -> dict:
+    """This process's resident memory now and its peak (``VmHWM``) since the last
+    :func:`reset_peak`, in bytes (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            rows = dict(line.split(":", 1) for line in f if ":" in line)
+        return {k: int(rows[v].split()[0]) * 1024 for k, v in
+                (("rss_bytes", "VmRSS"), ("peak_bytes", "VmHWM"))}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def reset_peak() -> None:
+    """Restart the peak-RSS count (``echo 5 > /proc/self/clear_refs``): the steady steps' peak,
+    not the compiler's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def worker(args) -> int:
-    """Build, time the first step, then answer "step"/"infer"/"quit" lines on stdin."""
+    """Build, time the first step, then answer "step"/"infer"/"mem"/"quit" lines on stdin;
+    "mem": the peak RSS over the steps since the first one (:func:`rss`)."""
     t0 = time.perf_counter()
-    if args.worker == "torch":
+    if args.worker.startswith("torch"):
         step, infer = torch_baseline.worker(args.size, args.threads, args.arch,
-                                            args.torch_channels_last)
+                                            args.worker == "torch_cl")
         about = torch_baseline.info()
     else:
         if args.worker.startswith("hrseg"):   # as the `hrseg` command starts its process
@@ -150,12 +182,17 @@ def worker(args) -> int:
     t = time.perf_counter()
     infer()
     first_infer = time.perf_counter() - t
+    cold = rss()                      # the peak so far: setup, compiles and the first step
+    reset_peak()
     print(json.dumps({"setup_s": setup, "first_step_s": first, "first_infer_s": first_infer,
-                      "info": about}), flush=True)
+                      "first_peak_rss_bytes": cold.get("peak_bytes"), "info": about}), flush=True)
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "quit":
             break
+        if cmd == "mem":
+            print(json.dumps({"mem": rss()}), flush=True)
+            continue
         t = time.perf_counter()
         (step if cmd == "step" else infer)()
         print(json.dumps({cmd: time.perf_counter() - t}), flush=True)
@@ -165,16 +202,15 @@ def worker(args) -> int:
 # ---------------------------------------------------------------- the driver
 class Worker:
     def __init__(self, name: str, args, malloc: str, cache_dir: str | None = None):
-        py = args.torch_python if name == "torch" else sys.executable
+        torch = name.startswith("torch")
+        py = args.torch_python if torch else sys.executable
         cmd = [py, os.path.abspath(__file__), "--worker", name, "--size", str(args.size),
                "--threads", str(args.threads), "--preset", args.preset, "--arch", args.arch]
         if cache_dir:
             cmd += ["--cache-dir", cache_dir]
-        if args.torch_channels_last:
-            cmd += ["--torch-channels-last"]
         env = malloc_env(os.environ, malloc)   # one allocator setting for every worker
         env.setdefault("JAX_PLATFORMS", "cpu")
-        extra = [args.torch_path] if name == "torch" and args.torch_path else []
+        extra = [args.torch_path] if torch and args.torch_path else []
         env["PYTHONPATH"] = os.pathsep.join(
             [os.path.dirname(HERE)] + extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self.name = name
@@ -188,7 +224,7 @@ class Worker:
             raise RuntimeError(f"{self.name} worker exited with {self.proc.wait()}")
         return json.loads(line)
 
-    def ask(self, cmd: str) -> float:
+    def ask(self, cmd: str):
         self.proc.stdin.write(cmd + "\n")
         self.proc.stdin.flush()
         return self._read()[cmd]
@@ -225,20 +261,21 @@ def environment(env) -> dict:
 
 
 def measure(args, malloc: str = "tuned") -> dict:
-    names = (["hrseg", "flax"] + (["torch"] if args.torch else [])
+    names = (["hrseg", "flax"] + (list(TORCH_FORMATS[args.torch_format]) if args.torch else [])
              + (["hrseg_xla"] if args.generic else []))
     voxels = args.size ** 3
     with tempfile.TemporaryDirectory() as cache:
         workers = {}
         for n in names:  # started one after another: compiles do not overlap
             workers[n] = Worker(n, args, malloc,
-                                cache_dir=os.path.join(cache, n) if n != "torch" else None)
+                                cache_dir=None if n.startswith("torch") else os.path.join(cache, n))
         times = {n: {"step": [], "infer": []} for n in names}
         try:
             for _ in range(args.rounds):
                 for n in names:
                     for kind in ("step", "infer"):
                         times[n][kind].append(workers[n].ask(kind))
+            mem = {n: workers[n].ask("mem") for n in names}
         finally:
             for w in workers.values():
                 w.close()
@@ -249,7 +286,7 @@ def measure(args, malloc: str = "tuned") -> dict:
             w.close()
     out = {"preset": args.preset, "size": args.size, "rounds": args.rounds, "malloc": malloc,
            "frameworks": names, "threads_torch": args.threads,
-           "torch_channels_last": args.torch_channels_last,
+           "torch_format": args.torch_format,
            "workers": {n: workers[n].first["info"] for n in names}}
     for n in names:
         med = {k: statistics.median(v) for k, v in times[n].items()}
@@ -259,7 +296,10 @@ def measure(args, malloc: str = "tuned") -> dict:
                   "steps": times[n]["step"], "infers": times[n]["infer"],
                   "first_step_cold_s": workers[n].first["first_step_s"],
                   "setup_s": workers[n].first["setup_s"],
-                  "first_step_cold_overhead_s": workers[n].first["first_step_s"] - med["step"]}
+                  "first_step_cold_overhead_s": workers[n].first["first_step_s"] - med["step"],
+                  # peak RSS over the timed rounds (steps and inferences), and up to them
+                  "peak_rss_bytes": mem[n].get("peak_bytes"),
+                  "first_peak_rss_bytes": workers[n].first.get("first_peak_rss_bytes")}
         if n in warm:
             out[n]["first_step_warm_s"] = warm[n]["first_step_s"]
             out[n]["first_step_warm_overhead_s"] = warm[n]["first_step_s"] - med["step"]
@@ -272,9 +312,17 @@ def measure(args, malloc: str = "tuned") -> dict:
     if args.generic:
         summary["hrseg_over_hrseg_xla"] = paired("hrseg", "hrseg_xla", "step")
         summary["hrseg_over_hrseg_xla_infer"] = paired("hrseg", "hrseg_xla", "infer")
-    if "torch" in names:
-        summary["hrseg_over_torch"] = paired("hrseg", "torch", "step")
-        summary["hrseg_over_torch_infer"] = paired("hrseg", "torch", "infer")
+    torches = [n for n in names if n.startswith("torch")]
+    if torches:   # against PyTorch in its faster memory format (per step / per inference)
+        best = {k: min(torches, key=lambda n: out[n][f"{k}_s"]) for k in ("step", "infer")}
+        out["torch_best"] = best
+        summary["hrseg_over_torch"] = paired("hrseg", best["step"], "step")
+        summary["hrseg_over_torch_infer"] = paired("hrseg", best["infer"], "infer")
+        for n in torches:   # each format apart (hrseg_over_torch is against the faster)
+            summary[f"hrseg_over_{TORCH_NAMES[n]}"] = paired("hrseg", n, "step")
+        rss = out["hrseg"]["peak_rss_bytes"], out[best["step"]]["peak_rss_bytes"]
+        if all(rss):   # the steady peak of each worker, against the faster PyTorch step's
+            summary["hrseg_over_torch_peak_rss"] = rss[0] / rss[1]
     for n in names:
         summary[f"{n}_voxels_per_s"] = out[n]["step_voxels_per_s"]
     for n in ("hrseg", "flax"):
@@ -295,8 +343,8 @@ def recorded_torch_step(size: int, preset: str) -> tuple[float, str] | None:
             with open(path) as f:
                 d = json.load(f)
             run = d["by_malloc"]["tuned"]
-            if (run["size"], run["preset"]) == (size, preset) and "torch" in run:
-                return run["torch"]["step_s"], path
+            if (run["size"], run["preset"]) == (size, preset) and "torch_best" in run:
+                return run[run["torch_best"]["step"]]["step_s"], path
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
@@ -315,8 +363,10 @@ def main() -> int:
                          "tuned (hostmem.py's), default (glibc's), or both one after the other")
     ap.add_argument("--threads", type=int, default=0,
                     help="PyTorch intra-op threads (0: PyTorch's own default, one per core)")
-    ap.add_argument("--torch-channels-last", action="store_true",
-                    help="PyTorch with the channels_last_3d memory format")
+    ap.add_argument("--torch-format", choices=tuple(TORCH_FORMATS), default="both",
+                    help="PyTorch's memory format: contiguous (NCDHW), channels_last "
+                         "(channels_last_3d) or both, each its own worker; hrseg is compared "
+                         "with the faster")
     ap.add_argument("--make-torch-venv", metavar="DIR",
                     help=f"create DIR as a venv with `pip install {TORCH_PIN}` (kept if it "
                          "has torch) and run PyTorch from it")
@@ -349,31 +399,23 @@ def main() -> int:
     if args.make_torch_venv and args.torch:
         args.torch_python = str(torch_baseline.make_venv(args.make_torch_venv))
     args.torch = args.torch and torch_baseline.has_torch(args.torch_python, args.torch_path)
-    import jax
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"node": platform.node(), "cpus": os.cpu_count(),
-                       "processor": platform.processor(), "python": platform.python_version()},
-           "command": " ".join(["python", *sys.argv]), "jax": jax.__version__,
+    out = {**record.header(),
            "torch_python": args.torch_python if args.torch else None, "by_malloc": {}}
     for malloc in (("tuned", "default") if args.malloc == "both" else (args.malloc,)):
         out["by_malloc"][malloc] = measure(args, malloc)
     first = next(iter(out["by_malloc"].values()))
     out.update({k: v for k, v in first.items() if not isinstance(v, dict)})
     rec = recorded_torch_step(args.size, args.preset) if args.torch else None
-    if rec and "torch" in out["by_malloc"].get("tuned", {}):
-        now = out["by_malloc"]["tuned"]["torch"]["step_s"]
+    tuned = out["by_malloc"].get("tuned", {})
+    if rec and "torch_best" in tuned:
+        now = tuned[tuned["torch_best"]["step"]]["step_s"]
         out["torch_step_vs_recorded"] = {"recorded_s": rec[0], "file": os.path.relpath(rec[1]),
                                          "now_s": now, "ratio": now / rec[0]}
         if now > SLOWER * rec[0]:
             print(f"speed.py: warning: PyTorch's step {now:.2f} s is {now / rec[0]:.1f}x the "
                   f"{rec[0]:.2f} s recorded in {os.path.relpath(rec[1])}: check the baseline's "
                   f"install and environment", file=sys.stderr)
-    text = json.dumps(out, indent=1)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    record.emit(out, args.out)
     return 0
 
 

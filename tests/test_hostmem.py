@@ -63,3 +63,40 @@ def test_only_where_jax_runs_on_the_cpu(monkeypatch):
     assert not hostmem.cpu_only()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert hostmem.cpu_only()
+
+
+TRIM_PROBE = r"""
+import json, os
+from hrseg import runtime
+rt = runtime.start()
+import jax, jax.numpy as jnp
+from hrseg.runtime import hostmem
+calls = []
+real = hostmem.trim
+hostmem.trim = lambda: calls.append(1) or real()
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+before = len(calls)
+f = jax.jit(lambda x: jnp.sum(jnp.sin(x) @ jnp.cos(x).T))
+jax.block_until_ready(f(jnp.ones((64, 64))))
+print(json.dumps({"applied": rt.host_malloc, "compile_trims": len(calls) - before,
+                  "cached_call_trims": (f(jnp.ones((64, 64))), len(calls) - before)[1]}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_the_heap_is_trimmed_after_each_compile_only_when_the_settings_apply():
+    full = {k: v for k, v in os.environ.items() if k not in hostmem.CHILD_ENV}
+    full.pop("HRSEG_HOST_MALLOC", None)
+    out = {}
+    for mode in ("on", "0"):
+        proc = subprocess.run([sys.executable, "-c", TRIM_PROBE], capture_output=True,
+                              text=True, timeout=300, check=False,
+                              env={**full, "JAX_PLATFORMS": "cpu", "HRSEG_HOST_MALLOC": mode})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["on"]["applied"] and out["on"]["compile_trims"] >= 1, out   # after a compile
+    assert out["on"]["cached_call_trims"] == out["on"]["compile_trims"]     # not per call
+    assert not out["0"]["applied"] and out["0"]["compile_trims"] == 0, out
+    assert hostmem.trim() in (True, False)

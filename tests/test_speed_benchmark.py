@@ -33,6 +33,8 @@ def test_speed_benchmark_json_at_toy_size():
         assert math.isclose(r["step_voxels_per_s"], 8 ** 3 / r["step_s"], rel_tol=1e-9)
         assert r["first_step_cold_s"] > 0 and r["first_step_warm_s"] > 0
         assert out[f"{n}_voxels_per_s"] > 0
+        # the timed rounds' peak RSS, counted from after the first step (compiles excluded)
+        assert 0 < r["peak_rss_bytes"] <= r["first_peak_rss_bytes"] * 4
     ratios = [a / b for a, b in zip(out["hrseg"]["steps"], out["flax"]["steps"])]
     assert math.isclose(out["hrseg_over_flax"], sum(ratios) / 2,
                         rel_tol=1e-3)   # the median of the paired per-round ratios
@@ -56,3 +58,21 @@ def test_every_worker_gets_the_same_allocator_settings():
     assert tuned["HRSEG_HOST_MALLOC"] == "on" and default["HRSEG_HOST_MALLOC"] == "off"
     assert not set(hostmem.CHILD_ENV) & set(default) and default["PATH"] == "/bin"
     assert base == {"PATH": "/bin", "MALLOC_ARENA_MAX": "4"}       # the caller's env untouched
+
+
+def test_rss_reads_this_process_and_its_peak_restarts():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mmap
+
+    import speed
+    if not os.path.exists("/proc/self/clear_refs"):
+        return
+    before = speed.rss()
+    block = mmap.mmap(-1, 64 * 2 ** 20)           # 64 MiB of its own pages (whatever malloc
+    block.write(b"x" * len(block))                # keeps), touched, then unmapped
+    during = speed.rss()
+    block.close()
+    assert during["peak_bytes"] >= before["rss_bytes"] + 60 * 2 ** 20
+    speed.reset_peak()
+    after = speed.rss()
+    assert after["peak_bytes"] < during["peak_bytes"] - 32 * 2 ** 20   # the peak restarted

@@ -1,0 +1,23 @@
+"""benchmarks/cpuconv.py at toy size: it times the gradients _conv_bwd runs and agrees with XLA."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpuconv_benchmark_json_at_toy_size(tmp_path):
+    out = tmp_path / "c.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    for cin in (4, 16):   # XLA's weight gradient below 16 input channels, the matmuls from 16
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpuconv.py"),
+                               "--size", "8", "--cin", str(cin), "--cout", "8", "--repeats", "2",
+                               "--out", str(out)],
+                              capture_output=True, text=True, env=env, check=False, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        d = json.loads(out.read_text())
+        assert d == json.loads(proc.stdout) and d["cin"] == cin and "cpuconv.py" in d["command"]
+        assert d["max_rel_err"] < 1e-5 and all(d[f"hrseg_{p}_s"] > 0 for p in (
+            "forward", "input_grad", "weight_grad", "all"))
