@@ -158,10 +158,10 @@ def _memory(args) -> int:
                          f"{args.budget}GB (a bare number would be bytes)")
     budget = config.parse_bytes(args.budget)
     res = args.resolution[0] if len(args.resolution) == 1 else tuple(args.resolution)
-    if args.compile == "auto":  # (with "here" a refusal stays one line on stderr)
+    if args.compile == "auto":  # (with "here" the user asked for it; errors stay one line)
         print("hrseg memory: confirming the pick by compiling the training step on abstract "
-              "inputs (a minute for small models, minutes at 512³; without --compile the "
-              "estimate answers alone)", file=sys.stderr, flush=True)
+              "inputs (seconds for small models, minutes at 512³; --compile no skips it)",
+              file=sys.stderr, flush=True)
     plan = memory.plan(budget, args.devices, res, batch=args.batch, preset=args.preset,
                        optimizer=args.optimizer,
                        compile=None if args.compile == "no" else args.compile)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 
 from hrseg.config import ModelConfig
-from hrseg.data import buckets
+from hrseg.data import buckets, phantom
 from hrseg.memory import analytic
 from hrseg.memory.compiled import measure, residuals
 from hrseg.nn import unet
@@ -72,8 +72,6 @@ def phantom_bucket(cases: int = 32, seed: int = 0, in_plane=(256, 256), levels: 
     """Wang's "256 × 256 × full" for the phantom dataset: its cases' slice counts (80–200,
     phantom.slice_counts) kept, in-plane at 256 × 256 (1.62 mm over the phantom's field of
     view); ``{"slices": (min, max), "buckets": [...], "largest": shape}``."""
-    # imported here: its imports take seconds, and `hrseg memory` needs none of them
-    from hrseg.data import phantom
     slices = phantom.slice_counts(cases, seed)
     m = 2 ** (levels - 1)
     sizes = sorted({buckets.bucket_size(n, m, per_octave) for n in slices})
