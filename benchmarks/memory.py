@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py --json                 # every part (a few minutes)
     python benchmarks/memory.py --json --part pm3      # one part: pm1 | pm2 | pm3 | pm4
+    python benchmarks/memory.py --part grid --out benchmarks/results/memory_grid.json
 
 Memory is the compiled step's ``memory_analysis()`` per device (argument + output − alias +
 temp) on ShapeDtypeStructs: nothing is allocated, so 512 fake CPU devices compile on a laptop.
@@ -38,6 +39,13 @@ stays in the backward pass under either.)
        Third column, Wang's "256 × 256 × full": the largest bucket of the phantom dataset's
        native-size cases (``--pm4-cases`` cases, 80–200 slices kept, 256 × 256 in-plane;
        data/buckets.py), compiled: pm4_native_fraction / pm4_native_bytes_baseline.
+* grid The analytic estimate against the compiled step, bf16 and fp32, over GRID: presets
+       mtf / paper / wang_baseline, resolutions 64–512, 1–512 devices (the large volumes
+       only on many devices, so every shard stays small enough to compile in a minute or
+       two), batch 1–8, model.gather_below off and on. Per point: both totals and
+       ``error = (estimate − compiled) / compiled``; grid_worst_error_{bf16,fp32}: the
+       largest |error| (target ≤ 10 %, what `hrseg memory` answers without compiling).
+       One child process per device count (the fake-device count is fixed at import).
 """
 from __future__ import annotations
 
@@ -45,18 +53,38 @@ import os
 import subprocess
 import sys
 
-DEVICES = {"pm1": 64, "pm2": 64, "pm3": 512, "pm4": 1}
+DEVICES = {"pm1": 64, "pm2": 64, "pm3": 512, "pm4": 1, "grid": 512}
+# (preset, cube size, (data, sx, sy, sz), global batch, model.gather_below)
+GRID = (
+    ("mtf", 64, (1, 1, 1, 1), 1, 0),
+    ("wang_baseline", 64, (1, 1, 1, 1), 2, 0),
+    ("paper", 64, (1, 1, 1, 1), 1, 0),
+    ("mtf", 128, (1, 2, 2, 2), 1, 0),
+    ("mtf", 128, (2, 2, 2, 1), 4, 16),
+    ("paper", 128, (1, 2, 2, 2), 1, 0),
+    ("wang_baseline", 128, (4, 2, 1, 1), 8, 0),
+    ("paper", 256, (1, 4, 4, 4), 1, 8),
+    ("wang_baseline", 256, (2, 2, 4, 4), 2, 16),
+    ("mtf", 512, (1, 8, 8, 8), 1, 16),
+    ("mtf", 64, (1, 2, 2, 2), 1, 0),          # small blocks (32³) exchanging halos
+    ("paper", 64, (2, 2, 2, 1), 2, 0),
+)
 PM1_P = "1,8,64"
 MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 if __name__ == "__main__" and "--child" in sys.argv and "jax" not in sys.modules:
     part = sys.argv[sys.argv.index("--part") + 1]
+    n = (int(sys.argv[sys.argv.index("--devices") + 1]) if "--devices" in sys.argv
+         else DEVICES[part])
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                               f"device_count={DEVICES[part]}").strip()
+                               f"device_count={n}").strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
+import datetime
 import json
+import math
+import platform
 
 GiB = 2 ** 30
 
@@ -240,6 +268,90 @@ def pm4(args) -> dict:
     return out
 
 
+def grid_points(only: str | None = None) -> list[tuple]:
+    """GRID, or the points whose indices ``only`` lists ("0,3")."""
+    keep = None if not only else {int(i) for i in only.split(",")}
+    return [(i, *pt) for i, pt in enumerate(GRID) if keep is None or i in keep]
+
+
+def grid(args) -> dict:
+    """The points of ``args.grid_points`` that need ``args.devices`` devices: estimate and
+    compiled step, bf16 and fp32 (the parent runs one child per device count)."""
+    import dataclasses
+    import math
+
+    from hrseg import memory
+    from hrseg.nn import unet
+    rows = []
+    for i, preset, res, mesh, batch, gather in grid_points(args.grid_points):
+        if math.prod(mesh) != args.devices:
+            continue
+        cfg = dataclasses.replace(unet.preset(preset, res if preset == "paper" else None),
+                                  gather_below=gather)
+        row = {"point": i, "preset": preset, "resolution": res, "mesh": list(mesh),
+               "devices": math.prod(mesh), "batch": batch, "gather_below": gather}
+        for pol in ("bf16", "fp32"):
+            est = memory.estimate(cfg, (res,) * 3, mesh, pol, batch=batch,
+                                  platform="cpu")
+            meas = memory.measure(cfg, (res,) * 3, mesh, pol, batch=batch)
+            est.pop("layers")
+            row["local_shape"] = list(est["local_shape"])
+            row[pol] = {"estimate": est["total"], "compiled": meas["total"],
+                        "error": round((est["total"] - meas["total"]) / meas["total"], 4),
+                        "estimate_parts": {k: v for k, v in est.items()
+                                           if k.endswith("_bytes")},
+                        "compiled_parts": {k: meas[k] for k in ("argument", "output", "alias",
+                                                                 "temp")},
+                        "compile_s": meas["compile_s"]}
+            print(f"grid {i} {preset} {res} {mesh} b{batch} g{gather} {pol}: "
+                  f"{row[pol]['error']:+.3f} (compiled {meas['total']} B, "
+                  f"{meas['compile_s']} s)", file=sys.stderr, flush=True)
+        rows.append(row)
+    return {"points": rows}
+
+
+def rescore(path: str) -> dict:
+    """A grid JSON's points re-estimated with this checkout's memory.estimate, the compiled
+    figures kept (they do not depend on the estimate): ``--rescore FILE``, no compiling."""
+    import dataclasses
+
+    from hrseg import memory
+    from hrseg.nn import unet
+    olds = []
+    for one in path.split(","):   # several runs' points (each run's own device counts)
+        with open(one) as f:
+            olds.append(json.load(f))
+    rows = [r for o in olds for r in o["grid"]["points"]]
+    for row in rows:
+        cfg = dataclasses.replace(unet.preset(row["preset"], row["resolution"]
+                                              if row["preset"] == "paper" else None),
+                                  gather_below=row["gather_below"])
+        for pol in ("bf16", "fp32"):
+            est = memory.estimate(cfg, (row["resolution"],) * 3, tuple(row["mesh"]), pol,
+                                  batch=row["batch"], platform="cpu")   # XLA:CPU's figures
+            r = row[pol]
+            r["estimate"] = est["total"]
+            r["error"] = round((est["total"] - r["compiled"]) / r["compiled"], 4)
+            r["estimate_parts"] = {k: v for k, v in est.items() if k.endswith("_bytes")}
+    out = _grid_summary(rows)
+    out["compiled_by"] = [{k: o.get(k) for k in ("command", "date", "jax", "machine")}
+                          for o in olds]
+    out["failed"] = [n for o in olds for n in o["grid"].get("failed", [])]
+    return out
+
+
+def _grid_summary(rows: list[dict]) -> dict:
+    out = {"points": sorted(rows, key=lambda r: r["point"])}
+    for pol in ("bf16", "fp32"):
+        errs = [r[pol]["error"] for r in rows]
+        out[f"worst_error_{pol}"] = max(errs, key=abs) if errs else None
+    out["grid"] = ("(preset, cube size, (data, sx, sy, sz), global batch, model.gather_below) "
+                   "of each point: " + "; ".join(f"{r['preset']} {r['resolution']} "
+                                                 f"{tuple(r['mesh'])} b{r['batch']} "
+                                                 f"g{r['gather_below']}" for r in out["points"]))
+    return out
+
+
 SUMMARY = {  # summary key -> (part, key in the part's result)
     "pm1_ratio_p8": ("pm1", "ratio_p8"), "pm1_ratio_p64": ("pm1", "ratio_p64"),
     "pm1_p1_vs_plain": ("pm1", "p1_vs_plain"), "pm1_levels_p64": ("pm1", "levels_p64"),
@@ -256,6 +368,8 @@ SUMMARY = {  # summary key -> (part, key in the part's result)
     "pm4_param_fraction": ("pm4", "param_fraction"),
     "pm4_native_fraction": ("pm4", "native_fraction"),
     "pm4_native_bytes_baseline": ("pm4", "native_bytes_baseline"),
+    "grid_worst_error_bf16": ("grid", "worst_error_bf16"),
+    "grid_worst_error_fp32": ("grid", "worst_error_fp32"),
 }
 
 
@@ -276,30 +390,68 @@ def main() -> int:
     ap.add_argument("--memory-scheduler", action="store_true",
                     help="compile with XLA:CPU's memory-minimizing scheduler instead of the "
                          "default concurrency-optimized one (for comparison)")
+    ap.add_argument("--grid-points", default=None,
+                    help="grid: the indices of GRID to compile, e.g. 0,3 (default: all)")
+    ap.add_argument("--out", default=None, help="also write the JSON to this file")
+    ap.add_argument("--rescore", default=None, metavar="GRID_JSON[,GRID_JSON]",
+                    help="grid: re-estimate the points of earlier grid JSONs with this "
+                         "checkout's estimate, keeping their compiled figures (no compiling)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--devices", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(globals()[args.part](args)))
         return 0
-    parts = list(DEVICES) if args.part == "all" else [args.part]
+    # "all" is PM1–PM4; the grid (tens of minutes on 2 cores) only when asked for
+    parts = [p for p in DEVICES if p != "grid"] if args.part == "all" else [args.part]
     results = {}
+    env = dict(os.environ)
+    if args.memory_scheduler:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + MEMORY_SCHEDULER).strip()
+    base = [sys.executable, __file__, "--child", "--pm1-size", str(args.pm1_size),
+            "--pm4-cases", str(args.pm4_cases), "--pm1-p", args.pm1_p]
+    if args.gather_below is not None:
+        base += ["--gather-below", str(args.gather_below)]
+    if args.grid_points:
+        base += ["--grid-points", args.grid_points]
+    if args.rescore:
+        results["grid"] = rescore(args.rescore)
+        return _write(args, results)
     for part in parts:  # each in its own process: the fake-device count is fixed at import
-        cmd = [sys.executable, __file__, "--child", "--part", part,
-               "--pm1-size", str(args.pm1_size), "--pm4-cases", str(args.pm4_cases)]
-        if args.gather_below is not None:
-            cmd += ["--gather-below", str(args.gather_below)]
-        cmd += ["--pm1-p", args.pm1_p]
-        env = dict(os.environ)
-        if args.memory_scheduler:
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + MEMORY_SCHEDULER).strip()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
-        if proc.returncode:
-            results[part] = {"error": f"exit {proc.returncode}"}
-            continue
-        results[part] = json.loads(proc.stdout.strip().splitlines()[-1])
+        counts = (sorted({math.prod(pt[3]) for pt in grid_points(args.grid_points)})
+                  if part == "grid" else [None])
+        got = []
+        for n in counts:
+            cmd = base + ["--part", part] + (["--devices", str(n)] if n else [])
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
+            got.append({"error": f"exit {proc.returncode}"} if proc.returncode
+                       else json.loads(proc.stdout.strip().splitlines()[-1]))
+            if part == "grid":   # written after each child: a stopped run keeps what it has
+                results[part] = _grid_summary([r for g in got for r in g.get("points", [])])
+                results[part]["failed"] = [n for n, g in zip(counts, got) if "error" in g]
+                _write(args, results, quiet=True)
+        if part != "grid":
+            results[part] = got[0]
+    return _write(args, results)
+
+
+def _write(args, results: dict, quiet: bool = False) -> int:
+    """Print (and with --out write) the summary and every part's result, with the date, the
+    command, jax's version and the machine."""
+    import jax
     summary = {k: results[p].get(key) for k, (p, key) in SUMMARY.items() if p in results}
     summary["scheduler"] = "memory-minimizing" if args.memory_scheduler else "XLA:CPU default"
-    print(json.dumps({**summary, **results}, indent=1, default=str))
+    summary.update({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "command": " ".join(["python", *sys.argv]),
+        "jax": jax.__version__, "machine": {"node": platform.node(), "cpus": os.cpu_count(),
+                                            "processor": platform.processor() or
+                                            platform.machine()}})
+    text = json.dumps({**summary, **results}, indent=1, default=str)
+    if not quiet:
+        print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
     return 0
 
 

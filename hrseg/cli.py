@@ -147,12 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="paper", help="model preset (paper, mtf, wang_baseline…)")
     s.add_argument("--optimizer", default="adafactor", choices=["adafactor", "adam"],
                    help="optimizer whose state is counted")
-    s.add_argument("--compile", default="auto", choices=["auto", "here", "no"],
-                   help="confirm the pick by compiling the step on abstract inputs (XLA's "
-                        "figure; seconds to minutes, nothing allocated): auto = in this "
-                        "process, or in a subprocess with fake CPU devices when the mesh needs "
-                        "more devices than it has; here = this process only; no = the "
-                        "analytic estimate alone")
+    s.add_argument("--compile", nargs="?", const="auto", default="no",
+                   choices=["auto", "here", "no"],
+                   help="also confirm the pick by compiling the step on abstract inputs "
+                        "(XLA's figure; a minute to minutes, nothing allocated): --compile or "
+                        "--compile auto = in this process, or in a subprocess with fake CPU "
+                        "devices when the mesh needs more devices than it has; here = this "
+                        "process only; no = the analytic estimate alone, in seconds")
+    s.add_argument("--platform", choices=["cpu", "gpu", "tpu"], default=None,
+                   help="the devices planned for: only XLA:CPU widens 16-bit convs to float32, "
+                        "so a bf16 step needs more memory on a CPU (default: this machine's "
+                        "JAX backend; with --wang: gpu, Wang et al.'s V100)")
     s.add_argument("--wang", action="store_true",
                    help="print Wang et al.'s Table 1 (parameters, GB at 96³, 256×256×152, "
                         "256×256×full) beside our estimate of each row, and exit")

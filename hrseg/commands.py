@@ -149,21 +149,27 @@ def _memory(args) -> int:
     from hrseg import config, memory, runtime
     runtime.start(command="hrseg memory")
     if args.wang:
+        platform = args.platform or "gpu"
         print("Wang et al.'s Table 1 beside hrseg's analytic estimate (wang_baseline rows, "
-              "batch 1, Adam, one device)")
-        print(memory.format_comparison(memory.paper_comparison()))
+              f"batch 1, Adam, one device, counted for a {platform.upper()}'s compiler)")
+        print(memory.format_comparison(memory.paper_comparison(platform=platform)))
         return 0
+    here = memory.platform_of()
+    if args.compile != "no" and args.platform not in (None, here):
+        raise ValueError(f"--platform {args.platform} --compile: the compile would measure "
+                         f"this machine's {here} compiler, not a {args.platform}'s; plan for "
+                         f"{args.platform} without --compile, or compile on one")
     if re.fullmatch(r"\s*[0-9.eE+-]+\s*", str(args.budget)):
         raise ValueError(f"--budget {args.budget}: give a unit, e.g. {args.budget}GiB or "
                          f"{args.budget}GB (a bare number would be bytes)")
     budget = config.parse_bytes(args.budget)
     res = args.resolution[0] if len(args.resolution) == 1 else tuple(args.resolution)
-    if args.compile == "auto":  # (with "here" the user asked for it; errors stay one line)
+    if args.compile == "auto":  # (with "here" a refusal stays one line on stderr)
         print("hrseg memory: confirming the pick by compiling the training step on abstract "
-              "inputs (seconds for small models, minutes at 512³; --compile no skips it)",
-              file=sys.stderr, flush=True)
+              "inputs (a minute for small models, minutes at 512³; without --compile the "
+              "estimate answers alone)", file=sys.stderr, flush=True)
     plan = memory.plan(budget, args.devices, res, batch=args.batch, preset=args.preset,
-                       optimizer=args.optimizer,
+                       optimizer=args.optimizer, platform=args.platform,
                        compile=None if args.compile == "no" else args.compile)
     print(plan.explain())
     return 0 if plan.mesh is not None else 1

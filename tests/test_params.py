@@ -68,6 +68,12 @@ def test_accelerator_configs_state_device_memory_and_time():
         assert "# device:" in text and "# expected time:" in text, _rel(f)
 
 
+def _platform(path) -> str:
+    """The platform a config's '# device:' line names (estimated for its compiler)."""
+    device = re.search(r"^# device: (.*)$", path.read_text(), re.MULTILINE).group(1)
+    return "tpu" if "TPU" in device and "GPU" not in device else "gpu"
+
+
 @pytest.mark.parametrize("path", ACCEL, ids=_rel)
 def test_accelerator_config_fits_its_stated_memory(path):
     cfg = config.load(path)
@@ -76,7 +82,7 @@ def test_accelerator_config_fits_its_stated_memory(path):
     shape = cfg.data.patch or cfg.data.resolution          # what a training step sees
     est = memory.estimate(cfg.model, shape, (m.data, *m.spatial), policy=cfg.model.precision,
                           optimizer=cfg.train.optimizer, batch=cfg.train.batch,
-                          in_channels=cfg.in_channels)
+                          in_channels=cfg.in_channels, platform=_platform(path))
     assert est["total"] <= budget, (f"{_rel(path)}: {est['total'] / memory.GiB:.1f} GiB "
                                     f"estimated > {budget / memory.GiB:.1f} GiB stated")
 

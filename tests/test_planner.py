@@ -36,7 +36,8 @@ def test_nothing_fits_names_the_devices_and_mesh_that_would():
 def test_plan_prints_yaml_that_loads_as_the_plan_and_the_estimate_caveat(tmp_path):
     p = planner.plan(16 * 10 ** 9, 8, 256)
     text = p.explain()
-    assert "upper bound" in text and planner.ESTIMATE_OVER_COMPILED in text
+    assert "not compiled" in text and planner.ESTIMATE_OVER_COMPILED in text
+    assert "`hrseg memory --compile` confirms it" in text
     f = tmp_path / "run.yaml"
     f.write_text("\n".join(p.yaml_lines()) + "\n")
     cfg = config.load(f)
@@ -60,3 +61,17 @@ def test_uneven_sizes_are_planned_on_their_padded_shards():
     assert splits[0] != (8, 1, 1) and (8, 1, 1) in splits
     padded = [s for s in splits if 100 % (s[0] * 4)]
     assert splits.index(padded[0]) > splits.index((1, 2, 4))
+
+
+def test_the_stated_estimate_error_is_the_committed_grids():
+    """What `hrseg memory` says of its estimate's error is the committed grid's lowest and
+    highest error per precision (benchmarks/results/memory_grid.json)."""
+    import json
+    from pathlib import Path
+    grid = json.loads((Path(__file__).parent.parent / "benchmarks" / "results" /
+                       "memory_grid.json").read_text())["grid"]["points"]
+    assert len(grid) >= 10
+    for pol, (lo, hi) in planner.GRID_ERRORS.items():
+        errors = [p[pol]["error"] for p in grid]
+        assert (lo, hi) == (round(min(errors), 3), round(max(errors), 3)), pol
+    assert "+10 % (bf16)" in planner.ESTIMATE_OVER_COMPILED

@@ -1,6 +1,7 @@
 """Memory of a training step per device: what a user needs before renting devices.
 
     analytic    the estimate counted from the model's parts (no compilation)
+    backward    the backward pass's peak from those parts, per platform (XLA:CPU widens bf16)
     compiled    the real step compiled on shapes (XLA's figures), and autodiff's residuals
     planner     the smallest partition that fits a per-device budget, confirmed by compiling
     splits      which meshes of n devices split a volume (pooling, padding, halo surface)
@@ -29,6 +30,7 @@ from hrseg.memory.analytic import (  # noqa: F401
     activation_bytes,
     estimate,
     mesh_shape,
+    platform_of,
     tensors,
 )
 from hrseg.memory.compiled import (  # noqa: F401

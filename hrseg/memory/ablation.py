@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 
 from hrseg.config import ModelConfig
-from hrseg.data import buckets, phantom
+from hrseg.data import buckets
 from hrseg.memory import analytic
 from hrseg.memory.compiled import measure, residuals
 from hrseg.nn import unet
@@ -72,6 +72,8 @@ def phantom_bucket(cases: int = 32, seed: int = 0, in_plane=(256, 256), levels: 
     """Wang's "256 × 256 × full" for the phantom dataset: its cases' slice counts (80–200,
     phantom.slice_counts) kept, in-plane at 256 × 256 (1.62 mm over the phantom's field of
     view); ``{"slices": (min, max), "buckets": [...], "largest": shape}``."""
+    # imported here: its imports take seconds, and `hrseg memory` needs none of them
+    from hrseg.data import phantom
     slices = phantom.slice_counts(cases, seed)
     m = 2 ** (levels - 1)
     sizes = sorted({buckets.bucket_size(n, m, per_octave) for n in slices})
@@ -79,9 +81,9 @@ def phantom_bucket(cases: int = 32, seed: int = 0, in_plane=(256, 256), levels: 
             "largest": largest_bucket(slices, in_plane, levels, per_octave)}
 
 
-def _memory(cfg, shape, batch, optimizer, compiled, traced) -> dict:
+def _memory(cfg, shape, batch, optimizer, compiled, traced, platform=None) -> dict:
     est = analytic.estimate(cfg, shape, (1, 1, 1), optimizer=optimizer, batch=batch,
-                            backend="none")
+                            backend="none", platform=platform)
     out = {"estimate": est["total"]}
     if traced:
         saved = residuals(cfg, shape, batch=batch)["bytes"]
@@ -93,19 +95,21 @@ def _memory(cfg, shape, batch, optimizer, compiled, traced) -> dict:
 
 
 def ablation(input_shape, batch: int = 1, compiled: bool = False, base: ModelConfig | None = None,
-             optimizer: str = "adam", traced: bool = True, native=None) -> list[dict]:
+             optimizer: str = "adam", traced: bool = True, native=None,
+             platform: str | None = None) -> list[dict]:
     """One row per technique: parameters and bytes of a single-device training step
     (estimate, traced and — with ``compiled`` — measured), and their fractions of the
     baseline's. ``native``: a second shape (e.g. :func:`largest_bucket`), whose figure of the
-    same kind (measured, else traced, else estimate) is the ``native`` column."""
+    same kind (measured, else traced, else estimate) is the ``native`` column. ``platform``:
+    whose compiler the estimate counts for (analytic.estimate; "measured" is this machine's)."""
     base = base or unet.preset("wang_baseline")
     rows = []
     for name, changes in ABLATION:
         cfg = dataclasses.replace(base, **changes)
         row = {"row": name, "params": unet.param_count(cfg),
-               **_memory(cfg, input_shape, batch, optimizer, compiled, traced)}
+               **_memory(cfg, input_shape, batch, optimizer, compiled, traced, platform)}
         if native is not None:
-            at = _memory(cfg, tuple(native), batch, optimizer, compiled, traced)
+            at = _memory(cfg, tuple(native), batch, optimizer, compiled, traced, platform)
             row["native"] = at["measured" if compiled else "traced" if traced else "estimate"]
             row["native_shape"] = list(native)
         rows.append(row)
@@ -117,12 +121,13 @@ def ablation(input_shape, batch: int = 1, compiled: bool = False, base: ModelCon
 
 
 def paper_comparison(sizes=WANG_SIZES, kind: str = "estimate",
-                     base: ModelConfig | None = None) -> list[dict]:
+                     base: ModelConfig | None = None, platform: str = "gpu") -> list[dict]:
     """Wang et al.'s Table 1 beside ours, row by row: parameters and single-device training-step
     memory (batch 1, Adam) at each of ``sizes`` — ``(label, shape)``, labels from
     :data:`WANG_SIZES` (the shape may differ: smaller for a test); a None shape is
     "256 × 256 × full", the largest bucket of KiTS's 45–234 slices (:func:`largest_bucket`).
     ``kind``: "estimate" (analytic, cheap at any size), "traced" or "measured" (compiles).
+    ``platform``: whose compiler the estimate counts for — Wang et al.'s, a GPU's, by default.
 
     Each row: ``row``, ``params``, ``wang_params`` (the paper's, in units), their fractions of
     the baseline, and per size ``label``: ``{"shape", "ours", "ours_fraction", "wang",
@@ -143,7 +148,8 @@ def paper_comparison(sizes=WANG_SIZES, kind: str = "estimate",
         cfg = dataclasses.replace(base, **changes)
         row = {"row": name, "params": unet.param_count(cfg), "wang_params": w_params * 1e6}
         for label, shape in shapes:
-            ours = _memory(cfg, shape, 1, "adam", kind == "measured", kind == "traced")[kind]
+            ours = _memory(cfg, shape, 1, "adam", kind == "measured", kind == "traced",
+                           platform)[kind]
             wang = w_gb[columns.index(label)]
             row[label] = {"shape": list(shape), "ours": ours,
                           "wang": None if wang is None else wang * 1e9}

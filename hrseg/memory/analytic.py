@@ -1,26 +1,43 @@
-"""Analytic per-device memory of a training step: what the model code keeps, counted by hand.
+"""Analytic per-device memory of a training step: what the step keeps, counted by hand.
 
-``estimate`` counts, for the local shard of every tensor of the network, what the backward pass
-keeps (the model code decides this, see layers.py / norm.py):
+``tensors`` lists, for the local shard of every tensor of the network, what autodiff saves for
+the backward pass (the model code decides this, see layers.py / norm.py) — ``activation_bytes``,
+which memory.residuals checks against ``jax.vjp``:
 
 * every unit output ``y`` (compute dtype) — the next conv, pool, up-sampling or head keeps it;
 * per normalization other than in-place ABN: its input (compute dtype) and the activation's
   mask (1 byte); in-place ABN keeps nothing beyond ``y``;
 * depthwise outputs, pooled tensors and skip concatenations (inputs of the next conv);
 * the float32 logits, log-probabilities and log-softmax shift of the loss;
-* with a 16-bit compute dtype: the input and every conv kernel cast to it;
+* with a 16-bit compute dtype: the input and every conv kernel cast to it.
 
-plus float32 parameters, their gradients (twice on a mesh: the all-reduce's input and output),
-the optimizer state (``optimizer.init`` on shapes), BatchNorm statistics, the input shard, and
-the backward pass's working set (the two largest gradients in flight, and the padded halo
-buffers of the largest conv's backward). A level that ``model.gather_below`` runs all-gathered
-(parallel/submesh.py) is counted whole on its gathered axes: n× its share. The layer list walks ``UNet.parts()`` — the list the
-forward pass runs — and checks that it reached every conv of the model. compiled.py measures
-the real step for comparison.
+``estimate`` turns that into the step's peak, as the compiled step (compiled.py) reaches it:
+
+* arguments: float32 parameters, the optimizer state (``optimizer.init`` on shapes),
+  BatchNorm statistics and the input shard (the updated state is donated: outputs alias them);
+* the backward pass's peak (:func:`backward_peak`): walking the units from the last, at each
+  the tensors saved before it are still kept, less what XLA recomputes instead of keeping
+  (:func:`recomputed`: the masks, a nearest up-sampling's repeat), plus the unit's working
+  set — the gradients of its conv's output and input, each also in the transposed layout the
+  weight gradient's conv reads — plus the parameter gradients already made;
+* or, if larger, the update: the gradients (twice on a mesh: the all-reduce's output too).
+
+Compiler effects, named: XLA:CPU computes a 16-bit conv in float32, so the working set is
+float32 whatever the compute dtype and holds the conv's input widened and padded by the
+kernel's margins, and each 16-bit kernel is kept widened to float32 from its forward conv to
+its backward. A GPU's or TPU's compiler keeps them in the compute dtype: ``platform=``
+counts the widening for "cpu" only (accelerator figures are not measured here). The halo
+exchange adds no buffer of its own beyond that padded input. XLA:CPU's heap also leaves gaps
+between buffers, which no count of tensors sees: the rest of the error. A level that
+``model.gather_below`` runs all-gathered (parallel/submesh.py) is counted whole on its
+gathered axes: n× its share. The layer list walks ``UNet.parts()`` — the list the forward pass
+runs — and checks that it reached every conv of the model. benchmarks/memory.py's grid
+measures the estimate against the compiled step (benchmarks/results/memory_grid.json).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -29,14 +46,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hrseg.config import ModelConfig, TrainConfig
+from hrseg.memory.backward import (  # noqa: F401  (re-exported: memory.analytic.*)
+    GRAD_BYTES,
+    PLATFORMS,
+    backward_peak,
+    grad_bytes,
+    platform_of,
+    recomputed,
+)
 from hrseg.nn import layers, precision, unet
 from hrseg.parallel import partition, submesh, uneven
 from hrseg.train.optim import make_optimizer
 
 GiB = 2 ** 30
 MASK_BYTES = 1  # the activation's backward keeps a boolean mask
-
-
 @dataclass(frozen=True)
 class Tensor:
     name: str
@@ -105,18 +128,28 @@ def _norm_act(name, na, dt, out):
     return extra + [Tensor(name, out, dt)]
 
 
-def _unit(unit, name, lead, dt, seen):
-    """Saved tensors of one layers.Unit whose input has leading dims ``lead = (B, *S)``."""
+def _unit(unit, name, lead, dt, seen, steps=None, lead_in=None):
+    """Saved tensors of one layers.Unit whose output has leading dims ``lead = (B, *S)``
+    (``lead_in``: its input's, if the conv strides). ``steps`` gets the unit's backward step:
+    (its output Tensor, the conv's input shape, its output's elements, its parameter count)."""
     out = []
+    cin = (unit.conv.kernel.shape[-2] if unit.depthwise is None
+           else unit.depthwise.kernel.shape[-1])
     if unit.depthwise is not None:  # the pointwise conv keeps the depthwise output
         seen.append(unit.depthwise)
         out.append(Tensor(f"{name}.depthwise", lead + (unit.depthwise.kernel.shape[-1],), dt))
     seen.append(unit.conv)
-    return out + _norm_act(name, unit.act, dt, lead + (unit.conv.kernel.shape[-1],))
+    cout = unit.conv.kernel.shape[-1]
+    out += _norm_act(name, unit.act, dt, lead + (cout,))
+    if steps is not None:
+        n = sum(math.prod(m.kernel.shape) for m in (unit.depthwise, unit.conv) if m is not None)
+        steps.append((out[-1], tuple(lead_in or lead) + (cin,), math.prod(lead) * cout, n))
+    return out
 
 
-def _block(block, name, lead, dt, seen):
-    return [t for i, u in enumerate(block.units) for t in _unit(u, f"{name}.{i}", lead, dt, seen)]
+def _block(block, name, lead, dt, seen, steps=None):
+    return [t for i, u in enumerate(block.units)
+            for t in _unit(u, f"{name}.{i}", lead, dt, seen, steps)]
 
 
 def _convs(model) -> list[tuple[str, nnx.Module]]:
@@ -125,17 +158,28 @@ def _convs(model) -> list[tuple[str, nnx.Module]]:
             if isinstance(m, (layers.Conv, layers.ConvTranspose))]
 
 
-def tensors(model, local_batch_shape, dt, grown=None) -> list[Tensor]:
+def tensors(model, local_batch_shape, dt, grown=None, steps=None, split=None) -> list[Tensor]:
     """The activations one device keeps for the backward pass, in data-flow order.
 
     Walks ``model.parts()``; a part of an unknown role, or a conv that no part reaches, is an
     error naming it — a new block cannot silently fall out of the estimate. ``grown``: per
     level, per spatial axis, how many devices' blocks one device holds (:func:`gathered`;
-    default 1: nothing gathered).
+    default 1: nothing gathered). ``steps``: a list that gets each unit's backward step
+    (:func:`_unit`), in data-flow order, and whether its conv exchanges halos — its level is
+    split on some axis of ``split`` (devices per spatial axis) that it does not gather.
     """
     B, *S, cin = local_batch_shape
     ones = (1,) * len(S)
     grown = list(grown) if grown else [ones] * model.levels
+    split = tuple(split or ones)
+    tagged = 0
+
+    def tag(level):  # the steps added since the last part: (..., halo exchanged)
+        nonlocal tagged
+        if steps is not None:
+            halo = any(n // g > 1 for n, g in zip(split, grown[level]))
+            steps[tagged:] = [s + (halo,) for s in steps[tagged:]]
+            tagged = len(steps)
 
     def lead(level, grow=None):  # (B, *S): the level's block, whole on its gathered axes
         grow = grown[level] if grow is None else grow
@@ -147,14 +191,15 @@ def tensors(model, local_batch_shape, dt, grown=None) -> list[Tensor]:
     for part in model.parts():
         here = lead(part.level)
         if part.role in ("down", "bottom"):
-            out += _block(part.module, part.name, here, dt, seen)
+            out += _block(part.module, part.name, here, dt, seen, steps)
         if part.role == "down":
             skips.append(out[-1].shape[-1])
             if not getattr(model, "conv_pool", False):   # the max-pool's output
                 out.append(Tensor(f"{part.name}.pool", lead(part.level + 1) + (skips[-1],), dt))
         elif part.role == "pool":   # 3³ stride-2 unit: keeps its input (the skip), its outputs
             out += _unit(part.module, f"{part.name}.0",
-                         lead(part.level + 1, grown[part.level]), dt, seen)
+                         lead(part.level + 1, grown[part.level]), dt, seen, steps,
+                         lead(part.level))
         elif part.role == "up":
             up = part.module.upsample
             if isinstance(up, layers.ResizeConv):
@@ -166,8 +211,8 @@ def tensors(model, local_batch_shape, dt, grown=None) -> list[Tensor]:
                     out.pop()
                 out.append(Tensor(f"{part.name}.repeated", here + (up.unit.conv.kernel.shape[-2],),
                                   dt))
-                out += _unit(up.unit, f"{part.name}.upsample", here, dt, seen)[:None if inplace
-                                                                                else -1]
+                out += _unit(up.unit, f"{part.name}.upsample", here, dt, seen,
+                             steps)[:None if inplace else -1]
             else:
                 seen.append(up)
                 if grown[part.level + 1] != grown[part.level]:  # the up-conv keeps its input,
@@ -175,7 +220,7 @@ def tensors(model, local_batch_shape, dt, grown=None) -> list[Tensor]:
                     out.append(Tensor(f"{part.name}.regathered", lead(part.level + 1, grown[
                         part.level]) + (out[-1].shape[-1],), dt))
             out.append(Tensor(f"{part.name}.concat", here + (2 * skips.pop(),), dt))
-            out += _block(part.module.block, part.name, here, dt, seen)
+            out += _block(part.module.block, part.name, here, dt, seen, steps)
         elif part.role == "head":
             seen.append(part.module)
             k = part.module.kernel.shape[-1]
@@ -185,6 +230,7 @@ def tensors(model, local_batch_shape, dt, grown=None) -> list[Tensor]:
         elif part.role not in ("bottom", "pool"):
             raise ValueError(f"memory estimate: part '{part.name}' has role '{part.role}', "
                              f"which hrseg/memory/analytic.py does not count")
+        tag(part.level)
     counted = {id(m) for m in seen}
     missed = [path for path, m in _convs(model) if id(m) not in counted]
     if missed:
@@ -194,22 +240,6 @@ def tensors(model, local_batch_shape, dt, grown=None) -> list[Tensor]:
         n = sum(math.prod(m.kernel.shape) for m in seen)
         out.append(Tensor("kernels.cast", (n,), dt))
     return out
-
-
-def _feature_maps(acts):
-    """The (B, *S, C) activations among ``acts``: not the loss's tensors, kernel casts or masks."""
-    return [t for t in acts if len(t.shape) > 2 and not t.name.endswith(".mask")
-            and t.name not in ("logits", "log_probs", "logits.max")]
-
-
-def _halo_staging(acts) -> int:
-    """Backward of the largest halo conv (halo._conv_bwd): the re-exchanged padded input (for
-    the weight gradient) and the padded input gradient whose margins go back to the
-    neighbours — two buffers one voxel wider on each side of every spatial dim (3³ kernels),
-    alive beside the workspace's two full-size gradients."""
-    big = max(_feature_maps(acts), key=lambda t: t.bytes)
-    B, *S, C = big.shape
-    return 2 * B * math.prod(s + 2 for s in S) * C * big.itemsize
 
 
 def gathered(model_cfg: ModelConfig, local, ms, backend: str = "halo"):
@@ -230,49 +260,61 @@ def _tree_bytes(tree) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+@functools.lru_cache(maxsize=64)
+def _abstract(model_cfg: ModelConfig, in_channels: int, optimizer: str):
+    """(abstract model, parameter bytes, optimizer state bytes, other state bytes), built once
+    per model (the planner estimates the same model on many meshes and ``gather_below``s;
+    ``estimate`` passes gather_below = 0: it changes the plan, not the modules)."""
+    model = nnx.eval_shape(lambda: unet.build(model_cfg, in_channels))
+    params = nnx.state(model, nnx.Param)
+    opt_state = jax.eval_shape(make_optimizer(TrainConfig(optimizer=optimizer)).init, params)
+    return (model, _tree_bytes(params), _tree_bytes(opt_state),
+            _tree_bytes(nnx.state(model, nnx.Not(nnx.Param))))
+
+
 def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
              optimizer: str = "adafactor", batch: int | None = None, in_channels: int = 1,
-             backend: str = "halo") -> dict:
+             backend: str = "halo", platform: str | None = None) -> dict:
     """Analytic bytes per device of one training step (see the module docstring).
 
     ``input_shape``: spatial ``(X, Y, Z)`` (with ``batch``) or ``(B, X, Y, Z, C)``; ``mesh``: a
     Mesh, ``(sx, sy, sz)`` or ``(data, sx, sy, sz)``; ``policy``: name or Policy (default: the
     config's). With ``backend="none"`` everything is on one device whatever the mesh.
+    ``platform``: the compiler counted for, "cpu" | "gpu" | "tpu" (default: this process's JAX
+    backend) — only XLA:CPU widens 16-bit convs to float32 (:func:`grad_bytes`).
     """
+    platform = platform_of(platform)
     pol = precision.policy(policy or model_cfg.precision)
     model_cfg = with_precision(model_cfg, pol.name)
     shape = batch_shape(model_cfg, input_shape, batch, in_channels)
     ms = partition.devices_used(mesh_shape(mesh), backend)
     lead = local_shape(shape, ms, model_cfg.dims, unet.poolings_of(model_cfg))
-    model = nnx.eval_shape(lambda: unet.build(model_cfg, shape[-1]))
-    params = nnx.state(model, nnx.Param)
-    opt_state = jax.eval_shape(make_optimizer(TrainConfig(optimizer=optimizer)).init, params)
+    model, p, opt_bytes, state_bytes = _abstract(
+        dataclasses.replace(model_cfg, gather_below=0), shape[-1], optimizer)
     dt = pol.compute_bytes
     plan, grown = gathered(model_cfg, lead, ms, backend)
-    acts = tensors(model, lead + (shape[-1],), dt, grown)
-    saved = sum(t.bytes for t in acts)
-    largest = max(t.bytes for t in _feature_maps(acts))
-    split = partition.backend(backend).shard_map and math.prod(ms[1:]) > 1
-    halo_bytes = _halo_staging(acts) if split else 0
-    p = _tree_bytes(params)
+    steps = []
+    acts = tensors(model, lead + (shape[-1],), dt, grown, steps, ms[1:1 + model_cfg.dims])
+    peak = backward_peak(acts, steps, grad_bytes(platform, dt), 2 if math.prod(ms) > 1 else 1)
     out = {
-        "mesh": ms, "local_shape": lead + (shape[-1],), "policy": pol.name,
+        "platform": platform, "mesh": ms, "local_shape": lead + (shape[-1],), "policy": pol.name,
         "gathered": plan,  # mesh axes per level (model.gather_below)
         "params": unet.param_count(model), "param_bytes": p,
-        "gradient_bytes": p,
-        # the gradients' all-reduce over the mesh: its input and its output are both alive
-        "allreduce_bytes": p if math.prod(ms) > 1 else 0,
-        "optimizer_bytes": _tree_bytes(opt_state),
-        "state_bytes": _tree_bytes(nnx.state(model, nnx.Not(nnx.Param))),
+        "optimizer_bytes": opt_bytes, "state_bytes": state_bytes,
         "input_bytes": math.prod(lead) * (shape[-1] * 4 + 4),  # float32 image + int32 labels
-        "activation_bytes": saved,
-        "workspace_bytes": 2 * largest,
-        "halo_bytes": halo_bytes,
+        "activation_bytes": sum(t.bytes for t in acts),   # what autodiff saves
+        "recomputed_bytes": sum(t.bytes for t in recomputed(acts)),
+        "kept_bytes": peak["kept"],             # saved and still alive at the peak
+        "workspace_bytes": peak["workspace"],   # the peak unit's gradients
+        "peak_unit": peak["unit"],
+        "backward_bytes": peak["bytes"],
+        "gradient_bytes": p,
+        # after the backward: the gradients, and on a mesh the all-reduce's output beside them
+        "update_bytes": p * (2 if math.prod(ms) > 1 else 1),
         "layers": [t.__dict__ | {"bytes": t.bytes} for t in acts],
     }
-    out["total"] = sum(out[k] for k in ("param_bytes", "gradient_bytes", "allreduce_bytes",
-                                        "optimizer_bytes", "state_bytes", "input_bytes",
-                                        "activation_bytes", "workspace_bytes", "halo_bytes"))
+    out["total"] = (p + out["optimizer_bytes"] + out["state_bytes"] + out["input_bytes"]
+                    + max(out["backward_bytes"], out["update_bytes"]))
     return out
 
 

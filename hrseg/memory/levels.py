@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from hrseg.config import ModelConfig
 from hrseg.memory import analytic, confirm
 
-# The estimate exceeds XLA's compiled step by up to 44 % (benchmarks/memory.py PM3, fp32): a
-# candidate whose estimate is more than 1.45× the smallest cannot compile below the smallest's
-# own estimate, so only those within it are worth a compile (minutes each at paper scale).
-COMPILE_WITHIN = 1.45
+# Over benchmarks/results/memory_grid.json the estimate sat between 7 % below and 12 % above
+# XLA:CPU's compiled step: a candidate whose estimate is over 1.12 × 1.07 ≈ 1.2× the smallest
+# cannot compile below the smallest's, so only those within 1.25× (a margin over that) are
+# worth a compile (minutes each at paper scale; only with `hrseg memory --compile`).
+COMPILE_WITHIN = 1.25
 
 
 @dataclass
@@ -54,11 +55,12 @@ def thresholds(local, split, levels: int) -> list[int]:
 
 
 def candidates(cfg: ModelConfig, shape, mesh, batch: int = 1, optimizer: str = "adafactor",
-               in_channels: int = 1) -> list[Candidate]:
+               in_channels: int = 1, platform: str | None = None) -> list[Candidate]:
     """Every threshold of :func:`thresholds` for ``mesh = (data, sx, sy, sz)``, estimated."""
     def est(below):
         return analytic.estimate(dataclasses.replace(cfg, gather_below=below), shape, mesh,
-                                 optimizer=optimizer, batch=batch, in_channels=in_channels)
+                                 optimizer=optimizer, batch=batch, in_channels=in_channels,
+                                 platform=platform)
 
     base = est(0)
     local = base["local_shape"][1:-1]                               # (X, Y, Z) of one shard
@@ -73,12 +75,13 @@ def equivalent(cands: list[Candidate], below: int) -> Candidate:
 
 def choose(cfg: ModelConfig, shape, mesh, batch: int = 1, optimizer: str = "adafactor",
            in_channels: int = 1, where: str | None = None,
-           known: dict | None = None) -> tuple[Candidate, list[Candidate]]:
+           known: dict | None = None,
+           platform: str | None = None) -> tuple[Candidate, list[Candidate]]:
     """(the chosen candidate, all of them). ``where=None``: the smallest estimate; else
     (``"auto"`` | ``"here"``) the smallest compiled step among the candidates within
     COMPILE_WITHIN × the smallest estimate. ``known``: ``{gather_below: compile_step()}``
     already compiled (the confirmed pick's). Ties go to the smaller threshold."""
-    cands = candidates(cfg, shape, mesh, batch, optimizer, in_channels)
+    cands = candidates(cfg, shape, mesh, batch, optimizer, in_channels, platform)
     for below, c in (known or {}).items():
         equivalent(cands, below).compiled = c
     if where is None:
@@ -144,7 +147,7 @@ def apply(p, where: str | None) -> None:
     when ``where``: its compiled step, if any, is known and not compiled again)."""
     known = {p.model.gather_below: p.compiled} if where and p.compiled else None
     chosen, p.gather = choose(p.model, p.shape, p.mesh, p.batch, p.optimizer, p.in_channels,
-                              where, known)
+                              where, known, p.platform)
     p.model = dataclasses.replace(p.model, gather_below=chosen.below)
     p.estimate = chosen.estimate
     if where is not None:
