@@ -43,6 +43,24 @@ def test_conv_transpose_matches_lax_conv_transpose():
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("nsp", [2, 3])
+def test_conv_transpose_formulations_agree(nsp):
+    """The CPU's flattened matmul (impl auto on the CPU, wide) and the einsum (xla): the same
+    forward bit for bit; gradients equal up to the weight gradient's summation order."""
+    x = jax.random.normal(jax.random.key(2), (2,) + (6, 4, 8)[:nsp] + (5,))
+    w = jax.random.normal(jax.random.key(3), (2,) * nsp + (5, 7))
+    g = jax.random.normal(jax.random.key(4), (2,) + (12, 8, 16)[:nsp] + (7,))
+    out = {}
+    for impl in ("xla", "wide"):
+        y, vjp = jax.vjp(lambda a, b, impl=impl: halo.conv_transpose(a, b, impl=impl), x, w)
+        out[impl] = (y, *vjp(g))
+    assert jnp.array_equal(out["xla"][0], out["wide"][0])
+    for a, b in zip(out["xla"][1:], out["wide"][1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="conv kernel 'fast'"):
+        halo.conv_transpose(x, w, impl="fast")
+
+
 def test_max_pool_and_2d_ops():
     x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
     # 2D pooling of a ramp: the max of each 2×2 block is its bottom-right element

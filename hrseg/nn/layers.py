@@ -97,12 +97,13 @@ class ConvTranspose(nnx.Module):
     """Kernel-2 stride-2 up-sampling (local to each shard; no bias, as in Mesh-TF)."""
 
     def __init__(self, cin: int, cout: int, *, ndim: int = 3, dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 impl: str = "auto", rngs: nnx.Rngs):
         self.dtype = dtype
+        self.impl = impl                # halo.conv_transpose's formulation (cpuconv.KERNELS)
         self.kernel = nnx.Param(_he(rngs.params(), (2,) * ndim + (cin, cout)))
 
     def __call__(self, x):
-        return halo.conv_transpose(x.astype(self.dtype), self.kernel[...])
+        return halo.conv_transpose(x.astype(self.dtype), self.kernel[...], impl=self.impl)
 
 
 class NormAct(nnx.Module):
@@ -283,7 +284,8 @@ class UpBlock(nnx.Module):
                  upsample: str = "transpose"):
         if upsample not in UPSAMPLES:
             raise ValueError(f"upsample '{upsample}' is not one of {UPSAMPLES}")
-        self.upsample = (ConvTranspose(cin, cout, ndim=opts.ndim, dtype=opts.dtype, rngs=rngs)
+        self.upsample = (ConvTranspose(cin, cout, ndim=opts.ndim, dtype=opts.dtype,
+                                       impl=opts.kernel, rngs=rngs)
                          if upsample == "transpose" else ResizeConv(cin, cout, opts, rngs=rngs))
         self.block = ConvBlock(2 * cout, cout, convs, opts, rngs=rngs)
 
