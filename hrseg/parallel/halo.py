@@ -235,7 +235,8 @@ def conv_transpose(x, w, precision=None, impl: str = "auto"):
     flattened voxels, ``(B·ΠS, Cin) @ (Cin, 2^nsp·Cout)``, and an interleave that keeps the
     channels innermost — the same forward bit for bit; the einsum's weight gradient made XLA:CPU
     transpose the cotangent to channels-outermost (64³ step, level-0 up-conv backward: 159 →
-    60–79 ms, issue 33). Like the CPU conv, it merges the spatial dims of the array it gets.
+    60–79 ms, issue 33). It merges the spatial dims, so only on local arrays (inside
+    shard_map, or a one-device process); GSPMD's global arrays get the einsum.
     """
     nsp = x.ndim - 2
     if w.shape[:nsp] != (2,) * nsp or w.ndim != nsp + 2:
@@ -248,7 +249,11 @@ def conv_transpose(x, w, precision=None, impl: str = "auto"):
     cout = w.shape[-1]
     w = w.astype(x.dtype)
     impl = cpuconv.check_kernel(impl)
-    if impl == "xla" or (impl == "auto" and jax.default_backend() != "cpu"):
+    # flattening merges the spatial dims: only on arrays that are local to the device — a
+    # shard inside shard_map, or the one device's — not GSPMD's global arrays (an uneven
+    # sharded array's weight gradient came out doubled)
+    local = jax.device_count() == 1 or any(axis_size(n) is not None for n in AXES)
+    if impl == "xla" or not local or (impl == "auto" and jax.default_backend() != "cpu"):
         if nsp == 3:
             y = jnp.einsum("nxyzi,abcio->nxaybzco", x, w, precision=precision)
         else:
