@@ -68,6 +68,11 @@ GRID = (
     ("mtf", 512, (1, 8, 8, 8), 1, 16),
     ("mtf", 64, (1, 2, 2, 2), 1, 0),          # small blocks (32³) exchanging halos
     ("paper", 64, (2, 2, 2, 1), 2, 0),
+    # 12–15: compiled after the estimate's 16-bit terms were revised on 0–11, to check them
+    ("wang_compact", 128, (1, 1, 1, 1), 1, 0),   # depthwise + pointwise units
+    ("mtf", 256, (1, 2, 2, 2), 1, 0),
+    ("wang_baseline", 128, (1, 2, 2, 1), 2, 0),
+    ("mtf", 256, (1, 4, 4, 4), 1, 8),           # levels gathered on 64 devices
 )
 PM1_P = "1,8,64"
 MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"

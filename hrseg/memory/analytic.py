@@ -23,12 +23,15 @@ which memory.residuals checks against ``jax.vjp``:
 * or, if larger, the update: the gradients (twice on a mesh: the all-reduce's output too).
 
 Compiler effects, named: XLA:CPU computes a 16-bit conv in float32, so the working set is
-float32 whatever the compute dtype and holds the conv's input widened and padded by the
-kernel's margins, and each 16-bit kernel is kept widened to float32 from its forward conv to
-its backward. A GPU's or TPU's compiler keeps them in the compute dtype: ``platform=``
-counts the widening for "cpu" only (accelerator figures are not measured here). The halo
-exchange adds no buffer of its own beyond that padded input. XLA:CPU's heap also leaves gaps
-between buffers, which no count of tensors sees: the rest of the error. A level that
+float32 whatever the compute dtype; its buffer assignment at the peak (read in
+docs/design/memory-estimation.md) shows the rest: the widened conv input is the transposed
+copy the working set counts, each kernel is kept as its 16-bit cast until its backward, a
+recomputed mask is read from the pre-activation kept in the compute dtype, and a unit's own
+normalization tensors are consumed before its conv's backward allocates. A GPU's or TPU's
+compiler keeps the working set in the compute dtype: ``platform=`` counts the widening for
+"cpu" only (accelerator figures are not measured here). The halo exchange adds no buffer of
+its own. XLA:CPU's heap also leaves gaps between buffers, which no count of tensors sees:
+the rest of the error. A level that
 ``model.gather_below`` runs all-gathered (parallel/submesh.py) is counted whole on its
 gathered axes: n× its share. The layer list walks ``UNet.parts()`` — the list the forward pass
 runs — and checks that it reached every conv of the model. benchmarks/memory.py's grid
@@ -158,28 +161,18 @@ def _convs(model) -> list[tuple[str, nnx.Module]]:
             if isinstance(m, (layers.Conv, layers.ConvTranspose))]
 
 
-def tensors(model, local_batch_shape, dt, grown=None, steps=None, split=None) -> list[Tensor]:
+def tensors(model, local_batch_shape, dt, grown=None, steps=None) -> list[Tensor]:
     """The activations one device keeps for the backward pass, in data-flow order.
 
     Walks ``model.parts()``; a part of an unknown role, or a conv that no part reaches, is an
     error naming it — a new block cannot silently fall out of the estimate. ``grown``: per
     level, per spatial axis, how many devices' blocks one device holds (:func:`gathered`;
     default 1: nothing gathered). ``steps``: a list that gets each unit's backward step
-    (:func:`_unit`), in data-flow order, and whether its conv exchanges halos — its level is
-    split on some axis of ``split`` (devices per spatial axis) that it does not gather.
+    (:func:`_unit`), in data-flow order.
     """
     B, *S, cin = local_batch_shape
     ones = (1,) * len(S)
     grown = list(grown) if grown else [ones] * model.levels
-    split = tuple(split or ones)
-    tagged = 0
-
-    def tag(level):  # the steps added since the last part: (..., halo exchanged)
-        nonlocal tagged
-        if steps is not None:
-            halo = any(n // g > 1 for n, g in zip(split, grown[level]))
-            steps[tagged:] = [s + (halo,) for s in steps[tagged:]]
-            tagged = len(steps)
 
     def lead(level, grow=None):  # (B, *S): the level's block, whole on its gathered axes
         grow = grown[level] if grow is None else grow
@@ -230,7 +223,6 @@ def tensors(model, local_batch_shape, dt, grown=None, steps=None, split=None) ->
         elif part.role not in ("bottom", "pool"):
             raise ValueError(f"memory estimate: part '{part.name}' has role '{part.role}', "
                              f"which hrseg/memory/analytic.py does not count")
-        tag(part.level)
     counted = {id(m) for m in seen}
     missed = [path for path, m in _convs(model) if id(m) not in counted]
     if missed:
@@ -294,7 +286,7 @@ def estimate(model_cfg: ModelConfig, input_shape, mesh=(1, 1, 1), policy=None,
     dt = pol.compute_bytes
     plan, grown = gathered(model_cfg, lead, ms, backend)
     steps = []
-    acts = tensors(model, lead + (shape[-1],), dt, grown, steps, ms[1:1 + model_cfg.dims])
+    acts = tensors(model, lead + (shape[-1],), dt, grown, steps)
     peak = backward_peak(acts, steps, grad_bytes(platform, dt), 2 if math.prod(ms) > 1 else 1)
     out = {
         "platform": platform, "mesh": ms, "local_shape": lead + (shape[-1],), "policy": pol.name,

@@ -40,34 +40,52 @@ def recomputed(acts) -> list:
         t.name.endswith(".mask") and t.name[:-5] + ".input" in kept)]
 
 
+def _kept(t, dropped: bool, widened: bool, dt: int) -> int:
+    """Bytes a saved tensor holds in the compiled step (``dropped``: in :func:`recomputed`).
+    Where XLA:CPU widens the 16-bit convs, a recomputed mask is read from the pre-activation,
+    which stays kept in the compute dtype (``dt`` bytes). The kernels' 16-bit casts are
+    counted per unit by :func:`backward_peak`."""
+    if t.name == "kernels.cast":
+        return 0
+    if dropped:
+        return math.prod(t.shape) * dt if widened and t.name.endswith(".mask") else 0
+    return t.bytes
+
+
 def backward_peak(acts, steps, grad_bytes: int = 4, grad_copies: int = 1) -> dict:
     """The backward pass's peak: at the backward of each unit (last first), what is still kept —
-    every tensor saved before the unit's output, its normalization input, and with a 16-bit
-    compute dtype the kernels of the units up to it (XLA:CPU widens each to ``grad_bytes``
-    once, for the forward conv and the backward's input gradient) — plus the unit's working
-    set: the gradients of the conv's output and input, each also in the transposed layout the
-    weight gradient's conv reads (``2 × (in + out)`` elements of ``grad_bytes``; 16-bit: also
-    the conv's input widened, padded by the 3³ kernel's margins where its level exchanges
-    halos: ``steps``' last field) — plus the parameter
-    gradients already made (the units after it; ``grad_copies`` = 2 on a mesh, where each is
-    all-reduced as it is made: its input and output). The largest over the units."""
+    every tensor saved before the unit's output, and with a 16-bit compute dtype the 16-bit
+    casts of the kernels of the units up to it — plus the unit's working set: the gradients of
+    the conv's output and input, each also in the transposed layout the weight gradient's conv
+    reads (``2 × (in + out)`` elements of ``grad_bytes``) — plus the parameter gradients
+    already made (the units after it; ``grad_copies`` = 2 on a mesh, where each is all-reduced
+    as it is made: its input and output). The largest over the units.
+
+    Where XLA:CPU widens 16-bit convs to float32 (``grad_bytes`` above the compute dtype's),
+    read from its buffer assignment at the peak (docs/design/memory-estimation.md): the
+    unit's normalization runs its backward before the conv's, so the unit's own normalization
+    input and pre-activation are gone when the conv's working set is allocated; each saved
+    mask is the pre-activation in the compute dtype; the widened conv input is the transposed
+    copy the working set already counts."""
     drop = {id(t) for t in recomputed(acts)}
     pos = {id(t): i for i, t in enumerate(acts)}
+    best = {"bytes": 0, "workspace": 0, "kept": 0, "unit": None}
+    if not steps:
+        return best
+    dt = steps[0][0].itemsize                      # the compute dtype: every unit's output
+    widened = dt < grad_bytes
     prefix = [0]
     for t in acts:
-        prefix.append(prefix[-1] + (0 if id(t) in drop or t.name == "kernels.cast"
-                                    else t.bytes))
-    best = {"bytes": 0, "workspace": 0, "kept": 0, "unit": None}
+        prefix.append(prefix[-1] + _kept(t, id(t) in drop, widened, dt))
     total = sum(s[3] for s in steps)   # parameters
     done = 0
-    for y, x, n_out, params, halo in reversed(steps):
-        widened = y.itemsize < grad_bytes
+    for y, x, n_out, params in reversed(steps):
         if id(y) in pos:   # (not: an output the next layer does not keep, a resize conv's)
-            kept = prefix[pos[id(y)]] + (total - done) * grad_bytes * widened
+            at = pos[id(y)]
+            while widened and at and acts[at - 1].name in (f"{y.name}.mask", f"{y.name}.input"):
+                at -= 1    # the unit's own normalization tensors: consumed before its conv's
+            kept = prefix[at] + (total - done) * dt * (dt < 4)   # kernels still to use, cast
             work = 2 * (math.prod(x) + n_out) * grad_bytes
-            if widened:   # the halo-exchanged input is padded; XLA's own conv pads inside
-                work += math.prod((s + 2 if halo else s) for s in x[1:-1]) * x[0] * x[-1] \
-                    * grad_bytes
             grads = 4 * done * grad_copies
             if kept + work + grads > best["bytes"]:
                 best = {"bytes": kept + work + grads, "workspace": work, "kept": kept,

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from hrseg.config import ModelConfig
 from hrseg.memory import analytic, confirm
 
-# Over benchmarks/results/memory_grid.json the estimate sat between 7 % below and 12 % above
-# XLA:CPU's compiled step: a candidate whose estimate is over 1.12 × 1.07 ≈ 1.2× the smallest
-# cannot compile below the smallest's, so only those within 1.25× (a margin over that) are
-# worth a compile (minutes each at paper scale; only with `hrseg memory --compile`).
+# Over benchmarks/results/memory_grid.json the estimate sat between 7 % below and 8.2 % above
+# XLA:CPU's compiled step (planner.GRID_ERRORS): a candidate whose estimate is over
+# 1.082 / 0.93 ≈ 1.16× the smallest cannot compile below the smallest's, so only those within
+# 1.25× (a margin over that) are worth a compile (minutes each at paper scale; only with
+# `hrseg memory --compile`).
 COMPILE_WITHIN = 1.25
 
 
