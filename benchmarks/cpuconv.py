@@ -4,12 +4,19 @@ and ``all``: forward + both gradients through ``jax.vjp``.
 
     python benchmarks/cpuconv.py --json                    # 64³ × 32 -> 32, 3³ (~1 min)
     python benchmarks/cpuconv.py --json --size 32 --cin 64 --cout 64
+    python benchmarks/cpuconv.py --json --upconv           # the k2s2 up-conv, 32³ × 64 -> 64³ × 32
 
 The input and weight gradients are the ones ``_conv_bwd`` runs (the weight gradient: the flat
 matmuls from 16 input channels, XLA's backprop-filter conv below). Seconds are the median of
 ``--repeats`` after one warm-up call, each pass jitted on its own;
 ``*_ratio`` is hrseg ÷ XLA (below 1: hrseg faster); ``max_rel_err`` the largest difference
 of any result from XLA's, relative to XLA's largest magnitude.
+
+``--upconv``: the k2s2 up-conv (``halo.conv_transpose``), its forward and both gradients,
+as the einsum (``impl="xla"``: accelerators, GSPMD) and as the CPU's one matmul over the
+flattened voxels (``impl="wide"``), its cotangent built as in the step: the next conv's three
+input-gradient taps summed and sliced to the up-conv's half of the skip concatenation.
+``upconv_ratio`` is flat ÷ einsum.
 """
 from __future__ import annotations
 
@@ -75,6 +82,37 @@ def measure(size: int, cin: int, cout: int, kernel: int, repeats: int) -> dict:
     return out
 
 
+def measure_upconv(size: int, cout: int, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hrseg.parallel import halo
+    rng = np.random.default_rng(0)
+    h, cin = size // 2, 2 * cout
+    x = jnp.asarray(rng.standard_normal((1, h, h, h, cin)), jnp.float32)    # (1, S/2³, 2C)
+    w = jnp.asarray(rng.standard_normal((2, 2, 2, cin, cout)) * 0.1, jnp.float32)
+    taps = [jnp.asarray(rng.standard_normal((1,) + (size + 2,) * 3 + (cin,)), jnp.float32)
+            for _ in range(3)]                                                # (1, S+2³, 2C)
+
+    def grads(impl):
+        def loss(x, w, a, b, c):
+            g = (a + b + c)[:, 1:size + 1, 1:size + 1, 1:size + 1, :cout]     # (1, S³, C)
+            return jnp.sum(halo.conv_transpose(x, w, impl=impl) * g)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    out, res = {}, {}
+    for name, impl in (("einsum", "xla"), ("flat", "wide")):
+        f = grads(impl)
+        res[name] = f(x, w, *taps)
+        out[f"upconv_{name}_s"] = round(_median(f, (x, w, *taps), repeats), 4)
+    out["upconv_ratio"] = round(out["upconv_flat_s"] / out["upconv_einsum_s"], 3)
+    out["max_rel_err"] = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                             for a, b in zip(res["flat"], res["einsum"]))
+    out.update(size=size, cin=cin, cout=cout, backend=jax.default_backend())
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object (the default)")
@@ -83,12 +121,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cout", type=int, default=32)
     ap.add_argument("--kernel", type=int, default=3, help="odd cubic kernel size")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--upconv", action="store_true",
+                    help="time the k2s2 up-conv (einsum vs flat matmul) instead, output S³ × "
+                         "--cout from (S/2)³ × 2·cout")
     ap.add_argument("--out", help="also write the JSON to this file")
     a = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import record
-    record.emit({**record.header(), **measure(a.size, a.cin, a.cout, a.kernel, a.repeats)},
-                a.out, indent=None)
+    res = (measure_upconv(a.size, a.cout, a.repeats) if a.upconv
+           else measure(a.size, a.cin, a.cout, a.kernel, a.repeats))
+    record.emit({**record.header(), **res}, a.out, indent=None)
     return 0
 
 

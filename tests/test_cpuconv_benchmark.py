@@ -21,3 +21,17 @@ def test_cpuconv_benchmark_json_at_toy_size(tmp_path):
         assert d == json.loads(proc.stdout) and d["cin"] == cin and "cpuconv.py" in d["command"]
         assert d["max_rel_err"] < 1e-5 and all(d[f"hrseg_{p}_s"] > 0 for p in (
             "forward", "input_grad", "weight_grad", "all"))
+
+
+def test_cpuconv_benchmark_upconv_at_toy_size(tmp_path):
+    out = tmp_path / "u.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpuconv.py"), "--upconv",
+                           "--size", "8", "--cout", "4", "--repeats", "2", "--out", str(out)],
+                          capture_output=True, text=True, env=env, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert (d["size"], d["cin"], d["cout"]) == (8, 8, 4)
+    # both formulations' gradients agree; the ratio is the flat form's time over the einsum's
+    assert d["max_rel_err"] < 1e-5
+    assert d["upconv_ratio"] == round(d["upconv_flat_s"] / d["upconv_einsum_s"], 3)
