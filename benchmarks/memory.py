@@ -40,7 +40,7 @@ stays in the backward pass under either.)
        native-size cases (``--pm4-cases`` cases, 80–200 slices kept, 256 × 256 in-plane;
        data/buckets.py), compiled: pm4_native_fraction / pm4_native_bytes_baseline.
 * grid The analytic estimate against the compiled step, bf16 and fp32, over GRID: presets
-       mtf / paper / wang_baseline, resolutions 64–512, 1–512 devices (the large volumes
+       mtf / paper / wang_baseline / wang_compact, resolutions 64–512, 1–512 devices (the large volumes
        only on many devices, so every shard stays small enough to compile in a minute or
        two), batch 1–8, model.gather_below off and on. Per point: both totals and
        ``error = (estimate − compiled) / compiled``; grid_worst_error_{bf16,fp32}: the

@@ -60,6 +60,18 @@ def is_disk_full(exc: BaseException | None) -> bool:
     return False
 
 
+def full_file(exc: BaseException | None) -> str | None:
+    """The file a full disk was met writing: the first DiskFull or OSError with a file name
+    in ``exc``'s chain (a second fault while cleaning up after the first has none)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.filename:
+            return str(exc.filename)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextlib.contextmanager
 def temp_path(path: str | Path) -> Iterator[Path]:
     """``with temp_path(path) as tmp: write(tmp)``: ``tmp`` is fsynced and renamed to ``path``

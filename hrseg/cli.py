@@ -261,7 +261,7 @@ def _run_command(args) -> int:
     except Exception as e:
         from hrseg import atomic
         if atomic.is_disk_full(e) and not isinstance(e, atomic.DiskFull):
-            e = atomic.DiskFull(getattr(e, "filename", None) or "?")
+            e = atomic.DiskFull(atomic.full_file(e) or "?")
         if not isinstance(e, _user_errors()):
             raise
         print(f"hrseg {args.command}: error: {_message(e)}", file=sys.stderr)

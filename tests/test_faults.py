@@ -203,6 +203,36 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(trained, dataset, tmp_path,
     assert (run / "checkpoints" / "eval_00000004.json").is_file()
 
 
+def test_a_second_fault_after_a_full_disk_still_names_the_file(tmp_path, capsys, monkeypatch):
+    """A full disk met again while cleaning up (orbax's close after a failed wait) is the
+    same one line, naming what the first fault named, never "writing ?"."""
+    import errno
+
+    from hrseg.train import checkpoint
+    first = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt" / "a"))
+    try:
+        try:
+            raise first
+        except OSError:
+            raise RuntimeError("No space left on device (tensorstore)") from None
+    except RuntimeError as e:
+        second = e
+    second.__context__ = first
+    assert atomic.is_disk_full(second) and atomic.full_file(second) == first.filename
+    assert atomic.full_file(RuntimeError("No space left on device")) is None
+
+    ckpts = checkpoint.Checkpoints(tmp_path / "ckpt", async_save=False)
+
+    def full(*a, **k):
+        raise RuntimeError("No space left on device")   # no file name, as orbax's
+
+    monkeypatch.setattr(ckpts._manager, "wait_until_finished", full)
+    monkeypatch.setattr(ckpts._manager, "close", full)
+    with pytest.raises(atomic.DiskFull) as got:
+        ckpts.close()
+    assert str(got.value) == f"no space left on device writing {ckpts.directory}"
+
+
 def test_predict_refuses_nan_voxels_unless_asked_to_clean(trained, dataset, tmp_path, capsys):
     src = min(Path(dataset).glob("volume-*.nii*"))
     img = nib.load(src)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import jax
@@ -39,6 +40,10 @@ logging.getLogger("absl").addFilter(_quiet)
 # orbax's writer futures that failed on a full disk are logged again by asyncio when they are
 # garbage-collected ("_GatheringFuture exception was never retrieved"): the same fault.
 logging.getLogger("asyncio").addFilter(_quiet)
+# and a writer coroutine that never ran because the disk filled first is reported by Python at
+# exit ("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited")
+warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                        category=RuntimeWarning)
 
 
 class DamagedCheckpoint(ValueError):
@@ -128,13 +133,15 @@ class Checkpoints:
 
     def discard(self, step: int) -> None:
         """Remove a (damaged) step so that training can write it again."""
-        self._manager.delete(int(step))
+        with _disk_full_names(self.directory):
+            self._manager.delete(int(step))
 
     def prune(self) -> None:
         """Keep the newest ``keep`` steps (a run killed right after a save can hold one more:
         orbax deletes the oldest only after the newest is final)."""
         for s in self.steps()[:-self.keep]:
-            self._manager.delete(s)
+            with _disk_full_names(self.directory):
+                self._manager.delete(s)
 
     def wait(self) -> None:
         with _disk_full_names(self.directory):
@@ -143,8 +150,9 @@ class Checkpoints:
     def close(self) -> None:
         try:
             self.wait()
-        finally:
-            self._manager.close()
+        finally:   # after a full disk orbax's close can fail on it again: the same one line
+            with _disk_full_names(self.directory):
+                self._manager.close()
 
     def eval_path(self, step: int) -> Path:
         return self.directory / f"eval_{int(step):08d}.json"
