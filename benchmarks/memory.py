@@ -279,20 +279,26 @@ def grid_points(only: str | None = None) -> list[tuple]:
     return [(i, *pt) for i, pt in enumerate(GRID) if keep is None or i in keep]
 
 
+def point_config(preset: str, res: int, gather: int):
+    """The model of a GRID point (``paper``'s schedule depends on the resolution)."""
+    import dataclasses
+
+    from hrseg.nn import unet
+    return dataclasses.replace(unet.preset(preset, res if preset == "paper" else None),
+                               gather_below=gather)
+
+
 def grid(args) -> dict:
     """The points of ``args.grid_points`` that need ``args.devices`` devices: estimate and
     compiled step, bf16 and fp32 (the parent runs one child per device count)."""
-    import dataclasses
     import math
 
     from hrseg import memory
-    from hrseg.nn import unet
     rows = []
     for i, preset, res, mesh, batch, gather in grid_points(args.grid_points):
         if math.prod(mesh) != args.devices:
             continue
-        cfg = dataclasses.replace(unet.preset(preset, res if preset == "paper" else None),
-                                  gather_below=gather)
+        cfg = point_config(preset, res, gather)
         row = {"point": i, "preset": preset, "resolution": res, "mesh": list(mesh),
                "devices": math.prod(mesh), "batch": batch, "gather_below": gather}
         for pol in ("bf16", "fp32"):
@@ -318,19 +324,14 @@ def grid(args) -> dict:
 def rescore(path: str) -> dict:
     """A grid JSON's points re-estimated with this checkout's memory.estimate, the compiled
     figures kept (they do not depend on the estimate): ``--rescore FILE``, no compiling."""
-    import dataclasses
-
     from hrseg import memory
-    from hrseg.nn import unet
     olds = []
     for one in path.split(","):   # several runs' points (each run's own device counts)
         with open(one) as f:
             olds.append(json.load(f))
     rows = [r for o in olds for r in o["grid"]["points"]]
     for row in rows:
-        cfg = dataclasses.replace(unet.preset(row["preset"], row["resolution"]
-                                              if row["preset"] == "paper" else None),
-                                  gather_below=row["gather_below"])
+        cfg = point_config(row["preset"], row["resolution"], row["gather_below"])
         for pol in ("bf16", "fp32"):
             est = memory.estimate(cfg, (row["resolution"],) * 3, tuple(row["mesh"]), pol,
                                   batch=row["batch"], platform="cpu")   # XLA:CPU's figures

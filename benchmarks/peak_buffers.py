@@ -75,15 +75,11 @@ def peak_live(dump: str, long: int) -> dict:
 
 
 def child(args) -> dict:
-    import dataclasses
-
     import memory as grid_bench
 
     from hrseg import memory
-    from hrseg.nn import unet
     i, preset, res, mesh, batch, gather = grid_bench.grid_points(str(args.point))[0]
-    cfg = dataclasses.replace(unet.preset(preset, res if preset == "paper" else None),
-                              gather_below=gather)
+    cfg = grid_bench.point_config(preset, res, gather)
     meas = memory.measure(cfg, (res,) * 3, mesh, args.policy, batch=batch)
     est = memory.estimate(cfg, (res,) * 3, mesh, args.policy, batch=batch, platform="cpu")
     fixed = sum(est[k] for k in ("param_bytes", "optimizer_bytes", "state_bytes",

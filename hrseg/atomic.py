@@ -47,29 +47,27 @@ class DiskFull(OSError):
         return f"no space left on device writing {self.filename}"
 
 
-def is_disk_full(exc: BaseException | None) -> bool:
-    """True if ``exc`` or an exception it was raised from / during is an ENOSPC."""
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from / during, each once."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(exc):  # wrapped by a library (tensorstore, orbax)
-            return True
+        yield exc
         exc = exc.__cause__ or exc.__context__
-    return False
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True if ``exc`` or an exception it was raised from / during is an ENOSPC."""
+    return any((isinstance(e, OSError) and e.errno == errno.ENOSPC)
+               or "No space left on device" in str(e)   # wrapped by tensorstore, orbax
+               for e in _chain(exc))
 
 
 def full_file(exc: BaseException | None) -> str | None:
-    """The file a full disk was met writing: the first DiskFull or OSError with a file name
-    in ``exc``'s chain (a second fault while cleaning up after the first has none)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.filename:
-            return str(exc.filename)
-        exc = exc.__cause__ or exc.__context__
-    return None
+    """The file a full disk was met writing: the first file name in ``exc``'s chain (a second
+    fault while cleaning up after the first has none of its own)."""
+    return next((str(e.filename) for e in _chain(exc)
+                 if isinstance(e, OSError) and e.filename), None)
 
 
 @contextlib.contextmanager

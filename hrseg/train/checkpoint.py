@@ -42,7 +42,7 @@ logging.getLogger("absl").addFilter(_quiet)
 logging.getLogger("asyncio").addFilter(_quiet)
 # and a writer coroutine that never ran because the disk filled first is reported by Python at
 # exit ("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited")
-warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+warnings.filterwarnings("ignore", message=r"coroutine 'async_serialize_from_host\.",
                         category=RuntimeWarning)
 
 
