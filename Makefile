@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(BIN)/python -c "from hrseg.parallel import native; print(native.status())"
 	rm -f $(VENV)/.installed-*; touch $@
 
 # The main job: phantom data -> the five notebooks (papermill) -> results table, on CPU

@@ -1,16 +1,19 @@
-"""One 3D conv on the CPU: XLA's ``lax.conv_general_dilated`` vs hrseg's CPU formulation
-(``hrseg.parallel.cpuconv``), forward, input gradient and weight gradient apart (hrseg's: the two halves of its custom VJP),
-and ``all``: forward + both gradients through ``jax.vjp``.
+"""One 3D conv on the CPU: XLA's ``lax.conv_general_dilated`` vs hrseg's two CPU formulations
+(``hrseg.parallel.cpuconv``): ``direct``, the C++ direct conv (``parallel/native.py``, what
+``model.conv: auto`` runs where it is built) and ``wide``, the wide-image 2D convs (where it is
+not, and ``model.conv: wide``); forward, input gradient and weight gradient apart (the two
+halves of the custom VJP), and ``all``: forward + both gradients through ``jax.vjp``.
 
     python benchmarks/cpuconv.py --json                    # 64³ × 32 -> 32, 3³ (~1 min)
     python benchmarks/cpuconv.py --json --size 32 --cin 64 --cout 64
     python benchmarks/cpuconv.py --json --upconv           # the k2s2 up-conv, 32³ × 64 -> 64³ × 32
 
-The input and weight gradients are the ones ``_conv_bwd`` runs (the weight gradient: the flat
-matmuls from 16 input channels, XLA's backprop-filter conv below). Seconds are the median of
-``--repeats`` after one warm-up call, each pass jitted on its own;
-``*_ratio`` is hrseg ÷ XLA (below 1: hrseg faster); ``max_rel_err`` the largest difference
-of any result from XLA's, relative to XLA's largest magnitude.
+The input and weight gradients are the ones ``_conv_bwd`` runs (wide: the weight gradient as
+flat matmuls from 16 input channels, XLA's backprop-filter conv below). Seconds are the median
+of ``--repeats`` after one warm-up call, each pass jitted on its own; ``*_ratio`` is direct ÷
+XLA, ``wide_*_ratio`` wide ÷ XLA (below 1: hrseg faster); ``max_rel_err`` the largest
+difference of any result of either from XLA's, relative to XLA's largest magnitude. Without
+the direct conv (``native_conv`` in the JSON says why) only ``wide`` is timed.
 
 ``--upconv``: the k2s2 up-conv (``halo.conv_transpose``), its forward and both gradients,
 as the einsum (``impl="xla"``: accelerators, GSPMD) and as the CPU's one matmul over the
@@ -24,6 +27,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 
 
 def _median(f, args, repeats):
@@ -43,7 +47,7 @@ def measure(size: int, cin: int, cout: int, kernel: int, repeats: int) -> dict:
     import numpy as np
     from jax import lax
 
-    from hrseg.parallel import cpuconv
+    from hrseg.parallel import cpuconv, native
 
     rng = np.random.default_rng(0)
     xp = jnp.asarray(rng.standard_normal((1,) + (size + kernel - 1,) * 3 + (cin,)), jnp.float32)
@@ -60,13 +64,17 @@ def measure(size: int, cin: int, cout: int, kernel: int, repeats: int) -> dict:
             "weight_grad": lambda xp, w, g: jax.vjp(lambda v: xla(xp, v), w)[1](g)[0],
             "all": lambda xp, w, g: jax.vjp(xla, xp, w)[1](g),
         },
-        "hrseg": {  # the custom VJP's two halves apart, then the whole of it
-            "forward": lambda xp, w, g: cpuconv._wide_conv(xp, w, None),
-            "input_grad": lambda xp, w, g: cpuconv._input_grad(g, w, None),   # as _conv_bwd
-            "weight_grad": lambda xp, w, g: cpuconv._conv_bwd(None, (xp, w), g)[1],  # as used
-            "all": lambda xp, w, g: jax.vjp(cpuconv.valid_conv3d, xp, w)[1](g),
-        },
     }
+    for name, direct in (("direct", True), ("wide", False)):
+        if direct and not native.available():
+            continue
+        f = partial(cpuconv.valid_conv3d, direct=direct)
+        passes[name] = {  # the custom VJP's two halves apart, then the whole of it
+            "forward": lambda xp, w, g, d=direct: cpuconv._forward(xp, w, None, d),
+            "input_grad": lambda xp, w, g, d=direct: cpuconv._conv_bwd(None, d, (xp, w), g)[0],
+            "weight_grad": lambda xp, w, g, d=direct: cpuconv._conv_bwd(None, d, (xp, w), g)[1],
+            "all": lambda xp, w, g, f=f: jax.vjp(f, xp, w)[1](g),
+        }
     out, results = {}, {}
     for name, fns in passes.items():
         for p, f in fns.items():
@@ -74,10 +82,13 @@ def measure(size: int, cin: int, cout: int, kernel: int, repeats: int) -> dict:
             results[name, p] = jax.tree.leaves(f(xp, w, g))   # arguments, not constants:
             out[f"{name}_{p}_s"] = round(_median(f, (xp, w, g), repeats), 4)  # no folding
     for p in ("forward", "input_grad", "weight_grad", "all"):
-        out[f"{p}_ratio"] = round(out[f"hrseg_{p}_s"] / out[f"xla_{p}_s"], 3)
+        for name, prefix in (("direct", ""), ("wide", "wide_")):
+            if name in passes:
+                out[f"{prefix}{p}_ratio"] = round(out[f"{name}_{p}_s"] / out[f"xla_{p}_s"], 3)
     out["max_rel_err"] = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-                             for p in passes["xla"]
-                             for a, b in zip(results["hrseg", p], results["xla", p]))
+                             for name in passes if name != "xla" for p in passes["xla"]
+                             for a, b in zip(results[name, p], results["xla", p]))
+    out["native_conv"] = native.status()
     out.update(size=size, cin=cin, cout=cout, kernel=kernel, backend=jax.default_backend())
     return out
 

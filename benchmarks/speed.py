@@ -52,7 +52,7 @@ import torch_baseline
 from torch_baseline import TORCH_PIN
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FRAMEWORKS = ("hrseg", "flax", "torch", "torch_cl", "hrseg_xla")
+FRAMEWORKS = ("hrseg", "flax", "torch", "torch_cl", "hrseg_xla", "hrseg_wide")
 # PyTorch's memory formats: torch = contiguous (NCDHW), torch_cl = channels_last_3d (NDHWC)
 TORCH_FORMATS = {"contiguous": ("torch",), "channels_last": ("torch_cl",),
                  "both": ("torch", "torch_cl")}
@@ -74,7 +74,9 @@ def _jax_worker(name: str, size: int, preset: str):
     from hrseg.train import stepcache
 
     cfg = unet.preset(preset)
-    if name.startswith("hrseg"):   # hrseg_xla: XLA's own 3D conv (model.conv: xla)
+    # hrseg_xla: XLA's own 3D conv (model.conv: xla); hrseg_wide: the wide-image formulation
+    # without the C++ direct conv (HRSEG_NATIVE=0 in its environment)
+    if name.startswith("hrseg"):
         cfg = dataclasses.replace(cfg, conv="xla" if name == "hrseg_xla" else "auto")
         name = "hrseg"
     rng = np.random.default_rng(0)
@@ -174,6 +176,9 @@ def worker(args) -> int:
         step, infer = _jax_worker(args.worker, args.size, args.preset)
         import jax
         about = {"jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
+        if args.worker.startswith("hrseg"):
+            from hrseg.parallel import native
+            about["native_conv"] = native.status()
     about["environment"] = environment(os.environ)
     setup = time.perf_counter() - t0
     t = time.perf_counter()
@@ -210,6 +215,8 @@ class Worker:
             cmd += ["--cache-dir", cache_dir]
         env = malloc_env(os.environ, malloc)   # one allocator setting for every worker
         env.setdefault("JAX_PLATFORMS", "cpu")
+        if name == "hrseg_wide":
+            env["HRSEG_NATIVE"] = "0"
         extra = [args.torch_path] if torch and args.torch_path else []
         env["PYTHONPATH"] = os.pathsep.join(
             [os.path.dirname(HERE)] + extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -256,13 +263,13 @@ def environment(env) -> dict:
     """The variables of a worker's environment that change its speed, as recorded."""
     keys = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
             "HRSEG_HOST_MALLOC", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS",
-            "JAX_PLATFORMS", "LD_PRELOAD")
+            "JAX_PLATFORMS", "LD_PRELOAD", "HRSEG_NATIVE")
     return {k: env[k] for k in keys if k in env} | {"cpus": len(os.sched_getaffinity(0))}
 
 
 def measure(args, malloc: str = "tuned") -> dict:
     names = (["hrseg", "flax"] + (list(TORCH_FORMATS[args.torch_format]) if args.torch else [])
-             + (["hrseg_xla"] if args.generic else []))
+             + (["hrseg_xla"] if args.generic else []) + (["hrseg_wide"] if args.wide else []))
     voxels = args.size ** 3
     with tempfile.TemporaryDirectory() as cache:
         workers = {}
@@ -312,6 +319,9 @@ def measure(args, malloc: str = "tuned") -> dict:
     if args.generic:
         summary["hrseg_over_hrseg_xla"] = paired("hrseg", "hrseg_xla", "step")
         summary["hrseg_over_hrseg_xla_infer"] = paired("hrseg", "hrseg_xla", "infer")
+    if args.wide:
+        summary["hrseg_over_hrseg_wide"] = paired("hrseg", "hrseg_wide", "step")
+        summary["hrseg_over_hrseg_wide_infer"] = paired("hrseg", "hrseg_wide", "infer")
     torches = [n for n in names if n.startswith("torch")]
     if torches:   # against PyTorch in its faster memory format (per step / per inference)
         best = {k: min(torches, key=lambda n: out[n][f"{k}_s"]) for k in ("step", "infer")}
@@ -378,6 +388,9 @@ def main() -> int:
                     help="leave PyTorch out even if it imports")
     ap.add_argument("--generic", action="store_true",
                     help="also run hrseg with XLA's own 3D conv (model.conv: xla): before/after")
+    ap.add_argument("--wide", action="store_true",
+                    help="also run hrseg without the C++ direct conv (HRSEG_NATIVE=0: the "
+                         "wide-image formulation): before/after")
     ap.add_argument("--out", help="also write the JSON to this file (e.g. "
                                   "benchmarks/results/speed_<date>.json)")
     ap.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)

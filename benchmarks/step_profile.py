@@ -120,15 +120,22 @@ def conv_kind(op_name: str, shape: str) -> str:
     if last == "dot_general":
         return "conv weight gradient"
     if last == "conv_general_dilated":   # XLA's backprop-filter conv has the kernel's shape
-        return ("conv weight gradient" if re.match(r"f32\[(\d+,){4}\d+\]", shape)
-                and shape.startswith(("f32[3,3,3", "f32[1,3,3", "f32[3,3,1"))
-                else "conv input gradient")
+        return "conv weight gradient" if _kernel_shaped(shape) else "conv input gradient"
     return "conv backward: copies"
+
+
+def _kernel_shaped(shape: str) -> bool:
+    return bool(re.match(r"f32\[(\d+,){4}\d+\]", shape)) and shape.startswith(
+        ("f32[3,3,3", "f32[1,3,3", "f32[3,3,1"))
 
 
 def kind_of(op_name: str, stack: list[str], shape: str = "") -> str:
     """A thunk's kind from its stack (innermost first), op_name and shape."""
     frame = stack[0] if stack else ""
+    if "native.py" in frame:             # the C++ direct conv's custom calls (and casts)
+        if _kernel_shaped(shape):
+            return "conv weight gradient"
+        return "conv input gradient" if "transpose(" in op_name else "conv forward"
     if "cpuconv.py" in frame or frame.endswith("halo.py:conv") or "exchange.py" in frame:
         return conv_kind(op_name, shape)
     for key, kind in FRAME_KINDS:

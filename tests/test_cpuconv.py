@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from hrseg.parallel import cpuconv, halo
+from hrseg.parallel import cpuconv, halo, native
 
 DN = ("NDHWC", "DHWIO", "NDHWC")
 
@@ -20,7 +20,8 @@ def _close(a, b, tol=2e-6):  # fp32 round-off of a different summation order, re
     ((3, 3, 3), 3, 4), ((5, 3, 1), 3, 4), ((3, 1, 1), 3, 4), ((1, 3, 3), 3, 4),
     ((3, 2, 5), 3, 4), ((3, 3, 3), 16, 4), ((3, 2, 5), 16, 4),
     ((3, 3, 3), 1, 32), ((3, 2, 5), 1, 30), ((3, 3, 3), 2, 54)])
-def test_valid_conv3d_equals_lax_values_and_gradients(kernel, cin, cout):
+@pytest.mark.parametrize("direct", [False, True], ids=["wide", "direct"])
+def test_valid_conv3d_equals_lax_values_and_gradients(kernel, cin, cout, direct):
     # cin 16: the weight gradient as matmuls (cpuconv.FLAT_WGRAD_MIN_CIN); 3: XLA's;
     # windows no wider than the output (27 · 1 <= 32): the forward as a sum of taps
     assert (cin >= cpuconv.FLAT_WGRAD_MIN_CIN) == (cin == 16)
@@ -28,7 +29,8 @@ def test_valid_conv3d_equals_lax_values_and_gradients(kernel, cin, cout):
     xp = jax.random.normal(jax.random.key(0), (2, 9, 8, 7, cin))  # odd, unequal sizes
     w = jax.random.normal(jax.random.key(1), kernel + (cin, cout))
     ref = lambda xp, w: lax.conv_general_dilated(xp, w, (1, 1, 1), "VALID", dimension_numbers=DN)
-    y, vjp = jax.vjp(cpuconv.valid_conv3d, xp, w)
+    assert native.available(), native.status()
+    y, vjp = jax.vjp(lambda xp, w: cpuconv.valid_conv3d(xp, w, direct=direct), xp, w)
     y_ref, vjp_ref = jax.vjp(ref, xp, w)
     _close(y, y_ref)
     g = jax.random.normal(jax.random.key(2), y.shape)

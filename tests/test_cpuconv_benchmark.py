@@ -19,8 +19,11 @@ def test_cpuconv_benchmark_json_at_toy_size(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         d = json.loads(out.read_text())
         assert d == json.loads(proc.stdout) and d["cin"] == cin and "cpuconv.py" in d["command"]
-        assert d["max_rel_err"] < 1e-5 and all(d[f"hrseg_{p}_s"] > 0 for p in (
-            "forward", "input_grad", "weight_grad", "all"))
+        assert d["native_conv"].startswith("native conv3d: on")
+        assert d["max_rel_err"] < 1e-5 and all(d[f"{f}_{p}_s"] > 0 for f in ("direct", "wide")
+                                               for p in ("forward", "input_grad", "weight_grad",
+                                                         "all"))
+        assert d["forward_ratio"] == round(d["direct_forward_s"] / d["xla_forward_s"], 3)
 
 
 def test_cpuconv_benchmark_upconv_at_toy_size(tmp_path):

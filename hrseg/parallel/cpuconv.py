@@ -26,7 +26,8 @@ MiB, now 948, the step 0.98× in a paired A/B); XLA's below 16 input channels, w
 faster). A conv whose window holds no more values than it has output channels (the
 network's first conv, 1 -> 32) is a sum of broadcast taps instead (``_tap_sum``: 15 vs
 60 ms at 64³). The sums are the same; only the order of float additions differs (~1e-6
-relative to XLA's conv).
+relative to XLA's conv). 16-bit inputs are summed in float32 and rounded once, as XLA's conv
+and the direct conv (parallel/native.py) do.
 
 It replaces XLA's conv for VALID, stride-1, ungrouped 3D convolutions with odd depth and width
 kernels (not 1×1×1) when a network is built with ``model.conv: auto`` (the default) and JAX
@@ -42,7 +43,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from hrseg.parallel.exchange import after, cotangent_like, varying, zero_pad
+from hrseg.parallel import native
+from hrseg.parallel.exchange import (
+    after,
+    cotangent_like,
+    device_local,
+    varying,
+    zero_pad,
+)
 
 DN = ("NHWC", "HWIO", "NHWC")
 # the weight gradient as matmuls from this many input channels; XLA's below (64³ × Cin -> 32,
@@ -91,7 +99,7 @@ def _wide_conv(xp, w, precision):
     for b, y in _taps(img, w, (pd, pw), precision):
         y = y.reshape(B, Xp, Yp, Zp, cout)[:, pd:pd + X, b:b + Y, pw:pw + Z]
         out = y if out is None else out + y                          # (B, X, Y, Z, Cout)
-    return out
+    return out.astype(jnp.result_type(xp, w))   # float32 sums, one rounding, as the direct conv
 
 
 def _taps(img, w, pads, precision):
@@ -101,7 +109,8 @@ def _taps(img, w, pads, precision):
     kd, kh, kw, cin, cout = w.shape
     pad = tuple((p, p) for p in pads)
     conv = lambda k: lax.conv_general_dilated(img, k, (1, 1), pad, dimension_numbers=DN,
-                                              precision=precision)
+                                              precision=precision,
+                                              preferred_element_type=jnp.float32)
     if kh > 1 and cout <= STACK_MAX_COUT:
         y = conv(jnp.moveaxis(w, 1, 3).reshape(kd, kw, cin, kh * cout))  # (1, R, C, kh·Cout)
         return [(b, y[..., b * cout:(b + 1) * cout]) for b in range(kh)]
@@ -128,16 +137,26 @@ def _flat_wgrad(xp, g, kshape, precision):
         for b in range(kh):   # each window copied after the previous matmul: one alive at once
             win = xf[a * P + b * Zp:a * P + b * Zp + n]
             rows.append(lax.dot_general(after(win, rows[-1]) if rows else win, lags,
-                                        (((0,), (0,)), ((), ())),
-                                        precision=precision))          # (Cin, kw·Cout)
+                                        (((0,), (0,)), ((), ())), precision=precision,
+                                        preferred_element_type=jnp.float32))  # (Cin, kw·Cout)
     dw = jnp.stack(rows).reshape(kd, kh, cin, kw, cout)
-    return jnp.transpose(dw, (0, 1, 3, 2, 4))                          # (kd, kh, kw, Cin, Cout)
+    dw = jnp.transpose(dw, (0, 1, 3, 2, 4))                            # (kd, kh, kw, Cin, Cout)
+    return dw.astype(jnp.result_type(xp, g))
 
 
-def valid_conv3d(xp, w, precision=None):
+def valid_conv3d(xp, w, precision=None, direct: bool | None = None):
     """VALID stride-1 conv of an already padded ``xp (B, X+kd-1, Y', Z', Cin)`` with
-    ``w (kd, kh, kw, Cin, Cout)`` -> ``(B, X, Y'-kh+1, Z'-kw+1, Cout)``, as ``kh`` 2D convs."""
-    return _conv(xp, w, precision)
+    ``w (kd, kh, kw, Cin, Cout)`` -> ``(B, X, Y'-kh+1, Z'-kw+1, Cout)``: forward and input
+    gradient by the C++ direct conv where ``direct`` (default: :func:`direct_here`), else as
+    ``kh`` 2D convs of the wide image."""
+    return _conv(xp, w, precision, direct_here() if direct is None else bool(direct))
+
+
+def direct_here() -> bool:
+    """Whether the C++ direct conv (:mod:`hrseg.parallel.native`) runs this conv: it is built
+    and loaded, and the arrays are local to a device (inside ``shard_map`` or a one-device
+    process; on GSPMD's global arrays the custom call would be gathered to one device)."""
+    return native.available() and device_local()
 
 
 def _few_channels(kshape) -> bool:
@@ -165,19 +184,29 @@ def _tap_sum(xp, w):
     return out.astype(jnp.result_type(xp, w))          # float32 sums, as a conv accumulates
 
 
-def _forward(xp, w, precision):
+def _forward(xp, w, precision, direct):
     if _few_channels(w.shape):
         return _tap_sum(xp, w)
+    if direct:
+        return native.conv3d(xp, w)
     return _wide_conv(xp, w, precision)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(xp, w, precision):
-    return _forward(xp, w, precision)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(xp, w, precision, direct):
+    return _forward(xp, w, precision, direct)
 
 
-def _conv_fwd(xp, w, precision):
-    return _forward(xp, w, precision), (xp, w)
+def _conv_fwd(xp, w, precision, direct):
+    return _forward(xp, w, precision, direct), (xp, w)
+
+
+def _direct_input_grad(g, w):
+    """The full conv of ``g`` as the direct VALID conv of ``g`` padded by ``k-1`` on every
+    side, with the kernel flipped and its in/out channels swapped."""
+    kd, kh, kw = w.shape[:3]
+    gp = zero_pad(g, ((0, 0), (kd - 1, kd - 1), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
+    return native.conv3d(gp, jnp.flip(w, (0, 1, 2)).swapaxes(3, 4))   # (B, X', Y', Z', Cin)
 
 
 def _input_grad(g, w, precision):
@@ -201,13 +230,15 @@ def _input_grad(g, w, precision):
         y = zero_pad(y.reshape(B, Xp, Y, Zp, cin),
                      ((0, 0), (0, 0), (b, kh - 1 - b), (0, 0), (0, 0)))
         out = y if out is None else out + y                   # (B, X', Y+kh-1, Z', Cin)
-    return out
+    return out.astype(jnp.result_type(g, w))
 
 
-def _conv_bwd(precision, res, g):
+def _conv_bwd(precision, direct, res, g):
     xp, w = res
-    dxp = _input_grad(g, w, precision)
-    if w.shape[3] >= FLAT_WGRAD_MIN_CIN:
+    dxp = _direct_input_grad(g, w) if direct else _input_grad(g, w, precision)
+    if direct:
+        dw = native.conv3d_weight_grad(xp, g, w.shape)
+    elif w.shape[3] >= FLAT_WGRAD_MIN_CIN:
         dw = _flat_wgrad(xp, g, w.shape, precision)
     else:                                                        # XLA's backprop-filter conv
         _, filter_vjp = jax.vjp(lambda w: lax.conv_general_dilated(

@@ -26,6 +26,13 @@ def axis_size(name: str) -> int | None:
         return None
 
 
+def device_local() -> bool:
+    """Whether arrays traced now are local to one device: inside ``shard_map`` (a mesh axis is
+    bound) or in a one-device process — not GSPMD's global arrays, which code that merges
+    spatial dims (flat matmuls) or calls C++ on the whole array must not see."""
+    return jax.device_count() == 1 or any(axis_size(n) is not None for n in AXES)
+
+
 def bound(names: Sequence[str]) -> tuple[str, ...]:
     """The subset of ``names`` that are bound mesh axes of more than one device."""
     return tuple(n for n in names if (axis_size(n) or 1) > 1)
@@ -42,7 +49,7 @@ def psum(x, names: Sequence[str] = AXES):
     if (v := varying(x)) and (missing := set(names) - v):
         # check_vma: a value varying over some of the axes (a 2D activation on a mesh with a
         # "z" axis) is cast to vary over all of them first, as jax does for an invariant one
-        x = lax.pcast(x, _mesh_order(missing), to="varying")
+        x = lax.pcast(x, mesh_order(missing), to="varying")
     return lax.psum(x, names)
 
 
@@ -66,13 +73,13 @@ def cotangent_like(ct, axes: frozenset[str]):
     if not (have or axes):
         return ct
     if extra := have - axes:
-        ct = lax.psum(ct, _mesh_order(extra))
+        ct = lax.psum(ct, mesh_order(extra))
     if missing := axes - have:
-        ct = lax.pcast(ct, _mesh_order(missing), to="varying")
+        ct = lax.pcast(ct, mesh_order(missing), to="varying")
     return ct
 
 
-def _mesh_order(names) -> tuple[str, ...]:
+def mesh_order(names) -> tuple[str, ...]:
     """``names`` in the enclosing mesh's axis order (one program per set of names)."""
     mesh = jax.sharding.get_abstract_mesh().axis_names
     return tuple(a for a in mesh if a in names) + tuple(sorted(set(names) - set(mesh)))

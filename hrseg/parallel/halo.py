@@ -26,6 +26,7 @@ from hrseg.parallel.exchange import (  # noqa: F401  (re-exported: halo.psum, �
     axis_size,
     bound,
     cotangent_like,
+    device_local,
     halo_exchange,
     margins,
     psum,
@@ -87,8 +88,9 @@ def conv(x, w, strides: int | Sequence[int] = 1, feature_group_count: int = 1,
 
 
 def _valid_conv(x, w, strides, groups, precision, impl):
-    if cpuconv.chosen(impl, w.shape, strides, groups):  # XLA:CPU: issue 16
-        return cpuconv.valid_conv3d(x, w, precision)
+    if cpuconv.chosen(impl, w.shape, strides, groups):  # XLA:CPU: issues 16, 33
+        return cpuconv.valid_conv3d(x, w, precision,
+                                    direct=impl == "auto" and cpuconv.direct_here())
     return lax.conv_general_dilated(
         x, w, window_strides=strides, padding="VALID",
         dimension_numbers=_dimension_numbers(x.ndim - 2), feature_group_count=groups,
@@ -252,8 +254,8 @@ def conv_transpose(x, w, precision=None, impl: str = "auto"):
     # flattening merges the spatial dims: only on arrays that are local to the device — a
     # shard inside shard_map, or the one device's — not GSPMD's global arrays (an uneven
     # sharded array's weight gradient came out doubled)
-    local = jax.device_count() == 1 or any(axis_size(n) is not None for n in AXES)
-    if impl == "xla" or not local or (impl == "auto" and jax.default_backend() != "cpu"):
+    if (impl == "xla" or not device_local()
+            or (impl == "auto" and jax.default_backend() != "cpu")):
         if nsp == 3:
             y = jnp.einsum("nxyzi,abcio->nxaybzco", x, w, precision=precision)
         else:

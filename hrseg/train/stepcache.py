@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 
 from hrseg import atomic, runtime
+from hrseg.parallel import native
 
 FOLDER = "hrseg-steps"
 MAGIC = b"HRSEG-STEP-EXPORT 1\n"
@@ -50,10 +51,11 @@ def _say(line: str) -> None:
 
 
 def source_hash() -> str:
-    """SHA-256 over the hrseg package's ``.py`` files (path and content), once per process."""
+    """SHA-256 over the hrseg package's ``.py`` and ``.cc`` files (path and content), once per
+    process."""
     if not _source_hash:
         h = hashlib.sha256()
-        for path in sorted(_PACKAGE.rglob("*.py")):
+        for path in sorted([*_PACKAGE.rglob("*.py"), *_PACKAGE.rglob("*.cc")]):
             h.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes() + b"\0")
         _source_hash.append(h.hexdigest())
     return _source_hash[0]
@@ -79,7 +81,8 @@ def _environment() -> dict:
             "devices": [(d.id, d.device_kind) for d in jax.devices()],
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "x64": bool(jax.config.jax_enable_x64),
-            "matmul_precision": str(jax.config.jax_default_matmul_precision)}
+            "matmul_precision": str(jax.config.jax_default_matmul_precision),
+            "native_conv": native.available()}   # its custom calls are in the step or not
 
 
 def _signature(x) -> list:
@@ -227,7 +230,9 @@ class CachedStep:
 
         specs = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
                  for x in leaves]
-        exported = jax.export.export(jax.jit(flat))(*specs)
+        exported = jax.export.export(      # the C++ conv's custom calls (parallel/native.py)
+            jax.jit(flat), disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(t)
+                                            for t in native.TARGETS])(*specs)
         return exported, list(names)
 
 

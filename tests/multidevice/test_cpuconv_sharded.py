@@ -35,8 +35,23 @@ def test_sharded_cpu_conv_equals_generic_conv(check_vma=False):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
-@pytest.mark.parametrize("cin", [3, 16])   # the weight gradient by XLA / as matmuls
-def test_formulation_under_check_vma(cin):
+@pytest.mark.parametrize("check_vma", [False, True])
+def test_halo_conv_runs_the_direct_conv_on_each_shard(check_vma):
+    mesh = partition.make_mesh((2, 2, 2), 1)
+    x = partition.shard(mesh, jax.random.normal(jax.random.key(0), (1, 8, 12, 10, 16)))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 16, 20))
+    direct, text = _run(mesh, check_vma, x, w, "auto")
+    assert "hrseg_conv3d" in text and "hrseg_conv3d_weight_grad" not in text  # forward only
+    generic, _ = _run(mesh, check_vma, x, w, "xla")
+    for a, b in zip(direct, generic):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+@pytest.mark.parametrize("cin,direct", [(3, False), (16, False), (16, True)])
+def test_formulation_under_check_vma(cin, direct):
+    """cin 3 / 16: the weight gradient by XLA / as matmuls; direct: the C++ conv's custom
+    calls on each shard (parallel/native.py), used inside shard_map"""
     mesh = partition.make_mesh((2, 2, 2), 1)
     vs = partition.volume_spec()
     xp = partition.shard(mesh, jax.random.normal(jax.random.key(0), (1, 10, 12, 14, cin)))
@@ -44,10 +59,14 @@ def test_formulation_under_check_vma(cin):
     ref = lambda xp, w: lax.conv_general_dilated(xp, w, (1, 1, 1), "VALID",
                                                  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     outs = []
-    for f in (cpuconv.valid_conv3d, ref):  # each shard: a VALID conv of its own block
+    ours = lambda xp, w: cpuconv.valid_conv3d(xp, w, direct=direct)
+    assert cpuconv.direct_here() is False   # outside shard_map: GSPMD's global arrays
+    ct = None
+    for f in (ref, ours):  # each shard: a VALID conv of its own block
         g = jax.shard_map(f, mesh=mesh, in_specs=(vs, P()), out_specs=vs)  # check_vma=True
         y, vjp = jax.vjp(jax.jit(g), xp, w)
-        outs.append((y, *vjp(jnp.cos(y))))
+        ct = jnp.cos(y) if ct is None else ct   # one cotangent for both
+        outs.insert(0, (y, *vjp(ct)))
     assert outs[0][2].shape == w.shape   # the weight gradient, summed over the 8 shards
     for a, b in zip(*outs):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

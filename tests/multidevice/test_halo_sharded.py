@@ -66,7 +66,7 @@ def test_conv_kernels_forward_and_grads(spatial, data):
     xs = partition.shard(mesh, x)
     outs = jax.jit(sharded)(xs, *ws)
     for w, out in zip(ws, outs):
-        _close(out, ref_conv(x, w), 1e-6)
+        _close(out, ref_conv(x, w), 2e-6)   # float32 round-off of another summation order
 
     total = _loss_of(lambda x, *ws: jnp.concatenate(sharded(x, *ws), -1))
     total_ref = _loss_of(lambda x, *ws: jnp.concatenate([ref_conv(x, w) for w in ws], -1))

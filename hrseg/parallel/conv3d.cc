@@ -1,0 +1,292 @@
+// A direct VALID, stride-1 3D convolution for XLA:CPU, channels innermost (issue 33).
+//
+//   y[n, x, y, z, o] = sum_{a, b, c, i} xp[n, x + a, y + b, z + c, i] * w[a, b, c, i, o]
+//
+// xp (N, X', Y', Z', Cin) float32, w (kd, kh, kw, Cin, Cout) float32 -> y (N, X, Y, Z, Cout).
+// Each output row (n, x, y) is computed in tiles of 6 z positions x 16 output channels held
+// in 12 AVX2 registers; for a tap row (a, b) the kw * Cin inputs of one z position lie side
+// by side in xp, so the reduction is one contiguous loop of length kw * Cin against the
+// weights packed per 16 output channels. No padded grid, no im2col copy: every output is
+// computed once, from xp as it is. Rows are shared among XLA's intra-op threads.
+// Built by hrseg/parallel/native.py (g++ -O3 -mavx2 -mfma) and called through jax.ffi.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using Volume = ffi::Buffer<ffi::F32, 5>;   // (N, X, Y, Z, C) or (kd, kh, kw, Cin, Cout)
+
+namespace {
+
+constexpr int64_t kLanes = 16;   // output channels per tile (two 8-float registers)
+constexpr int kRows = 6;         // z positions per tile
+constexpr int64_t kParts = 8;    // weight gradient: partial sums, whatever the thread count
+
+struct Geom {
+  int64_t n, xp, yp, zp, cin, x, y, z, cout, kd, kh, kw, blocks;
+};
+
+// One tile: M z positions from `in` (xp at [n, x, y, z0, 0]), 16 output channels from the
+// packed block `wp`, written to `out` (y at [n, x, y, z0, o0]); `valid` channels are kept.
+// The 2·M accumulators are named variables, not an array, so that they stay in registers.
+#define HRSEG_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+template <int M>
+inline void Tile(const float* in, const float* wp, float* out, const Geom& g, int64_t valid) {
+#define HRSEG_ZERO(m) __m256 lo##m = _mm256_setzero_ps(), hi##m = _mm256_setzero_ps();
+  HRSEG_ROWS(HRSEG_ZERO)
+  const int64_t k_len = g.kw * g.cin, cin = g.cin;
+  for (int64_t a = 0; a < g.kd; ++a) {
+    for (int64_t b = 0; b < g.kh; ++b) {
+      const float* row = in + (a * g.yp + b) * g.zp * cin;
+      const float* w = wp + (a * g.kh + b) * k_len * kLanes;
+      for (int64_t k = 0; k < k_len; ++k, w += kLanes) {
+        const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
+#define HRSEG_FMA(m)                                                  \
+  if constexpr (M > m) {                                              \
+    const __m256 v = _mm256_broadcast_ss(row + m * cin + k);          \
+    lo##m = _mm256_fmadd_ps(v, w0, lo##m);                            \
+    hi##m = _mm256_fmadd_ps(v, w1, hi##m);                            \
+  }
+        HRSEG_ROWS(HRSEG_FMA)
+      }
+    }
+  }
+  alignas(32) float tmp[kLanes];
+#define HRSEG_STORE(m)                                                \
+  if constexpr (M > m) {                                              \
+    float* o = out + m * g.cout;                                      \
+    if (valid == kLanes) {                                            \
+      _mm256_storeu_ps(o, lo##m);                                     \
+      _mm256_storeu_ps(o + 8, hi##m);                                 \
+    } else {                                                          \
+      _mm256_store_ps(tmp, lo##m);                                    \
+      _mm256_store_ps(tmp + 8, hi##m);                                \
+      std::copy(tmp, tmp + valid, o);                                 \
+    }                                                                 \
+  }
+  HRSEG_ROWS(HRSEG_STORE)
+}
+
+using TileFn = void (*)(const float*, const float*, float*, const Geom&, int64_t);
+constexpr TileFn kTiles[kRows + 1] = {nullptr, Tile<1>, Tile<2>, Tile<3>,
+                                      Tile<4>, Tile<5>, Tile<6>};
+
+// Output rows [r0, r1) of the flattened (n, x, y) grid.
+void Rows(const float* xp, const float* packed, float* y, const Geom& g, int64_t r0,
+          int64_t r1) {
+  const int64_t block = g.kd * g.kh * g.kw * g.cin * kLanes;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t yy = r % g.y, xx = (r / g.y) % g.x, nn = r / (g.y * g.x);
+    const float* in = xp + ((nn * g.xp + xx) * g.yp + yy) * g.zp * g.cin;
+    float* out = y + r * g.z * g.cout;
+    for (int64_t cb = 0; cb < g.blocks; ++cb) {
+      const int64_t valid = std::min(kLanes, g.cout - cb * kLanes);
+      const float* wp = packed + cb * block;
+      for (int64_t z0 = 0; z0 < g.z; z0 += kRows) {
+        const int64_t m = std::min<int64_t>(kRows, g.z - z0);
+        kTiles[m](in + z0 * g.cin, wp, out + z0 * g.cout + cb * kLanes, g, valid);
+      }
+    }
+  }
+}
+
+// Units [0, units) shared among the caller and up to threads-1 tasks of XLA's intra-op pool:
+// each runner takes a slot (0 .. threads-1) and then units until none is left. A task the
+// pool starts late finds none and returns; the caller waits only for units being computed
+// (taken by a runner), never for a queued task, so a busy pool cannot deadlock it.
+struct Shared {
+  std::function<void(int64_t slot, int64_t unit)> fn;
+  int64_t units = 0;
+  std::atomic<int64_t> next{0}, done{0}, slots{0};
+
+  void Run() {
+    const int64_t slot = slots.fetch_add(1);
+    for (int64_t u; (u = next.fetch_add(1)) < units;) {
+      fn(slot, u);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t units,
+                 std::function<void(int64_t, int64_t)> fn) {
+  auto shared = std::make_shared<Shared>();
+  shared->fn = std::move(fn);
+  shared->units = units;
+  for (int64_t t = 1; t < std::min(threads, units); ++t) {
+    pool.Schedule([shared] { shared->Run(); });
+  }
+  shared->Run();
+  while (shared->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+}
+
+using Floats = std::unique_ptr<float, decltype(&std::free)>;
+
+Floats Zeros(int64_t n) {   // 32-byte aligned, zero-filled; null if out of memory
+  const int64_t bytes = ((std::max<int64_t>(1, n) * 4 + 31) / 32) * 32;
+  Floats p(static_cast<float*>(std::aligned_alloc(32, bytes)), &std::free);
+  if (p) std::fill(p.get(), p.get() + bytes / 4, 0.0f);
+  return p;
+}
+
+int64_t Threads(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
+
+ffi::Error Conv3d(ffi::ThreadPool pool, Volume xp, Volume w, ffi::Result<Volume> y) {
+  const auto xd = xp.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const Geom g{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4],
+               wd[0], wd[1], wd[2], (wd[4] + kLanes - 1) / kLanes};
+  if (wd[3] != g.cin || wd[4] != g.cout || yd[0] != g.n || g.x != g.xp - g.kd + 1 ||
+      g.y != g.yp - g.kh + 1 || g.z != g.zp - g.kw + 1) {
+    return ffi::Error::InvalidArgument("hrseg conv3d: shapes do not form a VALID conv");
+  }
+  // weights packed per block of 16 output channels: [block][a][b][c][i][16], zero-filled
+  const int64_t taps = g.kd * g.kh * g.kw, block = taps * g.cin * kLanes;
+  Floats packed = Zeros(g.blocks * block);
+  if (!packed) return ffi::Error::Internal("hrseg conv3d: out of memory");
+  const float* wv = w.typed_data();
+  for (int64_t t = 0; t < taps * g.cin; ++t) {
+    for (int64_t o = 0; o < g.cout; ++o) {
+      packed.get()[(o / kLanes) * block + t * kLanes + o % kLanes] = wv[t * g.cout + o];
+    }
+  }
+  const int64_t rows = g.n * g.x * g.y, threads = Threads(pool);
+  const int64_t per = std::max<int64_t>(1, rows / (8 * threads));
+  const float *x = xp.typed_data(), *wp = packed.get();
+  float* out = y->typed_data();
+  ParallelFor(pool, threads, (rows + per - 1) / per, [&](int64_t, int64_t u) {
+    Rows(x, wp, out, g, u * per, std::min(rows, (u + 1) * per));
+  });
+  return ffi::Error::Success();
+}
+
+// ---- the weight gradient: dw[a, b, c, i, o] = sum_{n, x, y, z} xp[n, x+a, y+b, z+c, i] g[n, x, y, z, o]
+// For a tap row (a, b), (c, i) is one index k = c * Cin + i whose input at z lies at
+// z * Cin + k of the row: dw[a, b] is a sum over rows of Xrow^T (K = Z) @ Grow. A tile of 6 k
+// x 16 o is held in registers over a chunk of rows; each runner sums into its own copy of dw.
+template <int M>
+inline void WTile(const float* x, const float* gr, const Geom& g, int64_t r0, int64_t r1,
+                  int64_t a, int64_t b, int64_t k0, int64_t o0, float* dw) {
+  const int64_t valid = std::min(kLanes, g.cout - o0);
+  const bool full = valid == kLanes;
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(valid)), lanes);
+  const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(valid) - 8), lanes);
+  float* d = dw + ((a * g.kh + b) * g.kw * g.cin + k0) * g.cout + o0;
+#define HRSEG_WLOAD(m)                                                                \
+  __m256 lo##m = _mm256_setzero_ps(), hi##m = _mm256_setzero_ps();                    \
+  if constexpr (M > m) {                                                              \
+    lo##m = full ? _mm256_loadu_ps(d + m * g.cout) : _mm256_maskload_ps(d + m * g.cout, m0); \
+    hi##m = full ? _mm256_loadu_ps(d + m * g.cout + 8)                                \
+                 : _mm256_maskload_ps(d + m * g.cout + 8, m1);                        \
+  }
+  HRSEG_ROWS(HRSEG_WLOAD)
+  const int64_t cin = g.cin;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t yy = r % g.y, xx = (r / g.y) % g.x, nn = r / (g.y * g.x);
+    const float* xr = x + (((nn * g.xp + xx + a) * g.yp + yy + b) * g.zp) * cin + k0;
+    const float* grow = gr + r * g.z * g.cout + o0;
+    for (int64_t z = 0; z < g.z; ++z, xr += cin, grow += g.cout) {
+      const __m256 g0 = full ? _mm256_loadu_ps(grow) : _mm256_maskload_ps(grow, m0);
+      const __m256 g1 = full ? _mm256_loadu_ps(grow + 8) : _mm256_maskload_ps(grow + 8, m1);
+#define HRSEG_WFMA(m)                                                 \
+  if constexpr (M > m) {                                              \
+    const __m256 v = _mm256_broadcast_ss(xr + m);                     \
+    lo##m = _mm256_fmadd_ps(v, g0, lo##m);                            \
+    hi##m = _mm256_fmadd_ps(v, g1, hi##m);                            \
+  }
+      HRSEG_ROWS(HRSEG_WFMA)
+    }
+  }
+#define HRSEG_WSTORE(m)                                                               \
+  if constexpr (M > m) {                                                              \
+    if (full) {                                                                       \
+      _mm256_storeu_ps(d + m * g.cout, lo##m);                                        \
+      _mm256_storeu_ps(d + m * g.cout + 8, hi##m);                                    \
+    } else {                                                                          \
+      _mm256_maskstore_ps(d + m * g.cout, m0, lo##m);                                 \
+      _mm256_maskstore_ps(d + m * g.cout + 8, m1, hi##m);                             \
+    }                                                                                 \
+  }
+  HRSEG_ROWS(HRSEG_WSTORE)
+}
+
+using WTileFn = void (*)(const float*, const float*, const Geom&, int64_t, int64_t, int64_t,
+                         int64_t, int64_t, int64_t, float*);
+constexpr WTileFn kWTiles[kRows + 1] = {nullptr, WTile<1>, WTile<2>, WTile<3>,
+                                        WTile<4>, WTile<5>, WTile<6>};
+
+ffi::Error Conv3dWeightGrad(ffi::ThreadPool pool, Volume xp, Volume gy, ffi::Result<Volume> dw) {
+  const auto xd = xp.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
+  const Geom g{xd[0], xd[1], xd[2], xd[3], xd[4], gd[1], gd[2], gd[3], gd[4],
+               wd[0], wd[1], wd[2], (wd[4] + kLanes - 1) / kLanes};
+  if (wd[3] != g.cin || wd[4] != g.cout || gd[0] != g.n || g.x != g.xp - g.kd + 1 ||
+      g.y != g.yp - g.kh + 1 || g.z != g.zp - g.kw + 1) {
+    return ffi::Error::InvalidArgument("hrseg conv3d weight gradient: shapes do not match");
+  }
+  const int64_t size = g.kd * g.kh * g.kw * g.cin * g.cout, k_len = g.kw * g.cin;
+  const int64_t rows = g.n * g.x * g.y, threads = Threads(pool);
+  // chunks of rows small enough that their inputs and gradients stay in L2 across the tiles
+  const int64_t row_bytes = (g.kd * g.zp * g.cin + g.z * g.cout) * 4;
+  // (at least 512 z positions per tile: its 12 registers are loaded and stored once a chunk)
+  const int64_t per = std::clamp<int64_t>(
+      std::max<int64_t>((256 << 10) / std::max<int64_t>(1, row_bytes), (512 + g.z - 1) / g.z),
+      1, std::max<int64_t>(1, rows / kParts));
+  // a fixed number of parts, each a run of chunks summed into its own copy of dw, the copies
+  // added in part order: the same float sums whichever thread ran a part, and however many
+  // threads the pool has (a resumed run repeats its weight gradients bit for bit)
+  const int64_t chunks = (rows + per - 1) / per, parts = std::min<int64_t>(kParts, chunks);
+  std::vector<Floats> sums;
+  for (int64_t p = 0; p < parts; ++p) {
+    sums.push_back(Zeros(size));
+    if (!sums.back()) return ffi::Error::Internal("hrseg conv3d weight gradient: out of memory");
+  }
+  const float *x = xp.typed_data(), *gr = gy.typed_data();
+  ParallelFor(pool, threads, parts, [&](int64_t, int64_t p) {
+    for (int64_t u = p * chunks / parts; u < (p + 1) * chunks / parts; ++u) {
+      const int64_t r0 = u * per, r1 = std::min(rows, r0 + per);
+      for (int64_t a = 0; a < g.kd; ++a)
+        for (int64_t b = 0; b < g.kh; ++b)
+          for (int64_t k0 = 0; k0 < k_len; k0 += kRows)
+            for (int64_t o0 = 0; o0 < g.cout; o0 += kLanes)
+              kWTiles[std::min<int64_t>(kRows, k_len - k0)](x, gr, g, r0, r1, a, b, k0, o0,
+                                                             sums[p].get());
+    }
+  });
+  float* out = dw->typed_data();
+  std::copy(sums[0].get(), sums[0].get() + size, out);
+  for (size_t t = 1; t < sums.size(); ++t) {
+    const float* s = sums[t].get();
+    for (int64_t j = 0; j < size; ++j) out[j] += s[j];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HrsegConv3d, Conv3d,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Volume>()
+                                  .Arg<Volume>()
+                                  .Ret<Volume>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HrsegConv3dWeightGrad, Conv3dWeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Volume>()
+                                  .Arg<Volume>()
+                                  .Ret<Volume>());
+
+extern "C" int hrseg_conv3d_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
