@@ -16,11 +16,15 @@ def _close(a, b, tol=2e-6):  # fp32 round-off of a different summation order, re
     assert np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1e-6), np.abs(a - b).max()
 
 
-@pytest.mark.parametrize("kernel,cin,cout", [
-    ((3, 3, 3), 3, 4), ((5, 3, 1), 3, 4), ((3, 1, 1), 3, 4), ((1, 3, 3), 3, 4),
-    ((3, 2, 5), 3, 4), ((3, 3, 3), 16, 4), ((3, 2, 5), 16, 4),
-    ((3, 3, 3), 1, 32), ((3, 2, 5), 1, 30), ((3, 3, 3), 2, 54)])
-@pytest.mark.parametrize("direct", [False, True], ids=["wide", "direct"])
+CASES = [((3, 3, 3), 3, 4), ((5, 3, 1), 3, 4), ((3, 1, 1), 3, 4), ((1, 3, 3), 3, 4),
+         ((3, 2, 5), 3, 4), ((3, 3, 3), 16, 4), ((3, 2, 5), 16, 4),
+         ((3, 3, 3), 1, 32), ((3, 2, 5), 1, 30), ((3, 3, 3), 2, 54)]
+
+
+# every case in the wide-image form; the direct conv (tests/test_native_conv.py has its own
+# shapes) on one of each kind: cubic, an even kernel height, matmul weight gradient, few channels
+@pytest.mark.parametrize("kernel,cin,cout,direct", [c + (False,) for c in CASES] + [
+    CASES[i] + (True,) for i in (0, 4, 5, 7)])
 def test_valid_conv3d_equals_lax_values_and_gradients(kernel, cin, cout, direct):
     # cin 16: the weight gradient as matmuls (cpuconv.FLAT_WGRAD_MIN_CIN); 3: XLA's;
     # windows no wider than the output (27 · 1 <= 32): the forward as a sum of taps
