@@ -100,25 +100,25 @@ void Rows(const float* xp, const float* packed, float* y, const Geom& g, int64_t
 }
 
 // Units [0, units) shared among the caller and up to threads-1 tasks of XLA's intra-op pool:
-// each runner takes a slot (0 .. threads-1) and then units until none is left. A task the
+// each runner takes units until none is left (a unit's result must not depend on which
+// runner computed it: results stay the same bits whatever the timing). A task the
 // pool starts late finds none and returns; the caller waits only for units being computed
 // (taken by a runner), never for a queued task, so a busy pool cannot deadlock it.
 struct Shared {
-  std::function<void(int64_t slot, int64_t unit)> fn;
+  std::function<void(int64_t unit)> fn;
   int64_t units = 0;
-  std::atomic<int64_t> next{0}, done{0}, slots{0};
+  std::atomic<int64_t> next{0}, done{0};
 
   void Run() {
-    const int64_t slot = slots.fetch_add(1);
     for (int64_t u; (u = next.fetch_add(1)) < units;) {
-      fn(slot, u);
+      fn(u);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
 void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t units,
-                 std::function<void(int64_t, int64_t)> fn) {
+                 std::function<void(int64_t)> fn) {
   auto shared = std::make_shared<Shared>();
   shared->fn = std::move(fn);
   shared->units = units;
@@ -140,12 +140,19 @@ Floats Zeros(int64_t n) {   // 32-byte aligned, zero-filled; null if out of memo
 
 int64_t Threads(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
 
+// The geometry of a VALID conv of xp (N, X', Y', Z', Cin) by a kernel (kd, kh, kw, Cin, Cout)
+// into y (N, X, Y, Z, Cout); false when the three shapes do not form one.
+template <typename D>
+bool MakeGeom(const D& xd, const D& wd, const D& yd, Geom& g) {
+  g = Geom{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4],
+           wd[0], wd[1], wd[2], (wd[4] + kLanes - 1) / kLanes};
+  return wd[3] == g.cin && wd[4] == g.cout && yd[0] == g.n && g.x == g.xp - g.kd + 1 &&
+         g.y == g.yp - g.kh + 1 && g.z == g.zp - g.kw + 1;
+}
+
 ffi::Error Conv3d(ffi::ThreadPool pool, Volume xp, Volume w, ffi::Result<Volume> y) {
-  const auto xd = xp.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  const Geom g{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4],
-               wd[0], wd[1], wd[2], (wd[4] + kLanes - 1) / kLanes};
-  if (wd[3] != g.cin || wd[4] != g.cout || yd[0] != g.n || g.x != g.xp - g.kd + 1 ||
-      g.y != g.yp - g.kh + 1 || g.z != g.zp - g.kw + 1) {
+  Geom g;
+  if (!MakeGeom(xp.dimensions(), w.dimensions(), y->dimensions(), g)) {
     return ffi::Error::InvalidArgument("hrseg conv3d: shapes do not form a VALID conv");
   }
   // weights packed per block of 16 output channels: [block][a][b][c][i][16], zero-filled
@@ -162,7 +169,7 @@ ffi::Error Conv3d(ffi::ThreadPool pool, Volume xp, Volume w, ffi::Result<Volume>
   const int64_t per = std::max<int64_t>(1, rows / (8 * threads));
   const float *x = xp.typed_data(), *wp = packed.get();
   float* out = y->typed_data();
-  ParallelFor(pool, threads, (rows + per - 1) / per, [&](int64_t, int64_t u) {
+  ParallelFor(pool, threads, (rows + per - 1) / per, [&](int64_t u) {
     Rows(x, wp, out, g, u * per, std::min(rows, (u + 1) * per));
   });
   return ffi::Error::Success();
@@ -225,11 +232,8 @@ constexpr WTileFn kWTiles[kRows + 1] = {nullptr, WTile<1>, WTile<2>, WTile<3>,
                                         WTile<4>, WTile<5>, WTile<6>};
 
 ffi::Error Conv3dWeightGrad(ffi::ThreadPool pool, Volume xp, Volume gy, ffi::Result<Volume> dw) {
-  const auto xd = xp.dimensions(), gd = gy.dimensions(), wd = dw->dimensions();
-  const Geom g{xd[0], xd[1], xd[2], xd[3], xd[4], gd[1], gd[2], gd[3], gd[4],
-               wd[0], wd[1], wd[2], (wd[4] + kLanes - 1) / kLanes};
-  if (wd[3] != g.cin || wd[4] != g.cout || gd[0] != g.n || g.x != g.xp - g.kd + 1 ||
-      g.y != g.yp - g.kh + 1 || g.z != g.zp - g.kw + 1) {
+  Geom g;
+  if (!MakeGeom(xp.dimensions(), dw->dimensions(), gy.dimensions(), g)) {
     return ffi::Error::InvalidArgument("hrseg conv3d weight gradient: shapes do not match");
   }
   const int64_t size = g.kd * g.kh * g.kw * g.cin * g.cout, k_len = g.kw * g.cin;
@@ -250,7 +254,7 @@ ffi::Error Conv3dWeightGrad(ffi::ThreadPool pool, Volume xp, Volume gy, ffi::Res
     if (!sums.back()) return ffi::Error::Internal("hrseg conv3d weight gradient: out of memory");
   }
   const float *x = xp.typed_data(), *gr = gy.typed_data();
-  ParallelFor(pool, threads, parts, [&](int64_t, int64_t p) {
+  ParallelFor(pool, threads, parts, [&](int64_t p) {
     for (int64_t u = p * chunks / parts; u < (p + 1) * chunks / parts; ++u) {
       const int64_t r0 = u * per, r1 = std::min(rows, r0 + per);
       for (int64_t a = 0; a < g.kd; ++a)
