@@ -22,6 +22,10 @@ share the same host cores and do the same work plus the halos.
   of the halo conv's time.
 * ``exchange_share_of_step``: the sum of ``exchange_s`` over the step's convs over the 2×2×2
   step's time — the figure Hou et al. give as ~5 % of training time.
+* ``collectives_p8``: the collectives of the compiled 2×2×2 step (per device program), and
+  ``ppermute_s``: what one ppermute of a face slab costs on these fake devices, in a chain as
+  a halo exchange's dims run (the in-process rendezvous of 8 device programs on the host's
+  cores: ~0.2–0.4 ms whatever the slab's size).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ if "jax" not in sys.modules:   # fake devices must be requested before jax is im
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import time
@@ -45,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from hrseg import runtime
@@ -104,11 +110,14 @@ def conv_pair(mesh, size: int, cin: int, cout: int, repeats: int) -> dict:
 
 
 def _step_runner(cfg, n: int, size: int):
-    """A closure running one training step (blocking) on ``n`` devices (1: backend none)."""
+    """A closure running one training step (blocking) on ``n`` devices: the halo backend on a
+    2×2×2 or a 1×1×1 mesh, as `hrseg train` runs (``mesh.backend: halo``, its default, also on
+    one device; the arrays are then local to the device, so the C++ direct conv runs in an
+    8-device process too, where GSPMD's global arrays of backend ``none`` would not get it)."""
     opt = optax.adam(1e-3)
     graphdef, state = step.init_state(unet.build(cfg, in_channels=1, rngs=nnx.Rngs(0)), opt)
     mesh = partition.make_mesh(SPLIT if n == 8 else (1, 1, 1), devices=jax.devices()[:n])
-    layout = partition.layout(mesh, "halo" if n == 8 else "none")
+    layout = partition.layout(mesh, "halo")
     fn = step.make_train_step(graphdef, opt, losses.get(*LOSS), layout)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, size, size, size, 1)).astype(np.float32)
@@ -120,7 +129,41 @@ def _step_runner(cfg, n: int, size: int):
         box[0], m = fn(box[0], xs, ys)
         jax.block_until_ready(m["loss"])
     run()                                   # compile and warm up
+    run.hlo = lambda: fn.lower(box[0], xs, ys).compile().as_text()
     return run
+
+
+def collectives(hlo: str) -> dict:
+    """How many collectives of each kind the compiled step runs (per device program)."""
+    return {k: len(re.findall(rf"= \S+ {k}(?:-start)?\(", hlo))
+            for k in ("collective-permute", "all-reduce", "all-gather", "all-to-all")}
+
+
+def ppermute_cost(mesh, size: int, channels: int, repeats: int, chain: int = 40) -> float:
+    """Seconds one ppermute of a face slab (1×1×S/2×S/2×C per shard, along x) adds when each
+    depends on the one before, as the dims of a halo exchange do: a chain of ``chain`` of
+    them against the same chain of slab sums without them."""
+    spec = P(None, "x", "y", "z", None)
+    x = jax.device_put(np.ones((1, size, size, size, channels), np.float32),
+                       jax.NamedSharding(mesh, spec))
+
+    def body(send):
+        def f(x):
+            acc = x
+            for _ in range(chain):
+                piece = acc[:, :1]
+                if send:
+                    piece = lax.ppermute(piece, "x", [(0, 1), (1, 0)])
+                acc = acc + piece.sum()
+            return acc
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec))
+
+    on, off = body(True), body(False)
+    t_on, t_off = [], []
+    for _ in range(repeats):
+        t_on += _timed(on, (x,), 1)
+        t_off += _timed(off, (x,), 1)
+    return (statistics.median(t_on) - statistics.median(t_off)) / chain
 
 
 def _config(args) -> ModelConfig:
@@ -156,7 +199,8 @@ def wall(args) -> dict:
     solo = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True,
                                      env=env).stdout)
     p8 = statistics.median(times[8])
-    return {"p1_s": statistics.median(times[1]), "p8_s": p8,
+    return {"collectives_p8": collectives(fns[8].hlo()),
+            "p1_s": statistics.median(times[1]), "p8_s": p8,
             "p1_steps": times[1], "p8_steps": times[8], "wall_ratio_p8": ratio,
             "p1_alone_s": statistics.median(solo), "p1_alone_steps": solo,
             "wall_ratio_p8_vs_alone": p8 / statistics.median(solo)}
@@ -199,6 +243,7 @@ def main(argv=None) -> dict:
         out["levels"] = levels
         out["exchange_s_per_step"] = total
         out["exchange_share_of_step"] = total / out["p8_s"]
+        out["ppermute_s"] = ppermute_cost(mesh, args.size, args.base, args.repeats)
     out["targets"] = {"wall_ratio_p8": "<= 1.10"}
     record.emit(out, args.out)
     return out

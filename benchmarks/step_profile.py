@@ -106,8 +106,9 @@ def _hlo_tables(text: str):
         line = m.group(0)
         op = re.search(r'op_name="([^"]*)"', line)
         sf = re.search(r"stack_frame_id=(\d+)", line)
+        target = re.search(r'custom_call_target="([^"]*)"', line)
         inst[m.group(1)] = (op.group(1) if op else "", int(sf.group(1)) if sf else 0,
-                            m.group(2))
+                            m.group(2), target.group(1) if target else "")
     return inst, stack
 
 
@@ -129,10 +130,14 @@ def _kernel_shaped(shape: str) -> bool:
         ("f32[3,3,3", "f32[1,3,3", "f32[3,3,1"))
 
 
-def kind_of(op_name: str, stack: list[str], shape: str = "") -> str:
-    """A thunk's kind from its stack (innermost first), op_name and shape."""
+def kind_of(op_name: str, stack: list[str], shape: str = "", target: str = "") -> str:
+    """A thunk's kind from its stack (innermost first), op_name, shape and custom-call target."""
     frame = stack[0] if stack else ""
-    if "native.py" in frame:             # the C++ direct conv's custom calls (and casts)
+    if target.startswith("hrseg_conv3d"):   # the C++ direct conv (its backward's stack is the
+        if target == "hrseg_conv3d_weight_grad":   # custom VJP's call site)
+            return "conv weight gradient"
+        return "conv input gradient" if "transpose(" in op_name else "conv forward"
+    if "native.py" in frame:             # the casts around the direct conv's custom calls
         if _kernel_shaped(shape):
             return "conv weight gradient"
         return "conv input gradient" if "transpose(" in op_name else "conv forward"
@@ -173,8 +178,8 @@ def hrseg_profile(size: int, steps: int, preset: str) -> dict:
     kinds, top = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("ph") == "X" and e["name"] in inst:
-            op, fid, shape = inst[e["name"]]
-            k = kind_of(op, stack(fid), shape)
+            op, fid, shape, target = inst[e["name"]]
+            k = kind_of(op, stack(fid), shape, target)
             kinds[k] += e["dur"] / 1e3 / steps
             top[(k, e["name"])] += e["dur"] / 1e3 / steps
     return {"wall_s": statistics.median(wall), "ms_per_step": dict(kinds.most_common()),

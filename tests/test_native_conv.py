@@ -3,6 +3,7 @@ gradients, at the sizes the tool trains (64³ × 32) and at odd ones (tiles of 1
 output channels not a multiple of 16, batch 2, anisotropic kernels, 16-bit inputs); where it
 cannot be built, hrseg says why and runs the wide-image formulation with the same results."""
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -32,7 +33,8 @@ def _xla(xp, w):
 
 def test_it_is_built_and_used_here():
     assert native.available(), native.status()
-    assert native.status().startswith("native conv3d: on, built ")
+    bits = 512 if native.isa() == "avx512" else 256
+    assert native.status().startswith(f"native conv3d: on, {bits}-bit, built ")
     assert cpuconv.direct_here()             # one device: the arrays are local
     x = jnp.ones((1, 6, 6, 6, 4))
     w = jnp.ones((3, 3, 3, 4, 8))
@@ -42,13 +44,18 @@ def test_it_is_built_and_used_here():
     assert "hrseg_conv3d" not in text        # model.conv: wide keeps the 2D-conv formulation
 
 
-@pytest.mark.parametrize("shape,kernel", [
+# tiles: AVX2 6 z × 16 outputs, AVX-512 12 × 32
+ODD = [
     ((1, 6, 7, 9, 3), (3, 3, 3, 3, 5)),       # z 7: one tile of 6 and one of 1
     ((2, 10, 9, 13, 32), (3, 3, 3, 32, 32)),  # batch 2, z 11 = 6 + 5
     ((1, 5, 8, 6, 4), (3, 1, 5, 4, 20)),      # anisotropic, 20 = 16 + 4 output channels
     ((1, 4, 4, 4, 8), (1, 3, 3, 8, 17)),
     ((2, 9, 8, 7, 16), (3, 2, 5, 16, 4)),     # even kernel height (VALID), z 3
-])
+    ((1, 5, 4, 19, 6), (3, 3, 3, 6, 39)),     # z 17 = 12 + 5, 39 = 32 + 7 = 2·16 + 7 outputs
+]
+
+
+@pytest.mark.parametrize("shape,kernel", ODD)
 def test_forward_and_weight_gradient_equal_xla(shape, kernel):
     xp = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), kernel)
@@ -128,6 +135,52 @@ def test_hrseg_native_0_turns_it_off(tmp_path):
     status, used = r.stdout.strip().splitlines()[-2:]
     assert status == "native conv3d: off, HRSEG_NATIVE=0" and used.startswith("wide ")
     assert not (tmp_path / "nc").exists()                 # not even built
+
+
+def test_a_bad_isa_setting_says_so_and_runs_the_wide_formulation(tmp_path):
+    r = _child({"HRSEG_NATIVE_ISA": "sse9"}, tmp_path)
+    assert r.returncode == 0, r.stderr
+    status, used = r.stdout.strip().splitlines()[-2:]
+    assert status.startswith("native conv3d: off, HRSEG_NATIVE_ISA='sse9': expected one of")
+    assert used.startswith("wide ")
+
+
+def _isa_results() -> list:
+    """Forward and weight gradient of the odd cases and one 32³ × 32 block, as numpy arrays."""
+    out = []
+    for i, (shape, kernel) in enumerate(ODD + [((1, 34, 34, 34, 32), (3, 3, 3, 32, 32))]):
+        xp = jax.random.normal(jax.random.key(i), shape)
+        w = jax.random.normal(jax.random.key(100 + i), kernel)
+        y = jax.jit(native.conv3d)(xp, w)
+        g = jax.random.normal(jax.random.key(200 + i), y.shape)
+        dw = jax.jit(lambda xp, g, k=kernel: native.conv3d_weight_grad(xp, g, k))(xp, g)
+        out += [np.asarray(y), np.asarray(dw)]
+    return out
+
+
+@pytest.mark.skipif(native.isa() != "avx512", reason="this CPU has no AVX-512: one build only")
+def test_the_avx2_build_gives_the_avx512_builds_bits(tmp_path):
+    """Each output sums its terms in the same order at either vector width: a run moved to a
+    CPU without AVX-512 (or resumed there) repeats its numbers bit for bit."""
+    here = _isa_results()
+    child = textwrap.dedent(f"""
+        import pickle, sys
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import test_native_conv as t
+        print(t.native.status())
+        pickle.dump(t._isa_results(), open({str(tmp_path / "avx2.pkl")!r}, "wb"))
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HRSEG_NATIVE_ISA": "avx2",
+           "HRSEG_NATIVE_DIR": str(tmp_path / "nc")}
+    r = subprocess.run([sys.executable, "-c", child], check=False, capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "native conv3d: on, 256-bit" in r.stdout, r.stdout
+    there = pickle.loads((tmp_path / "avx2.pkl").read_bytes())
+    assert len(there) == len(here) == 2 * (len(ODD) + 1)
+    for a, b in zip(here, there):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_weight_gradient_is_the_same_bits_on_every_call():

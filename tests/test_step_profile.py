@@ -37,6 +37,9 @@ ENTRY %main {
   %ynn_fusion.4 = f32[1,66,4096,96]{3,2,1,0} fusion(%e), metadata={op_name="jit(train_step)/transpose(jvp())/conv_general_dilated" stack_frame_id=3}
   %slice.5 = f32[278652,32]{1,0} fusion(%f), metadata={op_name="jit(train_step)/transpose(jvp())/slice" stack_frame_id=3}
   %convolution.6 = f32[3,3,3,1,32]{4,3,2,1,0} convolution(%g, %h), metadata={op_name="jit(train_step)/transpose(jvp())/conv_general_dilated" stack_frame_id=3}
+  %ffi_call.7 = f32[1,64,64,64,32]{4,3,2,1,0} custom-call(%i, %j), custom_call_target="hrseg_conv3d", metadata={op_name="jit(train_step)/jvp()/ffi_call" stack_frame_id=3}
+  %ffi_call.8 = f32[1,66,66,66,32]{4,3,2,1,0} custom-call(%k, %l), custom_call_target="hrseg_conv3d", metadata={op_name="jit(train_step)/transpose(jvp())/ffi_call" stack_frame_id=3}
+  %ffi_call.9 = f32[3,3,3,32,32]{4,3,2,1,0} custom-call(%m, %n), custom_call_target="hrseg_conv3d_weight_grad", metadata={op_name="jit(train_step)/transpose(jvp())/ffi_call" stack_frame_id=3}
 }
 """
 
@@ -44,13 +47,17 @@ ENTRY %main {
 def test_thunks_get_the_kind_of_their_pass():
     import step_profile as sp
     inst, stack = sp._hlo_tables(HLO)
-    kinds = {n: sp.kind_of(op, stack(fid), shape) for n, (op, fid, shape) in inst.items()}
+    kinds = {n: sp.kind_of(op, stack(fid), shape, target)
+             for n, (op, fid, shape, target) in inst.items()}
     assert kinds == {"ynn_fusion.1": "conv forward",
                      "mul.2": "batch norm + activation (backward)",
                      "dot_general.3": "conv weight gradient",
                      "ynn_fusion.4": "conv input gradient",
                      "slice.5": "conv backward: copies",
-                     "convolution.6": "conv weight gradient"}   # XLA's backprop-filter conv
+                     "convolution.6": "conv weight gradient",   # XLA's backprop-filter conv
+                     "ffi_call.7": "conv forward",              # the C++ direct conv's calls,
+                     "ffi_call.8": "conv input gradient",       # whose backward's stack is
+                     "ffi_call.9": "conv weight gradient"}      # the custom VJP's call site
     assert stack(1) == ["cpuconv.py:_taps"] and sp.kind_of("", [], "") == "other"
 
 

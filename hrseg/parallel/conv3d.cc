@@ -3,21 +3,27 @@
 //   y[n, x, y, z, o] = sum_{a, b, c, i} xp[n, x + a, y + b, z + c, i] * w[a, b, c, i, o]
 //
 // xp (N, X', Y', Z', Cin) float32, w (kd, kh, kw, Cin, Cout) float32 -> y (N, X, Y, Z, Cout).
-// Each output row (n, x, y) is computed in tiles of 6 z positions x 16 output channels held
-// in 12 AVX2 registers; for a tap row (a, b) the kw * Cin inputs of one z position lie side
-// by side in xp, so the reduction is one contiguous loop of length kw * Cin against the
-// weights packed per 16 output channels. No padded grid, no im2col copy: every output is
+// Each output row (n, x, y) is computed in tiles of kRows z positions x kLanes output
+// channels held in 2 * kRows vector registers (AVX-512: 12 x 32 in 24 of its 32 registers;
+// AVX2: 6 x 16 in 12 of 16); for a tap row (a, b) the kw * Cin inputs of one z position lie
+// side by side in xp, so the reduction is one contiguous loop of length kw * Cin against the
+// weights packed per kLanes output channels. No padded grid, no im2col copy: every output is
 // computed once, from xp as it is. Rows are shared among XLA's intra-op threads.
-// Built by hrseg/parallel/native.py (g++ -O3 -mavx2 -mfma) and called through jax.ffi.
+// Every output sums its terms in the same order whichever vector width is built, so the
+// AVX-512 and AVX2 builds give the same bits.
+// Built by hrseg/parallel/native.py (g++ -O3 -mavx2 -mfma [-mavx512f]) and called through
+// jax.ffi.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -27,21 +33,55 @@ using Volume = ffi::Buffer<ffi::F32, 5>;   // (N, X, Y, Z, C) or (kd, kh, kw, Ci
 
 namespace {
 
-constexpr int64_t kLanes = 16;   // output channels per tile (two 8-float registers)
-constexpr int kRows = 6;         // z positions per tile
+// ---- one vector register of floats; the ...N forms touch only the first n lanes (n <= 0:
+// none, no memory read or written)
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int64_t kWidth = 16;
+constexpr int kRows = 12;        // z positions per tile
+#define HRSEG_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+inline __mmask16 Mask(int64_t n) {
+  return n <= 0 ? 0 : n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+}
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec Bcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec LoadN(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(Mask(n), p); }
+inline void StoreN(float* p, Vec v, int64_t n) { _mm512_mask_storeu_ps(p, Mask(n), v); }
+constexpr bool kAvx512 = true;
+#else
+using Vec = __m256;
+constexpr int64_t kWidth = 8;
+constexpr int kRows = 6;
+#define HRSEG_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+inline __m256i Mask(int64_t n) {
+  const int32_t k = static_cast<int32_t>(std::clamp<int64_t>(n, 0, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec Bcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec LoadN(const float* p, int64_t n) { return _mm256_maskload_ps(p, Mask(n)); }
+inline void StoreN(float* p, Vec v, int64_t n) { _mm256_maskstore_ps(p, Mask(n), v); }
+constexpr bool kAvx512 = false;
+#endif
+constexpr int64_t kLanes = 2 * kWidth;   // output channels per tile (two registers)
 constexpr int64_t kParts = 8;    // weight gradient: partial sums, whatever the thread count
 
 struct Geom {
   int64_t n, xp, yp, zp, cin, x, y, z, cout, kd, kh, kw, blocks;
 };
 
-// One tile: M z positions from `in` (xp at [n, x, y, z0, 0]), 16 output channels from the
-// packed block `wp`, written to `out` (y at [n, x, y, z0, o0]); `valid` channels are kept.
+// One tile: M z positions from `in` (xp at [n, x, y, z0, 0]), kLanes output channels from
+// the packed block `wp`, written to `out` (y at [n, x, y, z0, o0]); `valid` channels are kept.
 // The 2·M accumulators are named variables, not an array, so that they stay in registers.
-#define HRSEG_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
 template <int M>
 inline void Tile(const float* in, const float* wp, float* out, const Geom& g, int64_t valid) {
-#define HRSEG_ZERO(m) __m256 lo##m = _mm256_setzero_ps(), hi##m = _mm256_setzero_ps();
+#define HRSEG_ZERO(m) Vec lo##m = Zero(), hi##m = Zero();
   HRSEG_ROWS(HRSEG_ZERO)
   const int64_t k_len = g.kw * g.cin, cin = g.cin;
   for (int64_t a = 0; a < g.kd; ++a) {
@@ -49,36 +89,37 @@ inline void Tile(const float* in, const float* wp, float* out, const Geom& g, in
       const float* row = in + (a * g.yp + b) * g.zp * cin;
       const float* w = wp + (a * g.kh + b) * k_len * kLanes;
       for (int64_t k = 0; k < k_len; ++k, w += kLanes) {
-        const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
+        const Vec w0 = Load(w), w1 = Load(w + kWidth);
 #define HRSEG_FMA(m)                                                  \
   if constexpr (M > m) {                                              \
-    const __m256 v = _mm256_broadcast_ss(row + m * cin + k);          \
-    lo##m = _mm256_fmadd_ps(v, w0, lo##m);                            \
-    hi##m = _mm256_fmadd_ps(v, w1, hi##m);                            \
+    const Vec v = Bcast(row + m * cin + k);                           \
+    lo##m = Fma(v, w0, lo##m);                                        \
+    hi##m = Fma(v, w1, hi##m);                                        \
   }
         HRSEG_ROWS(HRSEG_FMA)
       }
     }
   }
-  alignas(32) float tmp[kLanes];
 #define HRSEG_STORE(m)                                                \
   if constexpr (M > m) {                                              \
     float* o = out + m * g.cout;                                      \
     if (valid == kLanes) {                                            \
-      _mm256_storeu_ps(o, lo##m);                                     \
-      _mm256_storeu_ps(o + 8, hi##m);                                 \
+      Store(o, lo##m);                                                \
+      Store(o + kWidth, hi##m);                                       \
     } else {                                                          \
-      _mm256_store_ps(tmp, lo##m);                                    \
-      _mm256_store_ps(tmp + 8, hi##m);                                \
-      std::copy(tmp, tmp + valid, o);                                 \
+      StoreN(o, lo##m, valid);                                        \
+      StoreN(o + kWidth, hi##m, valid - kWidth);                      \
     }                                                                 \
   }
   HRSEG_ROWS(HRSEG_STORE)
 }
 
 using TileFn = void (*)(const float*, const float*, float*, const Geom&, int64_t);
-constexpr TileFn kTiles[kRows + 1] = {nullptr, Tile<1>, Tile<2>, Tile<3>,
-                                      Tile<4>, Tile<5>, Tile<6>};
+template <size_t... I>
+constexpr std::array<TileFn, kRows + 1> MakeTiles(std::index_sequence<I...>) {
+  return {nullptr, Tile<static_cast<int>(I) + 1>...};
+}
+constexpr auto kTiles = MakeTiles(std::make_index_sequence<kRows>());
 
 // Output rows [r0, r1) of the flattened (n, x, y) grid.
 void Rows(const float* xp, const float* packed, float* y, const Geom& g, int64_t r0,
@@ -131,9 +172,9 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t threads, int64_t units,
 
 using Floats = std::unique_ptr<float, decltype(&std::free)>;
 
-Floats Zeros(int64_t n) {   // 32-byte aligned, zero-filled; null if out of memory
-  const int64_t bytes = ((std::max<int64_t>(1, n) * 4 + 31) / 32) * 32;
-  Floats p(static_cast<float*>(std::aligned_alloc(32, bytes)), &std::free);
+Floats Zeros(int64_t n) {   // 64-byte aligned, zero-filled; null if out of memory
+  const int64_t bytes = ((std::max<int64_t>(1, n) * 4 + 63) / 64) * 64;
+  Floats p(static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
   if (p) std::fill(p.get(), p.get() + bytes / 4, 0.0f);
   return p;
 }
@@ -182,18 +223,14 @@ ffi::Error Conv3d(ffi::ThreadPool pool, Volume xp, Volume w, ffi::Result<Volume>
 template <int M>
 inline void WTile(const float* x, const float* gr, const Geom& g, int64_t r0, int64_t r1,
                   int64_t a, int64_t b, int64_t k0, int64_t o0, float* dw) {
-  const int64_t valid = std::min(kLanes, g.cout - o0);
+  const int64_t valid = std::min(kLanes, g.cout - o0), v1 = valid - kWidth;
   const bool full = valid == kLanes;
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(valid)), lanes);
-  const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(valid) - 8), lanes);
   float* d = dw + ((a * g.kh + b) * g.kw * g.cin + k0) * g.cout + o0;
 #define HRSEG_WLOAD(m)                                                                \
-  __m256 lo##m = _mm256_setzero_ps(), hi##m = _mm256_setzero_ps();                    \
+  Vec lo##m = Zero(), hi##m = Zero();                                                 \
   if constexpr (M > m) {                                                              \
-    lo##m = full ? _mm256_loadu_ps(d + m * g.cout) : _mm256_maskload_ps(d + m * g.cout, m0); \
-    hi##m = full ? _mm256_loadu_ps(d + m * g.cout + 8)                                \
-                 : _mm256_maskload_ps(d + m * g.cout + 8, m1);                        \
+    lo##m = full ? Load(d + m * g.cout) : LoadN(d + m * g.cout, valid);               \
+    hi##m = full ? Load(d + m * g.cout + kWidth) : LoadN(d + m * g.cout + kWidth, v1); \
   }
   HRSEG_ROWS(HRSEG_WLOAD)
   const int64_t cin = g.cin;
@@ -202,13 +239,13 @@ inline void WTile(const float* x, const float* gr, const Geom& g, int64_t r0, in
     const float* xr = x + (((nn * g.xp + xx + a) * g.yp + yy + b) * g.zp) * cin + k0;
     const float* grow = gr + r * g.z * g.cout + o0;
     for (int64_t z = 0; z < g.z; ++z, xr += cin, grow += g.cout) {
-      const __m256 g0 = full ? _mm256_loadu_ps(grow) : _mm256_maskload_ps(grow, m0);
-      const __m256 g1 = full ? _mm256_loadu_ps(grow + 8) : _mm256_maskload_ps(grow + 8, m1);
+      const Vec g0 = full ? Load(grow) : LoadN(grow, valid);
+      const Vec g1 = full ? Load(grow + kWidth) : LoadN(grow + kWidth, v1);
 #define HRSEG_WFMA(m)                                                 \
   if constexpr (M > m) {                                              \
-    const __m256 v = _mm256_broadcast_ss(xr + m);                     \
-    lo##m = _mm256_fmadd_ps(v, g0, lo##m);                            \
-    hi##m = _mm256_fmadd_ps(v, g1, hi##m);                            \
+    const Vec v = Bcast(xr + m);                                      \
+    lo##m = Fma(v, g0, lo##m);                                        \
+    hi##m = Fma(v, g1, hi##m);                                        \
   }
       HRSEG_ROWS(HRSEG_WFMA)
     }
@@ -216,11 +253,11 @@ inline void WTile(const float* x, const float* gr, const Geom& g, int64_t r0, in
 #define HRSEG_WSTORE(m)                                                               \
   if constexpr (M > m) {                                                              \
     if (full) {                                                                       \
-      _mm256_storeu_ps(d + m * g.cout, lo##m);                                        \
-      _mm256_storeu_ps(d + m * g.cout + 8, hi##m);                                    \
+      Store(d + m * g.cout, lo##m);                                                   \
+      Store(d + m * g.cout + kWidth, hi##m);                                          \
     } else {                                                                          \
-      _mm256_maskstore_ps(d + m * g.cout, m0, lo##m);                                 \
-      _mm256_maskstore_ps(d + m * g.cout + 8, m1, hi##m);                             \
+      StoreN(d + m * g.cout, lo##m, valid);                                           \
+      StoreN(d + m * g.cout + kWidth, hi##m, v1);                                     \
     }                                                                                 \
   }
   HRSEG_ROWS(HRSEG_WSTORE)
@@ -228,8 +265,11 @@ inline void WTile(const float* x, const float* gr, const Geom& g, int64_t r0, in
 
 using WTileFn = void (*)(const float*, const float*, const Geom&, int64_t, int64_t, int64_t,
                          int64_t, int64_t, int64_t, float*);
-constexpr WTileFn kWTiles[kRows + 1] = {nullptr, WTile<1>, WTile<2>, WTile<3>,
-                                        WTile<4>, WTile<5>, WTile<6>};
+template <size_t... I>
+constexpr std::array<WTileFn, kRows + 1> MakeWTiles(std::index_sequence<I...>) {
+  return {nullptr, WTile<static_cast<int>(I) + 1>...};
+}
+constexpr auto kWTiles = MakeWTiles(std::make_index_sequence<kRows>());
 
 ffi::Error Conv3dWeightGrad(ffi::ThreadPool pool, Volume xp, Volume gy, ffi::Result<Volume> dw) {
   Geom g;
@@ -290,7 +330,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HrsegConv3dWeightGrad, Conv3dWeightGrad,
                                   .Arg<Volume>()
                                   .Ret<Volume>());
 
+// Whether this CPU runs the build: AVX2 and FMA, and AVX-512F where it was built for it.
 extern "C" int hrseg_conv3d_supported() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         (!kAvx512 || __builtin_cpu_supports("avx512f"));
 }
+
+// The vector width built: 512 or 256 bits.
+extern "C" int hrseg_conv3d_vector_bits() { return kAvx512 ? 512 : 256; }

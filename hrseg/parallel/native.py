@@ -4,10 +4,13 @@ XLA:CPU has no fast 3D convolution: its own runs at ~25 GFLOP/s here, and the wi
 formulation of :mod:`hrseg.parallel.cpuconv` computes the padded grid and sums stacked taps
 (issue 33's profile: the conv forward 2.2× oneDNN's). ``conv3d.cc`` computes each output once,
 in tiles of 6 z positions × 16 output channels held in AVX2 registers, straight from the
-padded block (no im2col copy), its rows shared among XLA's intra-op threads.
+padded block (no im2col copy), its rows shared among XLA's intra-op threads. On a CPU with
+AVX-512 it is built for 512-bit registers (tiles of 12 z × 32 outputs), else for AVX2 (6 × 16);
+each output sums its terms in the same order in both, so both give the same bits.
+``HRSEG_NATIVE_ISA=avx2`` (or ``avx512``) picks one by hand.
 
 The library is compiled on first use with the machine's C++ compiler (``g++ -O3 -mavx2
--mfma``, ~4 s) into ``$HRSEG_NATIVE_DIR`` (default ``~/.cache/hrseg/native``), named by the hash
+-mfma [-mavx512f]``, ~4 s) into ``$HRSEG_NATIVE_DIR`` (default ``~/.cache/hrseg/native``), named by the hash
 of its source, the flags and jaxlib's version, written to a temporary name and renamed, so
 two processes building at once both end with a whole library. It is used only where it can
 run: a CPU with AVX2 and FMA, a compiler, ``HRSEG_NATIVE`` not ``0``. Anywhere else
@@ -35,6 +38,30 @@ from hrseg.parallel.exchange import mesh_order, varying
 SOURCE = Path(__file__).with_name("conv3d.cc")
 TARGETS = {"hrseg_conv3d": "HrsegConv3d", "hrseg_conv3d_weight_grad": "HrsegConv3dWeightGrad"}
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
+ISA_FLAGS = {"avx2": (), "avx512": ("-mavx512f",)}
+
+
+def isa() -> str:
+    """The vector instructions to build for: ``$HRSEG_NATIVE_ISA`` if set, else ``avx512``
+    where the CPU lists AVX-512F (Linux's /proc/cpuinfo), else ``avx2``."""
+    chosen = os.environ.get("HRSEG_NATIVE_ISA", "")
+    if chosen:
+        return chosen
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512" if "avx512f" in line.split() else "avx2"
+    except OSError:
+        pass
+    return "avx2"
+
+
+def flags() -> tuple[str, ...]:
+    chosen = isa()
+    if chosen not in ISA_FLAGS:
+        raise RuntimeError(f"HRSEG_NATIVE_ISA={chosen!r}: expected one of {sorted(ISA_FLAGS)}")
+    return FLAGS + ISA_FLAGS[chosen]
 
 
 def cache_dir() -> Path:
@@ -45,7 +72,7 @@ def cache_dir() -> Path:
 
 def _library_path() -> Path:
     import jaxlib
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() +
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags()).encode() +
                          jaxlib.__version__.encode()).hexdigest()[:16]
     return cache_dir() / f"conv3d-{key}.so"
 
@@ -53,7 +80,7 @@ def _library_path() -> Path:
 def build() -> Path:
     """The compiled library's path, compiled now if it is not there. Raises ``RuntimeError``
     naming the compiler or the folder when it cannot be built."""
-    path = _library_path()
+    path = _library_path()                     # (raises RuntimeError for a bad HRSEG_NATIVE_ISA)
     if path.is_file():
         return path
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -66,7 +93,7 @@ def build() -> Path:
     except OSError as e:
         raise RuntimeError(f"cannot write to {path.parent}: {e.strerror or e}") from e
     try:
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [cxx, *flags(), f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
         r = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["?"])[-1]
@@ -99,11 +126,11 @@ def _load() -> tuple[bool, str]:
     except (RuntimeError, OSError) as e:
         return False, str(e)
     if not lib.hrseg_conv3d_supported():
-        return False, "this CPU lacks AVX2 or FMA"
+        return False, f"this CPU lacks {'AVX-512F, ' if isa() == 'avx512' else ''}AVX2 or FMA"
     for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
-    return True, f"built {_library_path()}"
+    return True, f"{lib.hrseg_conv3d_vector_bits()}-bit, built {_library_path()}"
 
 
 def available() -> bool:

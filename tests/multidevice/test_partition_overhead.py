@@ -38,6 +38,11 @@ def test_partition_overhead_json_at_toy_size(tmp_path):
         assert r["exchange_s"] == r["halo_s"] - r["zero_margin_s"]
     assert abs(d["exchange_s_per_step"] - sum(r["exchange_s"] for r in d["levels"])) < 1e-12
     assert d["date"] and "partition_overhead.py" in d["command"]
+    # per conv on 2-way axes: 3 ppermutes (one per dim, both sides in one) for the forward's
+    # halos, 3 to form them again in the backward, 3 to send the margins' gradients back;
+    # the first conv's input (the image) needs no gradient
+    assert d["collectives_p8"]["collective-permute"] == 9 * len(d["levels"]) - 3
+    assert d["collectives_p8"]["all-reduce"] > 0 and isinstance(d["ppermute_s"], float)
 
 
 def test_partition_overhead_refuses_a_size_it_cannot_split():
