@@ -80,7 +80,7 @@ def measure(size: int, cin: int, cout: int, kernel: int, repeats: int) -> dict:
         for p, f in fns.items():
             f = jax.jit(f)
             results[name, p] = jax.tree.leaves(f(xp, w, g))   # arguments, not constants:
-            out[f"{name}_{p}_s"] = round(_median(f, (xp, w, g), repeats), 4)  # no folding
+            out[f"{name}_{p}_s"] = round(_median(f, (xp, w, g), repeats), 6)  # µs: toy sizes take tens
     for p in ("forward", "input_grad", "weight_grad", "all"):
         for name, prefix in (("direct", ""), ("wide", "wide_")):
             if name in passes:
@@ -116,7 +116,7 @@ def measure_upconv(size: int, cout: int, repeats: int) -> dict:
     for name, impl in (("einsum", "xla"), ("flat", "wide")):
         f = grads(impl)
         res[name] = f(x, w, *taps)
-        out[f"upconv_{name}_s"] = round(_median(f, (x, w, *taps), repeats), 4)
+        out[f"upconv_{name}_s"] = round(_median(f, (x, w, *taps), repeats), 6)
     out["upconv_ratio"] = round(out["upconv_flat_s"] / out["upconv_einsum_s"], 3)
     out["max_rel_err"] = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                              for a, b in zip(res["flat"], res["einsum"]))

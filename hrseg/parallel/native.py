@@ -3,17 +3,16 @@
 XLA:CPU has no fast 3D convolution: its own runs at ~25 GFLOP/s here, and the wide-image
 formulation of :mod:`hrseg.parallel.cpuconv` computes the padded grid and sums stacked taps
 (issue 33's profile: the conv forward 2.2× oneDNN's). ``conv3d.cc`` computes each output once,
-in tiles of 6 z positions × 16 output channels held in AVX2 registers, straight from the
-padded block (no im2col copy), its rows shared among XLA's intra-op threads. On a CPU with
-AVX-512 it is built for 512-bit registers (tiles of 12 z × 32 outputs), else for AVX2 (6 × 16);
-each output sums its terms in the same order in both, so both give the same bits.
-``HRSEG_NATIVE_ISA=avx2`` (or ``avx512``) picks one by hand.
+in tiles of z positions × output channels held in vector registers, straight from the padded
+block (no im2col copy), its rows shared among XLA's intra-op threads: 12 × 32 on a CPU with
+AVX-512F, else 6 × 16 with AVX2. Each output sums its terms in the same order in both builds,
+so both give the same bits. ``HRSEG_NATIVE_ISA=avx2`` (or ``avx512``) picks one by hand.
 
 The library is compiled on first use with the machine's C++ compiler (``g++ -O3 -mavx2
--mfma [-mavx512f]``, ~4 s) into ``$HRSEG_NATIVE_DIR`` (default ``~/.cache/hrseg/native``), named by the hash
-of its source, the flags and jaxlib's version, written to a temporary name and renamed, so
-two processes building at once both end with a whole library. It is used only where it can
-run: a CPU with AVX2 and FMA, a compiler, ``HRSEG_NATIVE`` not ``0``. Anywhere else
+-mfma [-mavx512f]``, ~4 s) into ``$HRSEG_NATIVE_DIR`` (default ``~/.cache/hrseg/native``),
+named by the hash of its source, the flags and jaxlib's version, written to a temporary name
+and renamed, so two processes building at once both end with a whole library. It is used only
+where it can run: a CPU with AVX2 and FMA, a compiler, ``HRSEG_NATIVE`` not ``0``. Anywhere else
 :func:`available` is False and the wide-image formulation runs, with the same results up to
 the order of float additions. :func:`status` says which and why (``hrseg doctor``-style
 reports, the benchmarks' JSON).
