@@ -1,7 +1,8 @@
 """parallel/native.py + conv3d.cc: the C++ direct 3D conv equals XLA's conv, values and both
-gradients, at the sizes the tool trains (64³ × 32) and at odd ones (tiles of 1–5 z positions,
-output channels not a multiple of 16, batch 2, anisotropic kernels, 16-bit inputs); where it
-cannot be built, hrseg says why and runs the wide-image formulation with the same results."""
+gradients, at the sizes the tool trains (64³ × 32) and at odd ones (partial tiles of z positions
+and of output channels for both vector widths, batch 2, anisotropic kernels, 16-bit inputs); the
+AVX2 build gives the AVX-512 build's bits; where it cannot be built, hrseg says why and runs the
+wide-image formulation with the same results."""
 import os
 import pickle
 import subprocess
@@ -135,6 +136,25 @@ def test_hrseg_native_0_turns_it_off(tmp_path):
     status, used = r.stdout.strip().splitlines()[-2:]
     assert status == "native conv3d: off, HRSEG_NATIVE=0" and used.startswith("wide ")
     assert not (tmp_path / "nc").exists()                 # not even built
+
+
+@pytest.mark.parametrize("shape,kernel,pads", [
+    ((1, 10, 9, 13, 8), (3, 3, 3, 8, 32), ((1, 1), (1, 1), (1, 1))),   # SAME, z 13 = 12 + 1
+    ((2, 5, 6, 30, 5), (3, 3, 3, 5, 37), ((2, 2), (2, 2), (2, 2))),    # the input gradient's k-1
+    ((1, 7, 8, 9, 4), (3, 1, 5, 4, 20), ((1, 0), (0, 0), (2, 2))),     # uneven, anisotropic
+    ((1, 2, 3, 2, 3), (3, 3, 3, 3, 3), ((2, 2), (2, 2), (2, 2))),      # more padding than input
+])
+def test_padding_read_in_place_equals_the_padded_copy(shape, kernel, pads):
+    """conv3d(x, w, pads) skips the tap rows in the padding and stages the z edges with zeros:
+    the same bits as the conv of the padded copy."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), kernel)
+    y = jax.jit(lambda x, w: native.conv3d(x, w, pads))(x, w)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    np.testing.assert_array_equal(y, jax.jit(native.conv3d)(xp, w))
+    assert _rel(y, _xla(xp, w)) < 2e-6
+    with pytest.raises(ValueError, match="non-negative"):
+        native.conv3d(x, w, ((1, -1), (0, 0), (0, 0)))
 
 
 def test_a_bad_isa_setting_says_so_and_runs_the_wide_formulation(tmp_path):

@@ -8,7 +8,9 @@
 // AVX2: 6 x 16 in 12 of 16); for a tap row (a, b) the kw * Cin inputs of one z position lie
 // side by side in xp, so the reduction is one contiguous loop of length kw * Cin against the
 // weights packed per kLanes output channels. No padded grid, no im2col copy: every output is
-// computed once, from xp as it is. Rows are shared among XLA's intra-op threads.
+// computed once, from xp as it is; zero padding around xp (attributes pad_x/y/z) is read in
+// place: tap rows in it are skipped, z edges staged with zeros. Rows are shared among XLA's
+// intra-op threads.
 // Every output sums its terms in the same order whichever vector width is built, so the
 // AVX-512 and AVX2 builds give the same bits.
 // Built by hrseg/parallel/native.py (g++ -O3 -mavx2 -mfma [-mavx512f]) and called through
@@ -47,6 +49,7 @@ inline Vec Zero() { return _mm512_setzero_ps(); }
 inline Vec Load(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec Bcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec Add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
 inline void Store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec LoadN(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(Mask(n), p); }
 inline void StoreN(float* p, Vec v, int64_t n) { _mm512_mask_storeu_ps(p, Mask(n), v); }
@@ -64,40 +67,43 @@ inline Vec Zero() { return _mm256_setzero_ps(); }
 inline Vec Load(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec Bcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec Add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
 inline void Store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec LoadN(const float* p, int64_t n) { return _mm256_maskload_ps(p, Mask(n)); }
 inline void StoreN(float* p, Vec v, int64_t n) { _mm256_maskstore_ps(p, Mask(n), v); }
 constexpr bool kAvx512 = false;
 #endif
 constexpr int64_t kLanes = 2 * kWidth;   // output channels per tile (two registers)
-constexpr int64_t kParts = 8;    // weight gradient: partial sums, whatever the thread count
 
+// xp, yp, zp: the input's extent; px, py, pz: its implicit zero rows before the first (the
+// forward only: reads outside the input are zeros, so the caller need not pad it)
 struct Geom {
-  int64_t n, xp, yp, zp, cin, x, y, z, cout, kd, kh, kw, blocks;
+  int64_t n, xp, yp, zp, cin, x, y, z, cout, kd, kh, kw, blocks, px = 0, py = 0, pz = 0;
 };
 
-// One tile: M z positions from `in` (xp at [n, x, y, z0, 0]), kLanes output channels from
-// the packed block `wp`, written to `out` (y at [n, x, y, z0, o0]); `valid` channels are kept.
-// The 2·M accumulators are named variables, not an array, so that they stay in registers.
+// One tile: M z positions x kLanes output channels, written to `out` (y at [n, x, y, z0, o0]);
+// `valid` channels are kept. rows[t]: the input of tap row t (kw·Cin values per z position
+// from the tile's first z), taps[t]: its weights' offset in the packed block `wp`; tap rows
+// that fall in the zero padding are left out. The 2·M accumulators are named variables, not
+// an array, so that they stay in registers.
 template <int M>
-inline void Tile(const float* in, const float* wp, float* out, const Geom& g, int64_t valid) {
+inline void Tile(const float* const* rows, const int64_t* taps, int64_t nt, const float* wp,
+                 float* out, const Geom& g, int64_t valid) {
 #define HRSEG_ZERO(m) Vec lo##m = Zero(), hi##m = Zero();
   HRSEG_ROWS(HRSEG_ZERO)
   const int64_t k_len = g.kw * g.cin, cin = g.cin;
-  for (int64_t a = 0; a < g.kd; ++a) {
-    for (int64_t b = 0; b < g.kh; ++b) {
-      const float* row = in + (a * g.yp + b) * g.zp * cin;
-      const float* w = wp + (a * g.kh + b) * k_len * kLanes;
-      for (int64_t k = 0; k < k_len; ++k, w += kLanes) {
-        const Vec w0 = Load(w), w1 = Load(w + kWidth);
+  for (int64_t t = 0; t < nt; ++t) {
+    const float* row = rows[t];
+    const float* w = wp + taps[t];
+    for (int64_t k = 0; k < k_len; ++k, w += kLanes) {
+      const Vec w0 = Load(w), w1 = Load(w + kWidth);
 #define HRSEG_FMA(m)                                                  \
   if constexpr (M > m) {                                              \
     const Vec v = Bcast(row + m * cin + k);                           \
     lo##m = Fma(v, w0, lo##m);                                        \
     hi##m = Fma(v, w1, hi##m);                                        \
   }
-        HRSEG_ROWS(HRSEG_FMA)
-      }
+      HRSEG_ROWS(HRSEG_FMA)
     }
   }
 #define HRSEG_STORE(m)                                                \
@@ -114,27 +120,60 @@ inline void Tile(const float* in, const float* wp, float* out, const Geom& g, in
   HRSEG_ROWS(HRSEG_STORE)
 }
 
-using TileFn = void (*)(const float*, const float*, float*, const Geom&, int64_t);
+using TileFn = void (*)(const float* const*, const int64_t*, int64_t, const float*, float*,
+                        const Geom&, int64_t);
 template <size_t... I>
 constexpr std::array<TileFn, kRows + 1> MakeTiles(std::index_sequence<I...>) {
   return {nullptr, Tile<static_cast<int>(I) + 1>...};
 }
 constexpr auto kTiles = MakeTiles(std::make_index_sequence<kRows>());
 
-// Output rows [r0, r1) of the flattened (n, x, y) grid.
+// Output rows [r0, r1) of the flattened (n, x, y) grid. Per row, the tap rows (a, b) whose
+// input row lies inside the input; per tile of z positions, their inputs read in place, or,
+// for a tile whose window reaches into the z padding, copied with zeros into `stage`.
 void Rows(const float* xp, const float* packed, float* y, const Geom& g, int64_t r0,
           int64_t r1) {
-  const int64_t block = g.kd * g.kh * g.kw * g.cin * kLanes;
+  const int64_t block = g.kd * g.kh * g.kw * g.cin * kLanes, k_len = g.kw * g.cin;
+  const int64_t span = (kRows + g.kw - 1) * g.cin, nrows = g.kd * g.kh;
+  std::vector<float> stage(nrows * span);
+  std::vector<const float*> base(nrows), rows(nrows);
+  std::vector<int64_t> taps(nrows);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t yy = r % g.y, xx = (r / g.y) % g.x, nn = r / (g.y * g.x);
-    const float* in = xp + ((nn * g.xp + xx) * g.yp + yy) * g.zp * g.cin;
+    int64_t nt = 0;
+    for (int64_t a = 0; a < g.kd; ++a) {
+      const int64_t ix = xx + a - g.px;
+      if (ix < 0 || ix >= g.xp) continue;
+      for (int64_t b = 0; b < g.kh; ++b) {
+        const int64_t iy = yy + b - g.py;
+        if (iy < 0 || iy >= g.yp) continue;
+        base[nt] = xp + ((nn * g.xp + ix) * g.yp + iy) * g.zp * g.cin;
+        taps[nt++] = (a * g.kh + b) * k_len * kLanes;
+      }
+    }
     float* out = y + r * g.z * g.cout;
-    for (int64_t cb = 0; cb < g.blocks; ++cb) {
-      const int64_t valid = std::min(kLanes, g.cout - cb * kLanes);
-      const float* wp = packed + cb * block;
-      for (int64_t z0 = 0; z0 < g.z; z0 += kRows) {
-        const int64_t m = std::min<int64_t>(kRows, g.z - z0);
-        kTiles[m](in + z0 * g.cin, wp, out + z0 * g.cout + cb * kLanes, g, valid);
+    for (int64_t z0 = 0; z0 < g.z; z0 += kRows) {
+      const int64_t m = std::min<int64_t>(kRows, g.z - z0), s = z0 - g.pz, len = m + g.kw - 1;
+      if (s >= 0 && s + len <= g.zp) {
+        for (int64_t t = 0; t < nt; ++t) rows[t] = base[t] + s * g.cin;
+      } else {   // zeros where the window leaves the input along z
+        for (int64_t t = 0; t < nt; ++t) {
+          float* st = stage.data() + t * span;
+          for (int64_t q = 0; q < len; ++q) {
+            const int64_t iz = s + q;
+            if (iz < 0 || iz >= g.zp) {
+              std::fill(st + q * g.cin, st + (q + 1) * g.cin, 0.0f);
+            } else {
+              std::copy(base[t] + iz * g.cin, base[t] + (iz + 1) * g.cin, st + q * g.cin);
+            }
+          }
+          rows[t] = st;
+        }
+      }
+      for (int64_t cb = 0; cb < g.blocks; ++cb) {
+        const int64_t valid = std::min(kLanes, g.cout - cb * kLanes);
+        kTiles[m](rows.data(), taps.data(), nt, packed + cb * block,
+                  out + z0 * g.cout + cb * kLanes, g, valid);
       }
     }
   }
@@ -181,19 +220,32 @@ Floats Zeros(int64_t n) {   // 64-byte aligned, zero-filled; null if out of memo
 
 int64_t Threads(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
 
-// The geometry of a VALID conv of xp (N, X', Y', Z', Cin) by a kernel (kd, kh, kw, Cin, Cout)
-// into y (N, X, Y, Z, Cout); false when the three shapes do not form one.
+// The geometry of a VALID conv of xp (N, X', Y', Z', Cin), with px / py / pz zero rows before
+// it and as many after as y's extent needs, by a kernel (kd, kh, kw, Cin, Cout) into
+// y (N, X, Y, Z, Cout); false when the three shapes and the padding do not form one.
 template <typename D>
-bool MakeGeom(const D& xd, const D& wd, const D& yd, Geom& g) {
+bool MakeGeom(const D& xd, const D& wd, const D& yd, Geom& g, int64_t px = 0, int64_t py = 0,
+              int64_t pz = 0) {
   g = Geom{xd[0], xd[1], xd[2], xd[3], xd[4], yd[1], yd[2], yd[3], yd[4],
-           wd[0], wd[1], wd[2], (wd[4] + kLanes - 1) / kLanes};
-  return wd[3] == g.cin && wd[4] == g.cout && yd[0] == g.n && g.x == g.xp - g.kd + 1 &&
-         g.y == g.yp - g.kh + 1 && g.z == g.zp - g.kw + 1;
+           wd[0], wd[1], wd[2], (wd[4] + kLanes - 1) / kLanes, px, py, pz};
+  // the rows after the input: y's extent + k - 1 - (padding before + the input's extent)
+  const int64_t hx = g.x + g.kd - 1 - px - g.xp, hy = g.y + g.kh - 1 - py - g.yp,
+                hz = g.z + g.kw - 1 - pz - g.zp;
+  return wd[3] == g.cin && wd[4] == g.cout && yd[0] == g.n && px >= 0 && py >= 0 && pz >= 0 &&
+         hx >= 0 && hy >= 0 && hz >= 0 && g.x > 0 && g.y > 0 && g.z > 0;
 }
 
-ffi::Error Conv3d(ffi::ThreadPool pool, Volume xp, Volume w, ffi::Result<Volume> y) {
+// A VALID conv of xp as it is (no padding): the weight gradient's geometry.
+template <typename D>
+bool MakeValidGeom(const D& xd, const D& wd, const D& yd, Geom& g) {
+  return MakeGeom(xd, wd, yd, g) && g.x == g.xp - g.kd + 1 && g.y == g.yp - g.kh + 1 &&
+         g.z == g.zp - g.kw + 1;
+}
+
+ffi::Error Conv3d(ffi::ThreadPool pool, Volume xp, Volume w, ffi::Result<Volume> y,
+                  int64_t pad_x, int64_t pad_y, int64_t pad_z) {
   Geom g;
-  if (!MakeGeom(xp.dimensions(), w.dimensions(), y->dimensions(), g)) {
+  if (!MakeGeom(xp.dimensions(), w.dimensions(), y->dimensions(), g, pad_x, pad_y, pad_z)) {
     return ffi::Error::InvalidArgument("hrseg conv3d: shapes do not form a VALID conv");
   }
   // weights packed per block of 16 output channels: [block][a][b][c][i][16], zero-filled
@@ -226,12 +278,7 @@ inline void WTile(const float* x, const float* gr, const Geom& g, int64_t r0, in
   const int64_t valid = std::min(kLanes, g.cout - o0), v1 = valid - kWidth;
   const bool full = valid == kLanes;
   float* d = dw + ((a * g.kh + b) * g.kw * g.cin + k0) * g.cout + o0;
-#define HRSEG_WLOAD(m)                                                                \
-  Vec lo##m = Zero(), hi##m = Zero();                                                 \
-  if constexpr (M > m) {                                                              \
-    lo##m = full ? Load(d + m * g.cout) : LoadN(d + m * g.cout, valid);               \
-    hi##m = full ? Load(d + m * g.cout + kWidth) : LoadN(d + m * g.cout + kWidth, v1); \
-  }
+#define HRSEG_WLOAD(m) Vec lo##m = Zero(), hi##m = Zero();
   HRSEG_ROWS(HRSEG_WLOAD)
   const int64_t cin = g.cin;
   for (int64_t r = r0; r < r1; ++r) {
@@ -250,14 +297,16 @@ inline void WTile(const float* x, const float* gr, const Geom& g, int64_t r0, in
       HRSEG_ROWS(HRSEG_WFMA)
     }
   }
+// the chunk's sums added onto dw: a sum of per-chunk sums, not one running sum over all rows
 #define HRSEG_WSTORE(m)                                                               \
   if constexpr (M > m) {                                                              \
+    float* d0 = d + m * g.cout;                                                       \
     if (full) {                                                                       \
-      Store(d + m * g.cout, lo##m);                                                   \
-      Store(d + m * g.cout + kWidth, hi##m);                                          \
+      Store(d0, Add(Load(d0), lo##m));                                                \
+      Store(d0 + kWidth, Add(Load(d0 + kWidth), hi##m));                              \
     } else {                                                                          \
-      StoreN(d + m * g.cout, lo##m, valid);                                           \
-      StoreN(d + m * g.cout + kWidth, hi##m, v1);                                     \
+      StoreN(d0, Add(LoadN(d0, valid), lo##m), valid);                                \
+      StoreN(d0 + kWidth, Add(LoadN(d0 + kWidth, v1), hi##m), v1);                    \
     }                                                                                 \
   }
   HRSEG_ROWS(HRSEG_WSTORE)
@@ -273,44 +322,42 @@ constexpr auto kWTiles = MakeWTiles(std::make_index_sequence<kRows>());
 
 ffi::Error Conv3dWeightGrad(ffi::ThreadPool pool, Volume xp, Volume gy, ffi::Result<Volume> dw) {
   Geom g;
-  if (!MakeGeom(xp.dimensions(), dw->dimensions(), gy.dimensions(), g)) {
+  if (!MakeValidGeom(xp.dimensions(), dw->dimensions(), gy.dimensions(), g)) {
     return ffi::Error::InvalidArgument("hrseg conv3d weight gradient: shapes do not match");
   }
   const int64_t size = g.kd * g.kh * g.kw * g.cin * g.cout, k_len = g.kw * g.cin;
   const int64_t rows = g.n * g.x * g.y, threads = Threads(pool);
   // chunks of rows small enough that their inputs and gradients stay in L2 across the tiles
   const int64_t row_bytes = (g.kd * g.zp * g.cin + g.z * g.cout) * 4;
-  // (at least 512 z positions per tile: its 12 registers are loaded and stored once a chunk)
+  // (at least 512 z positions per tile: its registers are loaded and stored once a chunk)
   const int64_t per = std::clamp<int64_t>(
       std::max<int64_t>((256 << 10) / std::max<int64_t>(1, row_bytes), (512 + g.z - 1) / g.z),
-      1, std::max<int64_t>(1, rows / kParts));
-  // a fixed number of parts, each a run of chunks summed into its own copy of dw, the copies
-  // added in part order: the same float sums whichever thread ran a part, and however many
-  // threads the pool has (a resumed run repeats its weight gradients bit for bit)
-  const int64_t chunks = (rows + per - 1) / per, parts = std::min<int64_t>(kParts, chunks);
-  std::vector<Floats> sums;
-  for (int64_t p = 0; p < parts; ++p) {
-    sums.push_back(Zeros(size));
-    if (!sums.back()) return ffi::Error::Internal("hrseg conv3d weight gradient: out of memory");
-  }
+      1, rows);
+  const int64_t chunks = (rows + per - 1) / per;
+  // The runners share out the tiles of dw, not the rows: each tile of dw is summed by one
+  // runner over all chunks in order, straight into dw. Its bits are those of one thread's
+  // sum whichever runner computed it and however many there are (a resumed run repeats its
+  // weight gradients bit for bit), and there are no partial copies of dw to add up (8 of
+  // them cost more than the sums at the coarse levels, where dw is large and the rows few).
+  const int64_t k_tiles = (k_len + kRows - 1) / kRows, o_tiles = (g.cout + kLanes - 1) / kLanes;
+  const int64_t tiles = g.kd * g.kh * k_tiles * o_tiles;
+  const int64_t units = std::min(tiles, threads);
+  float* out = dw->typed_data();
+  std::fill(out, out + size, 0.0f);
   const float *x = xp.typed_data(), *gr = gy.typed_data();
-  ParallelFor(pool, threads, parts, [&](int64_t p) {
-    for (int64_t u = p * chunks / parts; u < (p + 1) * chunks / parts; ++u) {
-      const int64_t r0 = u * per, r1 = std::min(rows, r0 + per);
-      for (int64_t a = 0; a < g.kd; ++a)
-        for (int64_t b = 0; b < g.kh; ++b)
-          for (int64_t k0 = 0; k0 < k_len; k0 += kRows)
-            for (int64_t o0 = 0; o0 < g.cout; o0 += kLanes)
-              kWTiles[std::min<int64_t>(kRows, k_len - k0)](x, gr, g, r0, r1, a, b, k0, o0,
-                                                             sums[p].get());
+  ParallelFor(pool, threads, units, [&](int64_t u) {
+    const int64_t t0 = u * tiles / units, t1 = (u + 1) * tiles / units;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r0 = c * per, r1 = std::min(rows, r0 + per);
+      for (int64_t t = t0; t < t1; ++t) {   // t = ((a * kh + b) * k_tiles + kt) * o_tiles + ot
+        const int64_t ot = t % o_tiles, kt = (t / o_tiles) % k_tiles;
+        const int64_t ab = t / (o_tiles * k_tiles), a = ab / g.kh, b = ab % g.kh;
+        const int64_t k0 = kt * kRows;
+        kWTiles[std::min<int64_t>(kRows, k_len - k0)](x, gr, g, r0, r1, a, b, k0, ot * kLanes,
+                                                       out);
+      }
     }
   });
-  float* out = dw->typed_data();
-  std::copy(sums[0].get(), sums[0].get() + size, out);
-  for (size_t t = 1; t < sums.size(); ++t) {
-    const float* s = sums[t].get();
-    for (int64_t j = 0; j < size; ++j) out[j] += s[j];
-  }
   return ffi::Error::Success();
 }
 
@@ -321,7 +368,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HrsegConv3d, Conv3d,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<Volume>()
                                   .Arg<Volume>()
-                                  .Ret<Volume>());
+                                  .Ret<Volume>()
+                                  .Attr<int64_t>("pad_x")
+                                  .Attr<int64_t>("pad_y")
+                                  .Attr<int64_t>("pad_z"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HrsegConv3dWeightGrad, Conv3dWeightGrad,
                               ffi::Ffi::Bind()

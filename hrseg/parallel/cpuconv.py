@@ -81,6 +81,15 @@ def chosen(impl: str, w_shape, strides, groups: int) -> bool:
     return impl == "wide" or (impl == "auto" and jax.default_backend() == "cpu")
 
 
+def pointwise(impl: str, w_shape, strides, groups: int) -> bool:
+    """Whether this conv runs as a matmul over the channels: a 1×1×1 (1×1 in 2D), stride-1,
+    ungrouped conv with ``"auto"`` on the CPU. XLA:CPU's conv computes such a conv's weight
+    gradient through a transposed copy of the activation: the 64³ mtf head's took 33 ms of a
+    1.3 s step (benchmarks/step_profile.py), its dot a few."""
+    return (impl == "auto" and jax.default_backend() == "cpu" and groups == 1
+            and all(k == 1 for k in w_shape[:-2]) and all(s == 1 for s in strides))
+
+
 def applies(w_shape, strides, groups: int) -> bool:
     """Whether :func:`valid_conv3d` handles this conv: 3D, stride 1, ungrouped, odd depth and
     width kernels (centred padding of the 2D conv), not 1×1×1 (a plain matmul)."""
@@ -202,11 +211,20 @@ def _conv_fwd(xp, w, precision, direct):
 
 
 def _direct_input_grad(g, w):
-    """The full conv of ``g`` as the direct VALID conv of ``g`` padded by ``k-1`` on every
-    side, with the kernel flipped and its in/out channels swapped."""
+    """The full conv of ``g`` as the direct VALID conv of ``g`` with ``k-1`` zeros read around
+    it on every side (no padded copy), the kernel flipped and its in/out channels swapped."""
     kd, kh, kw = w.shape[:3]
-    gp = zero_pad(g, ((0, 0), (kd - 1, kd - 1), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
-    return native.conv3d(gp, jnp.flip(w, (0, 1, 2)).swapaxes(3, 4))   # (B, X', Y', Z', Cin)
+    return native.conv3d(g, jnp.flip(w, (0, 1, 2)).swapaxes(3, 4),
+                         ((kd - 1, kd - 1), (kh - 1, kh - 1), (kw - 1, kw - 1)))  # (B, X', …, Cin)
+
+
+def same_forward(x, w, pads, precision=None):
+    """The forward value of the conv of ``x`` padded by ``pads`` (zeros, one ``(lo, hi)`` per
+    dim): the direct conv reads the zeros in place where it runs, the padded copy is made
+    otherwise. Forward only (the halo conv's own VJP differentiates it)."""
+    if direct_here() and not _few_channels(w.shape):
+        return native.conv3d(x, w, pads)
+    return valid_conv3d(zero_pad(x, ((0, 0), *pads, (0, 0))), w, precision)
 
 
 def _input_grad(g, w, precision):

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from hrseg.parallel.exchange import mesh_order, varying
@@ -142,15 +143,22 @@ def status() -> str:
     return ("native conv3d: " + ("on, " if ok else "off, ") + why)
 
 
-def conv3d(xp, w):
+def conv3d(xp, w, pads=None):
     """VALID stride-1 conv of ``xp (B, X', Y', Z', Cin)`` with ``w (kd, kh, kw, Cin, Cout)``
     -> ``(B, X'-kd+1, Y'-kh+1, Z'-kw+1, Cout)``, float32 sums; 16-bit inputs are widened and
-    the result cast back, as XLA:CPU does with its own conv."""
+    the result cast back, as XLA:CPU does with its own conv. ``pads``: one ``(lo, hi)`` per
+    spatial dim, zeros read around ``xp`` as if it were padded (the kernel skips them; no
+    padded copy is made): ``conv3d(x, w, pads) == conv3d(pad(x, pads), w)``."""
     kd, kh, kw, _, cout = w.shape
-    B, Xp, Yp, Zp, _ = xp.shape
+    pads = tuple(tuple(int(v) for v in p) for p in (pads or ((0, 0),) * 3))
+    if len(pads) != 3 or any(v < 0 for p in pads for v in p):
+        raise ValueError(f"conv3d: pads {pads} must be three non-negative (lo, hi)")
+    B, Xp, Yp, Zp = (xp.shape[0], *(n + lo + hi for n, (lo, hi) in zip(xp.shape[1:4], pads)))
     dtype = jnp.result_type(xp, w)
     out = jax.ShapeDtypeStruct((B, Xp - kd + 1, Yp - kh + 1, Zp - kw + 1, cout), jnp.float32)
-    y = jax.ffi.ffi_call("hrseg_conv3d", out)(xp.astype(jnp.float32), w.astype(jnp.float32))
+    y = jax.ffi.ffi_call("hrseg_conv3d", out)(
+        xp.astype(jnp.float32), w.astype(jnp.float32), pad_x=np.int64(pads[0][0]),
+        pad_y=np.int64(pads[1][0]), pad_z=np.int64(pads[2][0]))
     return _varying_like(y, xp, w).astype(dtype)
 
 
