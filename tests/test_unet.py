@@ -180,3 +180,20 @@ def test_custom_config_builds():
     cfg = ModelConfig(preset="custom", levels=3, base=4, convs_per_block=1, block="bottleneck",
                       norm="group", norm_groups=2, activation="relu", classes=2)
     assert _apply(unet.build(cfg), jnp.ones((1, 8, 8, 8, 1)), True).shape == (1, 8, 8, 8, 2)
+
+
+def test_the_head_obeys_model_conv_as_every_conv():
+    """The 1×1×1 head is built with ``model.conv`` too: with ``auto`` on the CPU it is a matmul
+    (cpuconv.pointwise), with ``xla`` XLA's conv — which the memory planner's compiles need."""
+    import dataclasses
+
+    import jax
+
+    from hrseg.nn import unet as _unet
+    for kernel in ("auto", "xla"):
+        model = _unet.build(dataclasses.replace(_unet.preset("tiny"), conv=kernel))
+        assert model.head.impl == kernel
+        x = jax.numpy.ones((1, 8, 8, 8, 1))
+        text = jax.jit(lambda x: model(x, train=False)).lower(x).as_text()
+        # the head's kernel reshaped to the matmul's (Cin, classes) operand, or not at all
+        assert ("tensor<4x3xf32>" in text) == (kernel == "auto")

@@ -91,7 +91,7 @@ class UNet(nnx.Module):
                                                  rngs=rngs, upsample=cfg.upsample))
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
         self.head = Conv(f[0], cfg.classes, 1, ndim=cfg.dims, bias=cfg.head_bias,
-                         dtype=o.dtype, rngs=rngs)
+                         dtype=o.dtype, impl=o.kernel, rngs=rngs)   # model.conv, as every conv
 
     @property
     def poolings(self) -> int:
