@@ -194,6 +194,6 @@ def test_the_head_obeys_model_conv_as_every_conv():
         model = _unet.build(dataclasses.replace(_unet.preset("tiny"), conv=kernel))
         assert model.head.impl == kernel
         x = jax.numpy.ones((1, 8, 8, 8, 1))
-        text = jax.jit(lambda x: model(x, train=False)).lower(x).as_text()
+        text = jax.jit(lambda x, m=model: m(x, train=False)).lower(x).as_text()
         # the head's kernel reshaped to the matmul's (Cin, classes) operand, or not at all
         assert ("tensor<4x3xf32>" in text) == (kernel == "auto")
