@@ -19,14 +19,23 @@ import orbax.checkpoint as ocp
 from hrseg import atomic
 
 
+_AFTER_SHUTDOWN = "cannot schedule new futures after shutdown"
+
+
 # orbax logs every save and restore at INFO through absl; a training log wants none of that.
 # A read-only manager (evaluate, predict) is read-only by design: drop orbax's warnings that
 # say so ("Given directory is read only=...", "read_only=True, setting max_to_keep=None").
 # A full disk is reported once, as one line (atomic.DiskFull), not as the tracebacks orbax's
 # background threads (and asyncio, for their futures) log.
 def _quiet(record: logging.LogRecord) -> bool:
-    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, KeyboardInterrupt):
         return False        # Ctrl-C / SIGTERM while orbax waits: hrseg.cli says it in one line
+    if isinstance(exc, RuntimeError) and str(exc) == _AFTER_SHUTDOWN:
+        return False        # a save cut short by Ctrl-C / SIGTERM: its writer thread, at exit,
+                            # finds the executors shut down (the unfinished step folder is
+                            # orbax's temporary one, removed by the next run; hrseg.cli has
+                            # said "stopped by ...")
     msg = record.getMessage()
     if any(s in msg for s in ("Given directory is read only", "read_only=True",
                               "was found in the checkpoint, but could not be restored")):
