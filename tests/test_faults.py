@@ -318,7 +318,7 @@ def test_a_save_cut_short_by_a_signal_logs_no_traceback_at_exit(caplog):
     other error from orbax's threads still comes through."""
     import logging
 
-    from hrseg.train import checkpoint as ck   # (installs the absl filter)
+    from hrseg.train import checkpoint as ck  # (installs the absl filter)
     log = logging.getLogger("absl")
     for exc, shown in ((RuntimeError("cannot schedule new futures after shutdown"), False),
                        (RuntimeError("something else"), True)):

@@ -18,7 +18,6 @@ import orbax.checkpoint as ocp
 
 from hrseg import atomic
 
-
 _AFTER_SHUTDOWN = "cannot schedule new futures after shutdown"
 
 
